@@ -1,0 +1,97 @@
+"""The one attention dispatch: every model calls `attention(...)` and names an implementation.
+
+- "flash":  ours, tiled online softmax in PyTorch (`flash.py`): O(T) memory, the readable reference.
+- "triton": ours, the fused GPU kernel (`flash_triton.py`).
+- "sdpa":   PyTorch's `scaled_dot_product_attention` (its fused kernels; the fast default on CPU).
+- "eager":  plain softmax(q k^T) v with the full T x T matrix (the textbook reference).
+- "auto":   the fastest available: "triton" on CUDA for fp16/bf16 when Triton is installed, else "sdpa".
+
+All of them share one set of semantics (see docs/ARCHITECTURE.md): causal masks are aligned bottom-right so a
+query shorter than the keys (KV-cache decoding) sees the whole past, `key_padding_mask` (B, Tk) marks real
+tokens, and a query with no visible key returns zeros.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash", "eager", "triton", "auto")
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
+              implementation: str = "sdpa", scale: float | None = None) -> Tensor:
+    """q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh) with Tq <= Tk. Returns (B, H, Tq, Dh)."""
+    if implementation == "auto":
+        implementation = resolve_auto(q)
+    if implementation == "sdpa":
+        return _sdpa(q, k, v, causal, key_padding_mask, scale)
+    if implementation == "flash":
+        from flash_experts.attention.flash import flash_attention
+
+        return flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if implementation == "triton":
+        from flash_experts.attention.flash_triton import triton_flash_attention
+
+        return triton_flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    if implementation == "eager":
+        return eager_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+    raise ValueError(
+        f"attention_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} (got {implementation!r})"
+    )
+
+
+def resolve_auto(q: Tensor) -> str:
+    """The implementation "auto" picks for tensors like `q`."""
+    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] in (64, 128):
+        try:
+            from flash_experts.attention.flash_triton import is_triton_available
+        except ImportError:
+            return "sdpa"
+        if is_triton_available():
+            return "triton"
+    return "sdpa"
+
+
+def visibility_mask(q_len: int, kv_len: int, causal: bool, key_padding_mask: Tensor | None,
+                    device: torch.device) -> Tensor | None:
+    """Boolean (B or 1, 1, Tq, Tk) mask of the keys each query may see, or None when it sees all."""
+    mask = None
+    if causal and q_len > 1:
+        # Bottom-right alignment: query i sits at absolute position kv_len - q_len + i.
+        query_pos = torch.arange(kv_len - q_len, kv_len, device=device)
+        mask = (torch.arange(kv_len, device=device)[None, :] <= query_pos[:, None])[None, None]
+    if key_padding_mask is not None:
+        padding = key_padding_mask.to(device=device, dtype=torch.bool)[:, None, None, :]
+        mask = padding if mask is None else (mask & padding)
+    return mask
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
+                    scale: float | None = None) -> Tensor:
+    """Textbook attention with the full score matrix (softmax in fp32)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    mask = visibility_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    if mask is not None:
+        probs = probs.nan_to_num(0.0)  # rows with no visible key: all -inf -> NaN -> 0
+    return torch.matmul(probs, v.float()).to(q.dtype)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tensor | None,
+          scale: float | None) -> Tensor:
+    q_len, kv_len = q.shape[-2], k.shape[-2]
+    if key_padding_mask is None and (not causal or q_len == kv_len or q_len == 1):
+        # The fused kernels' own causal mask is aligned top-left, which is right only when q_len == kv_len.
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q_len > 1, scale=scale)
+    mask = visibility_mask(q_len, kv_len, causal, key_padding_mask, q.device)
+    # A row with no visible key would give NaN inside SDPA: let it see everything, then zero its output.
+    has_visible = mask.any(dim=-1, keepdim=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask | ~has_visible, scale=scale)
+    return out.masked_fill(~has_visible, 0.0)

@@ -1,0 +1,96 @@
+"""`flash-experts <verb>`: argument parsing and error reporting only.
+
+Each verb lives in its own module of this package and exposes `register(subparsers)`, which adds its
+sub-parser and sets `func=callable(args) -> int | None`. Heavy imports happen inside those callables so
+that `--help` stays instant. This file is the one place where errors become one-line messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import os
+import sys
+
+from flash_experts.errors import UserError
+
+# The verbs, in the order `--help` lists them.
+VERB_MODULES = [
+    "demo",
+    "prepare_data",
+    "pretrain",
+    "finetune",
+    "upcycle",
+    "generate",
+    "generate_names",
+    "evaluate",
+    "compare",
+    "plot",
+]
+
+# Errors that are the user's to fix: shown as one line, exit code 2.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UserError,
+    ValueError,
+    FileNotFoundError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+    json.JSONDecodeError,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="flash-experts",
+        description="GPT-2 -> Mixture-of-Experts with Flash Attention: prepare data, fine-tune, generate, compare.",
+    )
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name in VERB_MODULES:
+        module_name = f"flash_experts.cli.{name}"
+        if importlib.util.find_spec(module_name) is None:  # verb not built yet
+            continue
+        importlib.import_module(module_name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    debug = args.debug or os.environ.get("FLASH_EXPERTS_DEBUG") == "1"
+    try:
+        result = args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as error:
+        if debug:
+            raise
+        print(f"error: {_one_line(error)}", file=sys.stderr)
+        return 2
+    except Exception as error:  # noqa: BLE001 - the CLI must never end in a traceback
+        if debug:
+            raise
+        print(
+            f"error: {type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 1
+    return int(result or 0)
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and error.filename:
+        text = f"{error.strerror or text}: {error.filename}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,219 @@
+"""GPT-2 with Mixture-of-Experts MLPs and pluggable attention, in one readable file.
+
+Parameter names and layouts follow Hugging Face's GPT-2 (`transformer.h.{i}.attn.c_attn.weight` is a
+Conv1D (in, out) matrix, ...), so a dense GPT-2 checkpoint maps onto this model name for name. The MLP of
+each layer listed in `config.moe_layer_indices()` is an `MoELayer` instead.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers.activations import ACT2FN
+from transformers.pytorch_utils import Conv1D
+
+from flash_experts.attention import attention
+from flash_experts.model.common import (
+    MoECausalLMOutput,
+    causal_lm_loss,
+    positions_and_padding,
+    weighted_router_loss,
+)
+from flash_experts.model.config import GPT2MoEConfig
+from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
+
+
+class GPT2Attention(nn.Module):
+    def __init__(self, config: GPT2MoEConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.n_head
+        self.head_dim = config.n_embd // config.n_head
+        self.layer_index = layer_index
+        self.c_attn = Conv1D(3 * config.n_embd, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        scale = 1.0 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= layer_index + 1
+        self.scale = scale
+        self.config = config
+        # Attention dropout is not applied (no implementation here supports it); resid/embd dropout are.
+
+    def forward(self, x_BTD: Tensor, key_padding_mask: Tensor | None, cache: object | None) -> Tensor:
+        B, T, D = x_BTD.shape
+        q, k, v = self.c_attn(x_BTD).split(D, dim=2)
+        q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if cache is not None:
+            k, v = cache.update(k, v, self.layer_index)
+        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                      implementation=self.config.attention_implementation, scale=self.scale)
+        y = y.transpose(1, 2).reshape(B, T, D)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class GPT2MLP(nn.Module):
+    """The dense MLP (kept for the layers that are not MoE)."""
+
+    def __init__(self, config: GPT2MoEConfig):
+        super().__init__()
+        self.c_fc = Conv1D(config.intermediate_size, config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.intermediate_size)
+        self.act = ACT2FN[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GPT2Block(nn.Module):
+    def __init__(self, config: GPT2MoEConfig, layer_index: int, is_moe: bool):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPT2Attention(config, layer_index)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.is_moe = is_moe
+        if is_moe:
+            self.mlp = MoELayer(
+                config.n_embd, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
+                activation=ACT2FN[config.activation_function], gated=False, bias=True, layer_index=layer_index,
+                capacity_factor=config.capacity_factor, jitter=config.router_jitter,
+                normalize_top_k=config.normalize_top_k,
+            )
+            self.mlp_dropout = nn.Dropout(config.resid_pdrop)
+        else:
+            self.mlp = GPT2MLP(config)
+
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, cache: object | None
+                ) -> tuple[Tensor, RouterStats | None]:
+        x = x + self.attn(self.ln_1(x), key_padding_mask, cache)
+        if not self.is_moe:
+            return x + self.mlp(self.ln_2(x)), None
+        mlp_out, stats = self.mlp(self.ln_2(x))
+        return x + self.mlp_dropout(mlp_out), stats
+
+
+class GPT2MoEModel(nn.Module):
+    def __init__(self, config: GPT2MoEConfig):
+        super().__init__()
+        moe_layers = set(config.moe_layer_indices())
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.n_positions, config.n_embd)
+        self.drop = nn.Dropout(config.embd_pdrop)
+        self.h = nn.ModuleList(GPT2Block(config, i, i in moe_layers) for i in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+
+
+class GPT2MoEForCausalLM(PreTrainedModel):
+    config_class = GPT2MoEConfig
+    base_model_prefix = "transformer"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"lm_head.weight": "transformer.wte.weight"}
+    _no_split_modules = ["GPT2Block"]
+    _supports_sdpa = True
+
+    def __init__(self, config: GPT2MoEConfig):
+        super().__init__(config)
+        self.transformer = GPT2MoEModel(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -- HF plumbing ---------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.transformer.wte
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.transformer.wte = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """GPT-2's initialisation (normal(0, 0.02); residual projections scaled by 1/sqrt(2 * n_layer))."""
+        std = self.config.initializer_range
+        residual_std = std / math.sqrt(2 * self.config.n_layer)
+        if isinstance(module, (nn.Linear, Conv1D)):
+            module.weight.normal_(0.0, std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.Embedding):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        # (transformers initialises modules that own parameters directly, so the MoE parts are handled here
+        # rather than through MoELayer, which owns none itself.)
+        elif isinstance(module, Router):
+            module.weight.normal_(0.0, std)
+        elif isinstance(module, GroupedExperts):
+            module.w_up.normal_(0.0, std)
+            module.w_down.normal_(0.0, residual_std)
+            module.b_up.zero_()
+            module.b_down.zero_()
+        if isinstance(module, (GPT2Attention, GPT2MLP)):
+            module.c_proj.weight.normal_(0.0, residual_std)
+
+    # -- inference helpers -----------------------------------------------------------------------------------
+    def make_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A static KV cache for up to `max_length` positions (prompt + generated)."""
+        if max_length > self.config.n_positions:
+            from flash_experts.errors import UserError
+
+            raise UserError(f"{max_length} positions requested but the model has {self.config.n_positions}")
+        param = self.lm_head.weight
+        return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_length,
+                       self.config.n_embd // self.config.n_head, param.dtype, param.device)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: object | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **unused: object,
+    ) -> MoECausalLMOutput:
+        """input_ids (B, T); attention_mask (B, past + T), 1 = real token; labels (B, T), -100 = ignore.
+
+        `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
+        """
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = self.make_cache(B, self.config.n_positions)
+        past = cache.get_seq_length() if cache is not None else 0
+        if past + T > self.config.n_positions:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions"
+            )
+        position_ids, key_padding_mask = positions_and_padding(
+            attention_mask, position_ids, past, B, T, input_ids.device
+        )
+        t = self.transformer
+        x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
+        router_stats: list[RouterStats] = []
+        for block in t.h:
+            x, stats = block(x, key_padding_mask, cache)
+            if stats is not None:
+                router_stats.append(stats)
+        x = t.ln_f(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+        aux_loss = weighted_router_loss(
+            router_stats, self.config.router_aux_loss_coef, self.config.router_z_loss_coef, x.device
+        )
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss + aux_loss
+        return MoECausalLMOutput(
+            loss=loss, logits=logits, past_key_values=cache if use_cache or past_key_values is not None else None,
+            lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
+        )

@@ -1,0 +1,266 @@
+"""Llama-family models (Llama, SmolLM2, Mistral, Qwen2) with Mixture-of-Experts MLPs: the HF Mixtral layout.
+
+Parameter names follow Hugging Face's Llama (`model.layers.{i}.self_attn.q_proj.weight`, ...), so a dense
+checkpoint maps onto this model name for name. The MLP of each layer in `config.moe_layer_indices()` is an
+`MoELayer` of SwiGLU experts (`mlp.router.weight`, `mlp.experts.{w_gate, w_up, w_down}`, stored (in, out)).
+RMSNorm and rotary embeddings are transformers' own code, so RoPE variants (llama3, linear, yarn, ...) come
+with it; attention goes through our dispatch (`flash_experts.attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import PreTrainedModel
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import DynamicCache
+from transformers.models.llama.modeling_llama import (
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    repeat_kv,
+)
+
+from flash_experts.attention import attention
+from flash_experts.model.common import (
+    MoECausalLMOutput,
+    causal_lm_loss,
+    positions_and_padding,
+    weighted_router_loss,
+)
+from flash_experts.model.config import LlamaMoEConfig
+from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.moe import MoELayer, RouterStats
+
+
+class LlamaAttention(nn.Module):
+    """Grouped-query attention: H query heads share Hkv key/value heads (H % Hkv == 0)."""
+
+    def __init__(self, config: LlamaMoEConfig, layer_index: int):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.layer_index = layer_index
+        self.config = config
+        D, H, Hkv, Dh = config.hidden_size, self.num_heads, self.num_kv_heads, self.head_dim
+        self.q_proj = nn.Linear(D, H * Dh, bias=config.attention_bias)
+        self.k_proj = nn.Linear(D, Hkv * Dh, bias=config.attention_bias)
+        self.v_proj = nn.Linear(D, Hkv * Dh, bias=config.attention_bias)
+        self.o_proj = nn.Linear(H * Dh, D, bias=config.o_proj_bias)
+        # Attention dropout is not applied (no implementation here supports it); Llama models train without it.
+
+    def forward(self, x_BTD: Tensor, cos_sin: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
+                cache: Any | None) -> Tensor:
+        B, T, _ = x_BTD.shape
+        q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = self.v_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, *cos_sin)
+        if cache is not None:  # the cache holds the Hkv heads (already rotated): G times less memory than H
+            k, v = cache.update(k, v, self.layer_index)
+        groups = self.num_heads // self.num_kv_heads
+        k, v = repeat_kv(k, groups), repeat_kv(v, groups)  # (B, H, L, Dh)
+        y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,
+                      implementation=self.config.attention_implementation, scale=self.head_dim**-0.5)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
+
+
+class LlamaMLP(nn.Module):
+    """The dense SwiGLU MLP (kept for the layers that are not MoE): down(act(gate(x)) * up(x))."""
+
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__()
+        D, F = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(D, F, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(D, F, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(F, D, bias=config.mlp_bias)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, config: LlamaMoEConfig, layer_index: int, is_moe: bool):
+        super().__init__()
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.self_attn = LlamaAttention(config, layer_index)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.is_moe = is_moe
+        if is_moe:
+            self.mlp = MoELayer(
+                config.hidden_size, config.intermediate_size, config.num_experts, config.top_k,
+                activation=ACT2FN[config.hidden_act], gated=True, bias=False, layer_index=layer_index,
+                capacity_factor=config.capacity_factor, jitter=config.router_jitter,
+                normalize_top_k=config.normalize_top_k,
+            )
+        else:
+            self.mlp = LlamaMLP(config)
+
+    def forward(self, x: Tensor, cos_sin: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
+                cache: Any | None) -> tuple[Tensor, RouterStats | None]:
+        x = x + self.self_attn(self.input_layernorm(x), cos_sin, key_padding_mask, cache)
+        if not self.is_moe:
+            return x + self.mlp(self.post_attention_layernorm(x)), None
+        mlp_out, stats = self.mlp(self.post_attention_layernorm(x))
+        return x + mlp_out, stats
+
+
+class LlamaMoEModel(nn.Module):
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__()
+        moe_layers = set(config.moe_layer_indices())
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(config, i, i in moe_layers) for i in range(config.num_hidden_layers)
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config)  # inv_freq is a non-persistent buffer: not in checkpoints
+
+
+class LlamaMoEForCausalLM(PreTrainedModel):
+    config_class = LlamaMoEConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _no_split_modules = ["LlamaDecoderLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: LlamaMoEConfig):
+        super().__init__(config)
+        self.model = LlamaMoEModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    # -- HF plumbing ---------------------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Llama's initialisation: normal(0, initializer_range) for every matrix, RMSNorm weights 1.
+
+        transformers' base method covers Linear, Embedding, RMSNorm and the rotary buffers; the `init`
+        functions leave alone the tensors `from_pretrained` has already loaded.
+        """
+        super()._init_weights(module)
+        if isinstance(module, MoELayer):
+            std = self.config.initializer_range
+            init.normal_(module.router.weight, mean=0.0, std=std)
+            for weight in (module.experts.w_gate, module.experts.w_up, module.experts.w_down):
+                init.normal_(weight, mean=0.0, std=std)
+
+    # -- inference helpers -----------------------------------------------------------------------------------
+    def make_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A static KV cache for up to `max_length` positions (prompt + generated), holding the Hkv heads."""
+        if max_length > self.config.max_position_embeddings:
+            from flash_experts.errors import UserError
+
+            raise UserError(
+                f"{max_length} positions requested but the model has {self.config.max_position_embeddings}"
+            )
+        param = self.lm_head.weight
+        return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_length,
+                       self.config.head_dim, param.dtype, param.device)
+
+    # -- forward -----------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: Any | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        **unused: object,
+    ) -> MoECausalLMOutput:
+        """input_ids (B, T); attention_mask (B, past + T), 1 = real token; labels (B, T), -100 = ignore.
+
+        `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
+        With `use_cache` and no cache given, a growing transformers `DynamicCache` is used (a static cache
+        sized for the whole context of a long-context model would waste memory); pass `make_cache(...)` for
+        the preallocated one.
+        """
+        B, T = input_ids.shape
+        cache = past_key_values
+        if cache is None and use_cache:
+            cache = DynamicCache()
+        past = cache.get_seq_length() if cache is not None else 0
+        window = self.config.sliding_window
+        if window is not None and past + T > window:
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the model's sliding attention window ({window}), "
+                f"which is not implemented here"
+            )
+        position_ids, key_padding_mask = positions_and_padding(
+            attention_mask, position_ids, past, B, T, input_ids.device
+        )
+        m = self.model
+        x = m.embed_tokens(input_ids)
+        cos_sin = m.rotary_emb(x, position_ids)  # each (B, T, Dh), computed once for all layers
+        router_stats: list[RouterStats] = []
+        for layer in m.layers:
+            x, stats = layer(x, cos_sin, key_padding_mask, cache)
+            if stats is not None:
+                router_stats.append(stats)
+        x = m.norm(x)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+        aux_loss = weighted_router_loss(
+            router_stats, self.config.router_aux_loss_coef, self.config.router_z_loss_coef, x.device
+        )
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss + aux_loss
+        return MoECausalLMOutput(
+            loss=loss, logits=logits, past_key_values=cache if use_cache or past_key_values is not None else None,
+            lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
+        )
+
+
+# -- upcycling -------------------------------------------------------------------------------------------------
+_CONFIG_FIELDS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype",
+                             "torch_dtype")
+
+
+def upcycle_llama(dense: PreTrainedModel, moe: dict[str, Any]) -> LlamaMoEForCausalLM:
+    """A dense Llama-family model -> `LlamaMoEForCausalLM` with every expert a copy of the dense MLP.
+
+    `moe` holds every MoE field (see `MOE_DEFAULTS`). Called through `flash_experts.model.upcycle`.
+    """
+    from flash_experts.model.upcycle import copy_dense_weights
+
+    fields = dense.config.to_dict()
+    for name in _CONFIG_FIELDS_NOT_COPIED:
+        fields.pop(name, None)
+    if dense.config.model_type == "qwen2":  # biases on q/k/v but not on the output projection
+        fields.update(attention_bias=True, attention_out_bias=False)
+    config = LlamaMoEConfig(**fields, **moe)
+    dtype = next(dense.parameters()).dtype
+    model = LlamaMoEForCausalLM(config).to(dtype)
+
+    # HF Linear weights are (out, in); our experts are (in, out) per expert: transpose the MLP weights of the
+    # layers that become MoE (dense layers keep their Linear layout and copy by name).
+    dense_state = dict(dense.state_dict())
+    for i in config.moe_layer_indices():
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.{proj}.weight"
+            dense_state[name] = dense_state[name].t()
+    copy_dense_weights(dense_state, model, expert_sources={
+        "mlp.experts.w_gate": "mlp.gate_proj.weight",  # (D, F) per expert
+        "mlp.experts.w_up": "mlp.up_proj.weight",  # (D, F)
+        "mlp.experts.w_down": "mlp.down_proj.weight",  # (F, D)
+    })
+    return model.to(next(dense.parameters()).device).train(dense.training)

@@ -1,0 +1,114 @@
+"""Sparse upcycling: a dense model becomes an MoE model whose experts all start as copies of its MLPs.
+
+Invariant: with `normalize_top_k=True` (the default) and no expert noise, every token's top-k weights sum
+to 1 over identical experts, so right after upcycling the MoE model computes the dense model's function.
+The router is new (random); it learns to specialise the experts during fine-tuning.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from flash_experts.errors import UserError
+from flash_experts.model.config import MOE_DEFAULTS, GPT2MoEConfig
+
+GPT2_FAMILY = ("gpt2",)
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # same block layout: attention + gated (SwiGLU) MLP + RMSNorm
+
+
+def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
+            moe_layers: str | list[int] = "every_other", expert_noise: float = 0.0, seed: int | None = None,
+            **moe_overrides: Any) -> PreTrainedModel:
+    """Upcycle a dense GPT-2 or Llama-family model (a module, a hub id or a local folder) into our MoE form.
+
+    `moe_overrides` are the other MoE fields (see `MOE_DEFAULTS`: router_aux_loss_coef, capacity_factor,
+    attention_implementation, ...). `expert_noise` > 0 perturbs each expert copy by that relative std to
+    break symmetry (the model then no longer equals the dense one exactly). `moe_layers=[]` converts the
+    dense model to our code without experts (dense baselines).
+    """
+    from flash_experts.model.loading import load_dense_model
+
+    dense = load_dense_model(source) if isinstance(source, str) else source
+    unknown = set(moe_overrides) - set(MOE_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
+    moe = dict(MOE_DEFAULTS, **moe_overrides, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers)
+    model_type = dense.config.model_type
+    if model_type in GPT2_FAMILY:
+        model = _upcycle_gpt2(dense, moe)
+    elif model_type in LLAMA_FAMILY:
+        from flash_experts.model.llama_moe import upcycle_llama
+
+        model = upcycle_llama(dense, moe)
+    else:
+        raise UserError(
+            f"cannot upcycle a model of type {model_type!r}: supported are GPT-2 and the Llama family "
+            f"({', '.join(GPT2_FAMILY + LLAMA_FAMILY)})"
+        )
+    if expert_noise > 0:
+        add_expert_noise(model, expert_noise, seed)
+    return model
+
+
+def upcycle_gpt2(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
+                 moe_layers: str | list[int] = "every_other", **kwargs: Any) -> PreTrainedModel:
+    """`upcycle` for a GPT-2 source (a `GPT2LMHeadModel`, a hub id or a local folder)."""
+    return upcycle(source, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **kwargs)
+
+
+def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> PreTrainedModel:
+    from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
+
+    fields = dense.config.to_dict()
+    for name in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+        fields.pop(name, None)
+    config = GPT2MoEConfig(**fields, **moe)
+    dtype = next(dense.parameters()).dtype
+    model = GPT2MoEForCausalLM(config).to(dtype)
+    copy_dense_weights(dense.state_dict(), model, expert_sources={
+        "mlp.experts.w_up": "mlp.c_fc.weight",  # Conv1D (in, out) = our (D, F) per expert
+        "mlp.experts.b_up": "mlp.c_fc.bias",
+        "mlp.experts.w_down": "mlp.c_proj.weight",
+        "mlp.experts.b_down": "mlp.c_proj.bias",
+    })
+    return model.to(next(dense.parameters()).device).train(dense.training)
+
+
+def copy_dense_weights(dense_state: dict[str, torch.Tensor], model: nn.Module,
+                       expert_sources: dict[str, str]) -> None:
+    """Copy every dense weight into `model`: same-named tensors as they are; each expert tensor from the MLP
+    tensor it replaces (`expert_sources` maps our expert suffix -> the dense suffix), repeated per expert.
+    Routers stay as initialised. Raises if any dense weight would be left unused or any of ours unset."""
+    used: set[str] = set()
+    with torch.no_grad():
+        for name, param in model.state_dict().items():
+            if name in dense_state:
+                param.copy_(dense_state[name])
+                used.add(name)
+                continue
+            suffix = next((s for s in expert_sources if name.endswith(s)), None)
+            if suffix is not None:
+                source_name = name[: -len(suffix)] + expert_sources[suffix]
+                param.copy_(dense_state[source_name].unsqueeze(0).expand_as(param))
+                used.add(source_name)
+            elif not name.endswith("mlp.router.weight"):
+                raise UserError(f"upcycling: no dense weight for {name}")
+    # Tied output embeddings and non-persistent buffers may appear in the dense state under other names.
+    left = [n for n in dense_state if n not in used and not n.endswith((".attn.bias", ".attn.masked_bias"))]
+    left = [n for n in left if not (n == "lm_head.weight" and getattr(model.config, "tie_word_embeddings", False))]
+    if left:
+        raise UserError(f"upcycling: dense weights not used: {', '.join(left[:5])}")
+
+
+def add_expert_noise(model: nn.Module, relative_std: float, seed: int | None = None) -> None:
+    """Perturb every expert weight by Gaussian noise of `relative_std` times that tensor's std."""
+    generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".mlp.experts.w_" in name:
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                param.add_((noise * relative_std * param.float().std()).to(param.dtype).to(param.device))

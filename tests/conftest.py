@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny GPT-2 checkpoints built locally (no hub), saved to disk so loading code runs."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests are tiny; more threads than cores only adds contention on CI machines.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_gpt2_config(**overrides):
+    from transformers import GPT2Config
+
+    fields = dict(n_layer=4, n_embd=64, n_head=4, vocab_size=512, n_positions=128,
+                  bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    fields.update(overrides)
+    return GPT2Config(**fields)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory):
+    """A random-weight HF GPT2LMHeadModel saved with save_pretrained (safetensors)."""
+    from transformers import GPT2LMHeadModel
+
+    torch.manual_seed(1234)
+    model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
+    # Larger-than-init weights so that every layer matters to the logits (a stronger parity check).
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.dim() == 2:
+                param.mul_(3.0)
+    path = tmp_path_factory.mktemp("tiny_gpt2")
+    model.save_pretrained(path)
+    return path

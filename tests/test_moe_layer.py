@@ -1,0 +1,140 @@
+"""MoELayer vs a naive per-token, per-expert loop (the reference), and router losses vs their formulas."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from flash_experts.model.moe import MoELayer, load_balancing_loss, router_z_loss
+
+
+def make_layer(num_experts: int, top_k: int, capacity_factor: float, gated: bool, seed: int = 0) -> MoELayer:
+    torch.manual_seed(seed)
+    layer = MoELayer(hidden_size=16, ffn_size=24, num_experts=num_experts, top_k=top_k,
+                     activation=F.silu if gated else (lambda x: F.gelu(x, approximate="tanh")),
+                     gated=gated, bias=not gated, layer_index=0, capacity_factor=capacity_factor)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0.0, 0.5)
+    return layer
+
+
+def loop_reference(layer: MoELayer, x_BTD: torch.Tensor) -> torch.Tensor:
+    """Token by token: softmax router, top-k, renormalise, each chosen expert's MLP, weighted sum.
+    Capacity: tokens are admitted to an expert in order (token 0 first) until it is full."""
+    B, T, D = x_BTD.shape
+    x = x_BTD.reshape(B * T, D)
+    experts = layer.experts
+    capacity = layer.capacity(B * T)
+    admitted = [0] * layer.num_experts
+    # First pass: all routing decisions, so that capacity is granted in assignment order (token, slot).
+    decisions = []
+    for t in range(B * T):
+        probs = torch.softmax(x[t].float() @ layer.router.weight.float().T, dim=-1)
+        weights, chosen = probs.topk(layer.top_k)
+        weights = weights / weights.sum()
+        decisions.append((weights, chosen))
+    kept = {}
+    for e in range(layer.num_experts):
+        for t in range(B * T):
+            for slot in range(layer.top_k):
+                if int(decisions[t][1][slot]) == e:
+                    ok = capacity is None or admitted[e] < capacity
+                    kept[(t, slot)] = ok
+                    admitted[e] += ok
+    rows = []
+    for t in range(B * T):
+        out = torch.zeros(D)
+        weights, chosen = decisions[t]
+        for slot in range(layer.top_k):
+            if not kept[(t, slot)]:
+                continue
+            e = int(chosen[slot])
+            if experts.gated:
+                hidden = F.silu(x[t] @ experts.w_gate[e]) * (x[t] @ experts.w_up[e])
+                y = hidden @ experts.w_down[e]
+            else:
+                hidden = F.gelu(x[t] @ experts.w_up[e] + experts.b_up[e], approximate="tanh")
+                y = hidden @ experts.w_down[e] + experts.b_down[e]
+            out = out + weights[slot] * y
+        rows.append(out)
+    return torch.stack(rows).reshape(B, T, D)
+
+
+SETTINGS = [  # (experts, top_k, capacity factor)
+    (4, 1, 0.0),
+    (4, 2, 0.0),
+    (8, 2, 0.0),
+    (3, 3, 0.0),  # top-k = experts
+    (4, 2, 0.5),  # capacity drops tokens
+    (4, 1, 1.0),
+]
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("num_experts,top_k,capacity_factor", SETTINGS)
+def test_moe_layer_matches_loop_reference(num_experts, top_k, capacity_factor, gated):
+    layer = make_layer(num_experts, top_k, capacity_factor, gated)
+    reference = make_layer(num_experts, top_k, capacity_factor, gated)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(5))
+    x_ref = x.clone().requires_grad_()
+    x = x.clone().requires_grad_()
+
+    out, stats = layer(x)
+    expected = loop_reference(reference, x_ref)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    (expected * grad_out).sum().backward()
+    assert torch.allclose(x.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    for (name, p), (_, q) in zip(layer.named_parameters(), reference.named_parameters()):
+        assert q.grad is not None, name
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+
+    assert int(stats.tokens_per_expert.sum()) == 2 * 13 * top_k
+    capacity = layer.capacity(26)
+    expected_dropped = 0 if capacity is None else int((stats.tokens_per_expert - capacity).clamp(min=0).sum())
+    assert int(stats.dropped_tokens) == expected_dropped
+    if capacity_factor == 0.5:
+        assert expected_dropped > 0  # the setting really exercises dropping
+
+
+def test_load_balancing_loss_hand_computed():
+    # 4 tokens, 2 experts, top-1. Routed: e0, e0, e0, e1 -> f = [3/4, 1/4].
+    probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
+    experts = torch.tensor([[0], [0], [0], [1]])
+    # P = mean probs = [0.65, 0.35]; loss = E * sum f*P = 2 * (0.75*0.65 + 0.25*0.35) = 1.15
+    assert math.isclose(load_balancing_loss(probs, experts).item(), 1.15, rel_tol=1e-6)
+    # Uniform routing and uniform probabilities give the minimum, 1.0.
+    uniform = torch.full((4, 4), 0.25)
+    assert math.isclose(load_balancing_loss(uniform, torch.tensor([[0], [1], [2], [3]])).item(), 1.0, rel_tol=1e-6)
+    # top-2: assignments counted over T*K: tokens (0,1),(0,1) -> f = [0.5, 0.5, 0]; P = [0.5, 0.4, 0.1]
+    probs3 = torch.tensor([[0.5, 0.4, 0.1], [0.5, 0.4, 0.1]])
+    value = load_balancing_loss(probs3, torch.tensor([[0, 1], [0, 1]])).item()
+    assert math.isclose(value, 3 * (0.5 * 0.5 + 0.5 * 0.4), rel_tol=1e-6)
+
+
+def test_router_z_loss_hand_computed():
+    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0]])
+    # logsumexp: log 2 and log 4 -> mean of squares
+    expected = (math.log(2.0) ** 2 + math.log(4.0) ** 2) / 2
+    assert math.isclose(router_z_loss(logits).item(), expected, rel_tol=1e-6)
+
+
+def test_router_jitter_only_while_training():
+    layer = make_layer(4, 2, 0.0, gated=False)
+    layer.router.jitter = 0.2
+    x = torch.randn(1, 8, 16)
+    layer.eval()
+    a, _ = layer(x)
+    b, _ = layer(x)
+    assert torch.equal(a, b)
+    layer.train()
+    torch.manual_seed(0)
+    c, _ = layer(x)
+    assert not torch.equal(a, c)

@@ -18,11 +18,16 @@ class MoECausalLMOutput(ModelOutput):
 
     loss: Tensor | None = None  # lm_loss + aux_loss: the training objective
     logits: Tensor | None = None
-    past_key_values: object | None = None
+    cache: object | None = None  # the KVCache (transformers >= 5.24 names this field `cache`)
     lm_loss: Tensor | None = None  # mean next-token cross entropy (what perplexity is made of)
     aux_loss: Tensor | None = None  # weighted load-balancing + z-losses, summed over MoE layers
     router_stats: list[RouterStats] | None = None
     hidden_states: Tensor | None = None  # the final hidden states (after the last norm)
+
+    @property
+    def past_key_values(self) -> object | None:
+        """The older name of `cache`, which most callers (and transformers < 5.24) still use."""
+        return self.cache
 
 
 def causal_lm_loss(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:

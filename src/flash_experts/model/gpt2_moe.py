@@ -185,6 +185,8 @@ class GPT2MoEForCausalLM(PreTrainedModel):
         `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
         """
         B, T = input_ids.shape
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = unused.get("cache")
         cache = past_key_values
         if cache is None and use_cache:
             cache = self.make_cache(B, self.config.n_positions)
@@ -214,6 +216,6 @@ class GPT2MoEForCausalLM(PreTrainedModel):
             lm_loss = causal_lm_loss(logits, labels)
             loss = lm_loss + aux_loss
         return MoECausalLMOutput(
-            loss=loss, logits=logits, past_key_values=cache if use_cache or past_key_values is not None else None,
+            loss=loss, logits=logits, cache=cache if use_cache or past_key_values is not None else None,
             lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
         )

@@ -33,7 +33,7 @@ from flash_experts.model.common import (
 )
 from flash_experts.model.config import LlamaMoEConfig
 from flash_experts.model.kv_cache import KVCache
-from flash_experts.model.moe import MoELayer, RouterStats
+from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
 
 
 class LlamaAttention(nn.Module):
@@ -93,7 +93,7 @@ class LlamaDecoderLayer(nn.Module):
         self.is_moe = is_moe
         if is_moe:
             self.mlp = MoELayer(
-                config.hidden_size, config.intermediate_size, config.num_experts, config.top_k,
+                config.hidden_size, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
                 activation=ACT2FN[config.hidden_act], gated=True, bias=False, layer_index=layer_index,
                 capacity_factor=config.capacity_factor, jitter=config.router_jitter,
                 normalize_top_k=config.normalize_top_k,
@@ -154,10 +154,13 @@ class LlamaMoEForCausalLM(PreTrainedModel):
         functions leave alone the tensors `from_pretrained` has already loaded.
         """
         super()._init_weights(module)
-        if isinstance(module, MoELayer):
-            std = self.config.initializer_range
-            init.normal_(module.router.weight, mean=0.0, std=std)
-            for weight in (module.experts.w_gate, module.experts.w_up, module.experts.w_down):
+        # (transformers initialises the modules that own parameters directly, so the MoE parts are handled
+        # here rather than through MoELayer, which owns none itself.)
+        std = self.config.initializer_range
+        if isinstance(module, Router):
+            init.normal_(module.weight, mean=0.0, std=std)
+        elif isinstance(module, GroupedExperts):
+            for weight in (module.w_gate, module.w_up, module.w_down):
                 init.normal_(weight, mean=0.0, std=std)
 
     # -- inference helpers -----------------------------------------------------------------------------------
@@ -193,6 +196,8 @@ class LlamaMoEForCausalLM(PreTrainedModel):
         the preallocated one.
         """
         B, T = input_ids.shape
+        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
+            past_key_values = unused.get("cache")
         cache = past_key_values
         if cache is None and use_cache:
             cache = DynamicCache()
@@ -225,7 +230,7 @@ class LlamaMoEForCausalLM(PreTrainedModel):
             lm_loss = causal_lm_loss(logits, labels)
             loss = lm_loss + aux_loss
         return MoECausalLMOutput(
-            loss=loss, logits=logits, past_key_values=cache if use_cache or past_key_values is not None else None,
+            loss=loss, logits=logits, cache=cache if use_cache or past_key_values is not None else None,
             lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
         )
 

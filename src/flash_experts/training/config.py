@@ -1,0 +1,471 @@
+"""Training configuration: one dataclass tree, loaded from YAML, overridden from the command line.
+
+    cfg = load_config("configs/mtg_moe.yaml", ["optim.lr=1e-4", "--moe.num_experts", "4", "moe=null"])
+    cfg.optim.lr, cfg.moe (None = dense), cfg.run.out_dir ...
+
+Every key is checked: an unknown key is a ValueError that names it and suggests the close valid ones, every
+value is coerced to its field's type (YAML reads `3e-4` as a string; it becomes a float here) and every
+impossible value is a ValueError that names the field ("optim.lr must be > 0, got -0.1"). Nothing but
+ValueError escapes validation, whatever the input (a property test checks this).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from flash_experts.errors import UserError
+
+DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+ATTENTIONS = ("auto", "sdpa", "flash", "eager", "triton")
+TRAINABLE = ("all", "moe")
+MOE_LAYER_PRESETS = ("all", "every_other")
+SCHEDULES = ("cosine", "constant")
+WANDB_MODES = ("auto", "online", "offline", "off")
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str | None = None  # None -> runs/<name>
+    seed: int = 1337
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # auto = bf16 autocast where the hardware supports it, else fp32; master weights are always fp32
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    quiet: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # hub id ("gpt2"), local folder, "smollm2" (offline GGUF base) or "scratch" (random init, sizes below)
+    base: str = "gpt2"
+    n_layer: int = 12  # the four size fields are used only when base == "scratch"
+    n_embd: int = 768
+    n_head: int = 12
+    n_positions: int = 1024
+    dropout: float = 0.0
+    attention: Literal["auto", "sdpa", "flash", "eager", "triton"] = "auto"
+    train: Literal["all", "moe"] = "all"  # "moe" = train only the experts and routers
+
+
+@dataclass
+class MoEConfig:
+    num_experts: int = 8
+    top_k: int = 2
+    layers: Union[Literal["all", "every_other"], list[int]] = "every_other"
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 0.001
+    jitter: float = 0.0  # multiplicative router-input noise in [1 - jitter, 1 + jitter] while training
+    capacity_factor: float = 0.0  # 0 = dropless
+    normalize_top_k: bool = True
+    expert_noise: float = 0.0  # relative noise added to the upcycled expert copies to break their symmetry
+
+
+@dataclass
+class DataConfig:
+    dir: str | None = None  # prepared folder: train.bin, val.bin, meta.json
+    block_size: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    min_lr: float | None = None  # end of the cosine decay; None -> lr / 10
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = off
+    warmup_steps: int = 100
+    max_steps: int = 2000
+    schedule: Literal["cosine", "constant"] = "cosine"
+
+
+@dataclass
+class EvalConfig:
+    interval: int = 200
+    batches: int = 20
+    early_stopping_patience: int = 0  # evaluations without improvement before stopping; 0 = off
+    keep_best: bool = True
+
+
+@dataclass
+class CheckpointConfig:
+    interval: int = 500  # 0 = only at the end
+    keep_last: int = 2
+
+
+@dataclass
+class TrackingConfig:
+    wandb: Literal["auto", "online", "offline", "off"] = "auto"  # auto: online with WANDB_API_KEY, else offline
+    wandb_project: str = "flash-experts"
+    tensorboard: bool = True
+    log_interval: int = 10
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    moe: MoEConfig | None = field(default_factory=MoEConfig)  # None = dense
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# section name -> its dataclass (`moe: null`, a dense model, is handled by hand)
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "model": ModelConfig, "moe": MoEConfig, "data": DataConfig, "optim": OptimConfig,
+    "eval": EvalConfig, "checkpoint": CheckpointConfig, "tracking": TrackingConfig,
+}
+assert list(SECTIONS) == [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+# ----------------------------------------------------------------------------------------------- public API
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] | None = ()) -> TrainConfig:
+    """Read a YAML config (or start from the defaults when `path` is None), apply CLI overrides, validate.
+
+    Overrides are "section.key=value" ("optim.lr=1e-4", "moe=null"), "--section.key=value" or the pair
+    "--section.key", "value". Values are parsed as YAML, then coerced to the field's type.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        raw = _read_yaml(Path(path))
+    for dotted, text in parse_overrides(list(overrides or [])):
+        _apply_override(raw, dotted, text)
+    return config_from_dict(raw)
+
+
+def config_from_dict(raw: Any) -> TrainConfig:
+    """Build and validate a TrainConfig from a plain nested dict (e.g. a saved config.yaml). ValueError on bad input."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"a training config must be a mapping of sections, got {type(raw).__name__}")
+    sections: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = _check_key(key, SECTIONS, prefix="")
+        if name == "moe" and value is None:
+            sections["moe"] = None
+            continue
+        sections[name] = _build_section(name, SECTIONS[name], value)
+    cfg = TrainConfig(**sections)
+    _validate(cfg)
+    return cfg
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain nested dict (tuples become lists) that `config_from_dict` turns back into the same config."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, (list, tuple)):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
+    """["a.b=1", "--c.d", "2", "--e.f=3"] -> [("a.b", "1"), ("c.d", "2"), ("e.f", "3")]."""
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(items):
+        item = str(items[i])
+        flag = item.startswith("--")
+        body = item[2:] if flag else item
+        if "=" in body:
+            dotted, text = body.split("=", 1)
+        elif flag and i + 1 < len(items):
+            dotted, text = body, str(items[i + 1])
+            i += 1
+        else:
+            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+        if not dotted.strip():
+            raise ValueError(f"override {item!r} names no key")
+        pairs.append((dotted.strip(), text))
+        i += 1
+    return pairs
+
+
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
+    return device
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """"auto" -> "bf16" on a CUDA device that supports it, else "fp32". fp16/bf16 are autocast dtypes only."""
+    import torch
+
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise UserError("run.precision=fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    if precision != "auto":
+        return precision
+    if device.startswith("cuda") and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        return "bf16"
+    return "fp32"
+
+
+# ---------------------------------------------------------------------------------------- reading & building
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
+    parts = dotted.split(".")
+    section = _check_key(parts[0], SECTIONS, prefix="")
+    value = _parse_value(text)
+    if len(parts) == 1:  # a whole section, e.g. "moe=null" or "moe={num_experts: 4}"
+        raw[section] = value
+        return
+    if len(parts) != 2:
+        raise ValueError(f"override key {dotted!r} must be section.key (e.g. optim.lr)")
+    key = _check_key(parts[1], _field_types(SECTIONS[section]), prefix=f"{section}.")
+    annotation = _field_types(SECTIONS[section])[key]
+    if str in (annotation, *typing.get_args(annotation)) and value is not None:
+        value = text  # keep names verbatim: "run.name=1e3" stays "1e3", not 1000.0
+    target = raw.get(section)
+    if not isinstance(target, dict):  # absent, or `moe: null` being re-enabled by "moe.top_k=1"
+        target = {}
+        raw[section] = target
+    target[key] = value
+
+
+def _parse_value(text: str) -> Any:
+    try:
+        return yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        return text
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _check_key(key: Any, valid: dict[str, Any], prefix: str) -> str:
+    if not isinstance(key, str):
+        raise ValueError(f"config key {prefix}{key!r} must be a string")
+    if key in valid:
+        return key
+    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
+    hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else f"valid keys: {', '.join(prefix + v for v in valid)}"
+    raise ValueError(f"unknown config key {prefix + key!r}; {hint}")
+
+
+def _build_section(name: str, cls: type, value: Any) -> Any:
+    if value is None:
+        value = {}
+    if not isinstance(value, dict):
+        raise ValueError(f"config section {name!r} must be a mapping of keys, got {type(value).__name__}")
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, item in value.items():
+        key = _check_key(key, types_, prefix=f"{name}.")
+        kwargs[key] = _coerce(item, types_[key], f"{name}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Coerce one value to the annotated type; ValueError naming `where` if impossible."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        for option in args:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(value, option, where)
+            except ValueError:
+                pass
+        raise ValueError(f"{where} must be {_describe(annotation)}, got {value!r}")
+    if origin is Literal:
+        if isinstance(value, str) and value.lower() in args:
+            return value.lower()
+        raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{where} must be a list, got {value!r}")
+        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    if annotation is bool:
+        return _to_bool(value, where)
+    if annotation is int:
+        return _to_int(value, where)
+    if annotation is float:
+        return _to_float(value, where)
+    if annotation is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"{where} must be a string, got {value!r}")
+    raise TypeError(f"internal: no coercion for {annotation!r} at {where}")  # a schema bug, not user input
+
+
+def _describe(annotation: Any) -> str:
+    """Human words for a field type, for error messages."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is Literal:
+        return " or ".join(map(repr, args))
+    if origin is list:
+        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
+    if annotation is type(None):
+        return "null"
+    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
+
+
+def _to_bool(value: Any, where: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("true", "yes", "on", "1"):
+            return True
+        if word in ("false", "no", "off", "0"):
+            return False
+    raise ValueError(f"{where} must be true or false, got {value!r}")
+
+
+def _to_float(value: Any, where: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{where} must be a number, got {value!r}")
+    try:
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif isinstance(value, str):
+            number = float(value.strip())
+        else:
+            raise ValueError
+    except (ValueError, OverflowError):
+        raise ValueError(f"{where} must be a number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number, got {value!r}")
+    return number
+
+
+def _to_int(value: Any, where: str) -> int:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if isinstance(value, str):
+        try:
+            return int(value.strip().replace("_", ""))
+        except ValueError:
+            pass
+    if isinstance(value, (str, float)) and not isinstance(value, bool):
+        number = _to_float(value, where)  # "1e3" and 2000.0 are fine, 2.5 is not
+        if number.is_integer():
+            return int(number)
+    raise ValueError(f"{where} must be an integer, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+
+def _validate(cfg: TrainConfig) -> None:
+    run, model, moe, data, optim = cfg.run, cfg.model, cfg.moe, cfg.data, cfg.optim
+
+    def require(ok: bool, where: str, rule: str, value: Any) -> None:
+        if not ok:
+            raise ValueError(f"{where} {rule}, got {value!r}")
+
+    require(bool(run.name.strip()), "run.name", "must not be empty", run.name)
+    require(run.seed >= 0, "run.seed", "must be >= 0", run.seed)
+    if run.out_dir is None:
+        run.out_dir = str(Path("runs") / run.name)
+    require(bool(run.out_dir.strip()), "run.out_dir", "must not be empty", run.out_dir)
+
+    require(bool(model.base.strip()), "model.base", "must name a hub id, a folder, 'smollm2' or 'scratch'", model.base)
+    for name in ("n_layer", "n_embd", "n_head", "n_positions"):
+        require(getattr(model, name) >= 1, f"model.{name}", "must be >= 1", getattr(model, name))
+    require(model.n_embd % model.n_head == 0, "model.n_embd", f"must be divisible by model.n_head={model.n_head}", model.n_embd)
+    require(0.0 <= model.dropout < 1.0, "model.dropout", "must be in [0, 1)", model.dropout)
+    require(model.train != "moe" or moe is not None, "model.train", "'moe' needs an moe section (the model is dense)", model.train)
+    scratch = model.base == "scratch"
+
+    if moe is not None:
+        require(moe.num_experts >= 1, "moe.num_experts", "must be >= 1", moe.num_experts)
+        require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", f"must be in [1, moe.num_experts={moe.num_experts}]", moe.top_k)
+        if isinstance(moe.layers, list):
+            require(all(i >= 0 for i in moe.layers), "moe.layers", "must hold layer indices >= 0", moe.layers)
+            require(len(set(moe.layers)) == len(moe.layers), "moe.layers", "must not repeat a layer", moe.layers)
+            if scratch:
+                require(all(i < model.n_layer for i in moe.layers), "moe.layers", f"must be < model.n_layer={model.n_layer}", moe.layers)
+        for name in ("aux_loss_coef", "z_loss_coef", "capacity_factor", "expert_noise"):
+            require(getattr(moe, name) >= 0, f"moe.{name}", "must be >= 0", getattr(moe, name))
+        require(0.0 <= moe.jitter < 1.0, "moe.jitter", "must be in [0, 1)", moe.jitter)
+
+    require(data.dir is None or bool(data.dir.strip()), "data.dir", "must not be empty", data.dir)
+    for name in ("block_size", "batch_size", "grad_accum"):
+        require(getattr(data, name) >= 1, f"data.{name}", "must be >= 1", getattr(data, name))
+    if scratch:
+        require(data.block_size <= model.n_positions, "data.block_size", f"must be <= model.n_positions={model.n_positions}", data.block_size)
+
+    require(optim.lr > 0, "optim.lr", "must be > 0", optim.lr)
+    if optim.min_lr is None:
+        optim.min_lr = optim.lr / 10
+    require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", f"must be in [0, optim.lr={optim.lr}]", optim.min_lr)
+    require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", optim.weight_decay)
+    require(all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas", "must both be in [0, 1)", list(optim.betas))
+    require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)
+    require(optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 = off)", optim.grad_clip)
+    require(optim.max_steps >= 1, "optim.max_steps", "must be >= 1", optim.max_steps)
+    require(optim.warmup_steps >= 0, "optim.warmup_steps", "must be >= 0", optim.warmup_steps)
+    require(optim.warmup_steps <= optim.max_steps, "optim.warmup_steps", f"must be <= optim.max_steps={optim.max_steps}", optim.warmup_steps)
+
+    require(cfg.eval.interval >= 1, "eval.interval", "must be >= 1", cfg.eval.interval)
+    require(cfg.eval.batches >= 1, "eval.batches", "must be >= 1", cfg.eval.batches)
+    require(cfg.eval.early_stopping_patience >= 0, "eval.early_stopping_patience", "must be >= 0 (0 = off)", cfg.eval.early_stopping_patience)
+    require(cfg.checkpoint.interval >= 0, "checkpoint.interval", "must be >= 0 (0 = only at the end)", cfg.checkpoint.interval)
+    require(cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1", cfg.checkpoint.keep_last)
+    require(bool(cfg.tracking.wandb_project.strip()), "tracking.wandb_project", "must not be empty", cfg.tracking.wandb_project)
+    require(cfg.tracking.log_interval >= 1, "tracking.log_interval", "must be >= 1", cfg.tracking.log_interval)

@@ -1,0 +1,610 @@
+"""The training loop: `train(cfg) -> TrainResult`.
+
+One loop serves fine-tuning (an upcycled MoE, or a dense model), pretraining from scratch, one process or
+many (torchrun + DDP). What it guarantees:
+
+- exact resume: a run stopped at step k and resumed reproduces the uninterrupted run's losses, because the
+  batches are a function of (seed, step) (see data.py), and the optimizer, scaler and RNG states are saved;
+- the global batch (batch_size x grad_accum x world_size windows) defines the run, not the process count:
+  2 processes x 1 micro-batch follow the same curve as 1 process x 2 micro-batches;
+- a NaN/inf loss stops before the optimizer step, naming the step; nothing bad is saved;
+- SIGINT/SIGTERM finish the current step, save a checkpoint and exit cleanly (a second Ctrl-C stops at once);
+- parameters stay fp32; bf16/fp16 are autocast dtypes only (fp16 with a GradScaler, on CUDA).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import signal
+import sys
+import threading
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from flash_experts.errors import UserError
+from flash_experts.training import checkpoint as ckpt
+from flash_experts.training import distributed as dist_utils
+from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
+from flash_experts.data.tokens import load_meta, load_split
+from flash_experts.training.data import EvalBatches, TrainBatches
+from flash_experts.training.schedule import lr_at
+
+
+class TrainingDiverged(UserError):
+    """The loss (or gradient) became NaN/inf; the run stopped without saving the bad state."""
+
+
+@dataclass
+class TrainResult:
+    run_dir: str
+    steps: int  # optimizer steps completed, counting those before a resume
+    tokens: int  # training tokens seen, all ranks
+    seconds: float  # wall time of this invocation
+    final_val_loss: float | None
+    final_val_ppl: float | None
+    best_val_loss: float | None
+    best_val_ppl: float | None
+    best_step: int | None
+    stopped: str  # "completed" | "early_stopping" | "interrupted"
+    checkpoint: str | None  # the newest checkpoint written or resumed from
+    losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training objective, this invocation
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "losses"}
+
+
+def perplexity(loss: float | None) -> float | None:
+    if loss is None:
+        return None
+    return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
+
+
+# ------------------------------------------------------------------------------------------------- the model
+
+
+def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
+    """The model to train and its tokenizer, as the config describes them.
+
+    base="scratch": a fresh GPT-2-shaped model (MoE when cfg.moe is set) sized by cfg.model, with the data
+    folder's tokenizer and vocabulary. Otherwise the base is loaded and, with an moe section, upcycled; a
+    dense run converts GPT-2/Llama bases to our code with no MoE layers, so attention runs through our kernels.
+    """
+    from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM, upcycle
+    from flash_experts.model.loading import load_base_model
+
+    moe = cfg.moe
+    moe_fields: dict[str, Any] = {"attention_implementation": cfg.model.attention}
+    if moe is not None:
+        moe_fields.update(
+            num_experts=moe.num_experts, top_k=moe.top_k, moe_layers=moe.layers, router_aux_loss_coef=moe.aux_loss_coef,
+            router_z_loss_coef=moe.z_loss_coef, router_jitter=moe.jitter, capacity_factor=moe.capacity_factor,
+            normalize_top_k=moe.normalize_top_k,
+        )
+    else:
+        moe_fields.update(num_experts=1, top_k=1, moe_layers=[])
+
+    if cfg.model.base == "scratch":
+        meta = read_meta(cfg.data.dir)
+        if "vocab_size" not in meta:
+            raise UserError(f"{cfg.data.dir}/meta.json must give vocab_size to size a model trained from scratch")
+        p = cfg.model.dropout
+        config = GPT2MoEConfig(
+            vocab_size=int(meta["vocab_size"]), n_positions=cfg.model.n_positions, n_embd=cfg.model.n_embd,
+            n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
+            bos_token_id=meta.get("eos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0), **moe_fields,
+        )
+        return GPT2MoEForCausalLM(config), _data_tokenizer(cfg.data.dir)
+
+    model, tokenizer = load_base_model(cfg.model.base)
+    already_moe = bool(getattr(model.config, "num_experts", None)) and hasattr(model.config, "moe_layer_indices")
+    if already_moe:
+        if moe is not None:
+            warnings.warn(f"{cfg.model.base} is already an MoE model; the moe section is ignored", stacklevel=2)
+    elif moe is not None or model.config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
+        model = upcycle(model, expert_noise=moe.expert_noise if moe else 0.0, seed=cfg.run.seed, **moe_fields)
+    set_dropout(model, cfg.model.dropout)
+    return model, tokenizer
+
+
+def _data_tokenizer(data_dir: str | None) -> Any:
+    from flash_experts.data.tokenizer import load_tokenizer
+
+    try:
+        return load_tokenizer(data_dir)
+    except (UserError, OSError, ValueError) as error:
+        warnings.warn(f"no tokenizer found with the data in {data_dir} ({error}); checkpoints will lack one",
+                      stacklevel=3)
+        return None
+
+
+def read_meta(data_dir: str | None) -> dict[str, Any]:
+    if data_dir is None:
+        raise UserError(
+            "data.dir is not set: prepare a folder with `flash-experts prepare-data` and pass data.dir=PATH"
+        )
+    return load_meta(data_dir)
+
+
+def set_dropout(model: nn.Module, p: float) -> None:
+    """Use dropout `p` everywhere (and record it in the config, so a saved model says what it was trained with)."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
+        if hasattr(model.config, name):
+            setattr(model.config, name, p)
+
+
+def is_moe_parameter(name: str) -> bool:
+    """Expert and router weights: what train="moe" trains."""
+    return ".mlp.experts." in name or ".mlp.router." in name
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW groups: weight decay on matrices (incl. stacked experts), none on biases, norms and embeddings."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():  # tied weights appear once
+        if not param.requires_grad:
+            continue
+        leaf = name.rsplit(".", 1)[-1]
+        if param.ndim < 2 or id(param) in embeddings or "bias" in leaf or leaf in ("b_up", "b_down"):
+            no_decay.append(param)
+        else:
+            decay.append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --------------------------------------------------------------------------------------------- stop requests
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second Ctrl-C raises KeyboardInterrupt."""
+
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> "StopRequest":
+        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal_name is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+            print(f"\n{self.signal_name} received: finishing this step, then saving a checkpoint "
+                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+
+# --------------------------------------------------------------------------------------------------- trainer
+
+
+def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
+    """Train as `cfg` says; `resume` = a checkpoint/run folder, or "auto" (latest in cfg.run.out_dir, if any)."""
+    info = dist_utils.init_distributed(resolve_device(cfg.run.device))
+    try:
+        trainer = Trainer(cfg, info, resume)
+        try:
+            result = trainer.run()
+        finally:
+            trainer.close()
+        del trainer  # free the DDP reducer while the process group it uses is still alive
+        dist_utils.barrier()  # no rank tears down while another still talks to it
+        return result
+    finally:
+        dist_utils.teardown()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, info: dist_utils.DistInfo, resume: str | None) -> None:
+        self.cfg, self.info = cfg, info
+        self.run_dir = Path(cfg.run.out_dir)
+        self.device = info.device
+        self.device_type = "cuda" if self.device.startswith("cuda") else "cpu"
+        self.precision = resolve_precision(cfg.run.precision, self.device_type)
+        seed_everything(cfg.run.seed + info.rank)  # rank 0 builds the weights DDP broadcasts
+        self.tracker = None
+
+        read_meta(cfg.data.dir)  # fail early, before loading a model, when the data folder is not usable
+
+        # -- model
+        model, self.tokenizer = build_model(cfg)
+        vocab_size = model.get_input_embeddings().num_embeddings
+        positions = getattr(model.config, "n_positions", None) or getattr(model.config, "max_position_embeddings", None)
+        if positions is not None and cfg.data.block_size > positions:
+            raise UserError(f"data.block_size={cfg.data.block_size} exceeds the model's {positions} positions")
+
+        # -- data (load_split checks every token id fits the model's vocabulary)
+        self.train_batches = TrainBatches(
+            load_split(cfg.data.dir, "train", vocab_size), block_size=cfg.data.block_size,
+            batch_size=cfg.data.batch_size, grad_accum=cfg.data.grad_accum, seed=cfg.run.seed, rank=info.rank, world_size=info.world_size,
+        )
+        self.eval_batches = EvalBatches(
+            load_split(cfg.data.dir, "val", vocab_size), block_size=cfg.data.block_size, batch_size=cfg.data.batch_size,
+            max_windows=cfg.eval.batches * cfg.data.batch_size, rank=info.rank, world_size=info.world_size,
+        )
+        self.tokens_per_step = self.train_batches.global_batch * cfg.data.block_size
+
+        # -- trainable parameters and optimizer
+        model.to(device=self.device, dtype=torch.float32)  # fp32 master weights, whatever the base was stored in
+        if cfg.model.train == "moe":
+            for name, param in model.named_parameters():
+                param.requires_grad_(is_moe_parameter(name))
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise UserError("model.train=moe but the model has no expert or router parameters (is moe.layers empty?)")
+        self.raw_model = model
+        fused = {"fused": True} if self.device_type == "cuda" else {}
+        self.optimizer = torch.optim.AdamW(
+            optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+            eps=cfg.optim.eps, **fused,
+        )
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
+        autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        if autocast_dtype is None:
+            self.autocast = contextlib.nullcontext
+        else:
+            self.autocast = lambda: torch.autocast(self.device_type, dtype=autocast_dtype)
+
+        # -- progress counters (restored on resume)
+        self.step = 0
+        self.tokens_seen = 0
+        self.best_val_loss: float | None = None
+        self.best_step: int | None = None
+        self.last_val_loss: float | None = None
+        self.evals_without_improvement = 0
+        self.last_checkpoint: Path | None = None
+        if resume is not None:
+            self._resume(resume)
+
+        compiled = torch.compile(model) if cfg.run.compile else model
+        self.model = dist_utils.wrap_ddp(compiled, info)
+        self.eval_model = compiled
+
+        if info.is_main:
+            from flash_experts.training.tracking import Tracker
+
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.run_dir / "config.yaml")
+            self.tracker = Tracker(
+                self.run_dir, config_to_dict(cfg), cfg.tracking.wandb, cfg.tracking.wandb_project,
+                cfg.tracking.tensorboard, rank0=True,
+            )
+
+    # ------------------------------------------------------------------------------------------- resume
+
+    def _resume(self, resume: str) -> None:
+        folder = ckpt.resolve_resume(resume, self.run_dir)
+        if folder is None:
+            self._say(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
+            return
+        state = ckpt.load_trainer_state(folder)
+        ckpt.load_model_weights(self.raw_model, folder)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as error:
+            raise UserError(
+                f"cannot resume from {folder}: its optimizer state does not fit this config's trainable "
+                f"parameters ({error}); was model.train or the model changed?"
+            ) from None
+        for group in self.optimizer.param_groups:  # the config decides these, not the checkpoint
+            group["weight_decay"] = self.cfg.optim.weight_decay if group["weight_decay"] else 0.0
+            group["betas"], group["eps"] = tuple(self.cfg.optim.betas), self.cfg.optim.eps
+        if self.scaler.is_enabled() and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        rng_states = state["rng"]
+        ckpt.restore_rng_state(rng_states[min(self.info.rank, len(rng_states) - 1)])
+        self.step, self.tokens_seen = int(state["step"]), int(state["tokens_seen"])
+        self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
+        self.last_val_loss = state.get("last_val_loss")
+        self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.last_checkpoint = folder
+        sampler = state["sampler"]
+        if sampler != self.train_batches.state_dict():
+            warnings.warn(
+                f"resuming with a different seed or global batch than {folder} was trained with "
+                f"({sampler} -> {self.train_batches.state_dict()}): the data order differs from the original run",
+                stacklevel=2,
+            )
+        self._say(f"resumed from {folder} at step {self.step} ({self.tokens_seen:,} tokens seen)")
+
+    def _trainer_state(self) -> dict[str, Any]:
+        rng = dist_utils.gather_objects(ckpt.capture_rng_state())  # collective: every rank calls this
+        return {
+            "format": 1,
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "best_val_loss": self.best_val_loss,
+            "best_step": self.best_step,
+            "last_val_loss": self.last_val_loss,
+            "evals_without_improvement": self.evals_without_improvement,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+            "rng": rng,
+            "sampler": self.train_batches.state_dict(),
+            "world_size": self.info.world_size,
+            "config": config_to_dict(self.cfg),
+        }
+
+    def save(self, best: bool = False) -> Path | None:
+        """Checkpoint the current step (all ranks call this; rank 0 writes). `best` writes <out_dir>/best instead."""
+        state = self._trainer_state()
+        folder = None
+        if self.info.is_main:
+            if best:
+                folder = ckpt.save_checkpoint(self.run_dir / ckpt.BEST, self.raw_model, self.tokenizer, state)
+            else:
+                folder = ckpt.save_step_checkpoint(
+                    self.run_dir, self.step, self.raw_model, self.tokenizer, state, self.cfg.checkpoint.keep_last
+                )
+        dist_utils.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
+        if not best:
+            self.last_checkpoint = self.run_dir / ckpt.CHECKPOINTS / ckpt.step_dir_name(self.step)
+        return folder
+
+    # ------------------------------------------------------------------------------------------- steps
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over grad_accum micro-batches. Returns the step's rank-averaged numbers."""
+        cfg = self.cfg
+        lr = lr_at(self.step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+                   max_steps=cfg.optim.max_steps, schedule=cfg.optim.schedule)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        accum = cfg.data.grad_accum
+        sums = torch.zeros(3, device=self.device)  # objective, lm loss, aux loss (means over micro-batches)
+        expert_counts: dict[int, torch.Tensor] = {}
+        for micro in range(accum):
+            x = self._to_device(self.train_batches.micro_batch(self.step, micro))
+            # DDP all-reduces gradients on every backward; skip that on all but the last micro-batch
+            last = micro == accum - 1
+            sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
+            with sync:
+                with self.autocast():
+                    out = self.model(input_ids=x, labels=x)
+                self.scaler.scale(out.loss / accum).backward()
+            lm_loss = getattr(out, "lm_loss", None)
+            aux_loss = getattr(out, "aux_loss", None)
+            sums += torch.stack([
+                out.loss.detach().float(),
+                (lm_loss if lm_loss is not None else out.loss).detach().float(),
+                aux_loss.detach().float() if aux_loss is not None else torch.zeros((), device=self.device),
+            ]) / accum
+            for stats in getattr(out, "router_stats", None) or []:
+                counts = stats.tokens_per_expert.detach()
+                expert_counts[stats.layer] = expert_counts.get(stats.layer, 0) + counts
+        dist_utils.all_reduce_mean(sums)
+        loss, lm, aux = sums.tolist()
+        if not math.isfinite(loss):
+            self._diverged(f"the loss is {loss}")
+        self.scaler.unscale_(self.optimizer)
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
+            self._diverged(f"the gradient norm is {grad_norm}")
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
+                "expert_counts": expert_counts}
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        if self.device_type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
+            return x.pin_memory().to(self.device, non_blocking=True)
+        return x
+
+    def _diverged(self, what: str) -> None:
+        where = (f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint
+                 else "no checkpoint was saved yet")
+        raise TrainingDiverged(
+            f"training diverged at step {self.step + 1}: {what}. Stopped without saving this state; {where}. "
+            "Lower optim.lr (or raise optim.warmup_steps / use run.precision=bf16) and resume with --resume"
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM cross entropy (no aux loss) over the fixed validation windows, summed across ranks."""
+        model = self.eval_model
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, predicted tokens
+        for x in self.eval_batches:
+            x = self._to_device(x)
+            with self.autocast():
+                out = model(input_ids=x, labels=x)
+            lm_loss = getattr(out, "lm_loss", None)
+            lm_loss = lm_loss if lm_loss is not None else out.loss
+            predicted = x.shape[0] * (x.shape[1] - 1)  # labels are shifted inside: T-1 predictions per window
+            totals[0] += lm_loss.double() * predicted
+            totals[1] += predicted
+        model.train()
+        dist_utils.all_reduce_sum(totals)
+        return float(totals[0] / totals[1])
+
+    # ------------------------------------------------------------------------------------------- the loop
+
+    def run(self) -> TrainResult:
+        cfg, started = self.cfg, time.perf_counter()
+        max_steps = cfg.optim.max_steps
+        losses: dict[int, float] = {}
+        window = _LogWindow()
+        stopped, saved_this_step = "completed", False
+        self.model.train()
+        self._say(
+            f"training {self.run_dir.name}: {sum(p.numel() for p in self.params):,} trainable parameters, "
+            f"{self.info.world_size} process(es) on {self.device} ({self.precision}), global batch "
+            f"{self.train_batches.global_batch} x {cfg.data.block_size} tokens, steps {self.step} -> {max_steps}"
+        )
+        if self.step == 0 and self.last_val_loss is None:
+            self._after_eval(self.evaluate())  # the starting point of the validation curve
+        progress = self._progress_bar(max_steps)
+        with StopRequest() as stop:
+            while self.step < max_steps:
+                step_started = time.perf_counter()
+                metrics = self.train_step()
+                window.add(metrics, time.perf_counter() - step_started, self.tokens_per_step)
+                losses[self.step] = metrics["loss"]
+                if progress is not None:
+                    progress.update(1)
+                if self.step % cfg.tracking.log_interval == 0 or self.step == max_steps:
+                    self._log(window.flush(), progress)
+                saved_this_step = False
+                if self.step % cfg.eval.interval == 0 or self.step == max_steps:
+                    if self._after_eval(self.evaluate()):
+                        stopped = "early_stopping"
+                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or self.step == max_steps:
+                    self.save()
+                    saved_this_step = True
+                if stopped != "completed":
+                    break
+                if dist_utils.any_rank(stop.requested, self.device):
+                    stopped = "interrupted"
+                    break
+            if stopped != "completed" and not saved_this_step:
+                self.save()
+        if progress is not None:
+            progress.close()
+        return self._finish(stopped, stop.signal_name, time.perf_counter() - started, losses)
+
+    def _after_eval(self, val_loss: float) -> bool:
+        """Record an evaluation: log it, keep the best checkpoint. Returns True when early stopping triggers."""
+        cfg = self.cfg
+        self.last_val_loss = val_loss
+        if self.tracker is not None:
+            self.tracker.log(self.step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss)})
+        if self.step == 0:  # the untrained starting point: a baseline for the curve, not a candidate for best/
+            self._say(f"step 0: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
+            return False
+        improved = self.best_val_loss is None or val_loss < self.best_val_loss
+        if improved:
+            self.best_val_loss, self.best_step = val_loss, self.step
+            self.evals_without_improvement = 0
+        else:
+            self.evals_without_improvement += 1
+        best = " (best)" if improved else ""
+        self._say(f"step {self.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}{best}")
+        if improved and cfg.eval.keep_best:
+            self.save(best=True)
+        patience = cfg.eval.early_stopping_patience
+        if patience and self.evals_without_improvement >= patience:
+            self._say(f"early stopping: no improvement in {patience} evaluations "
+                      f"(best {self.best_val_loss:.4f} at step {self.best_step})")
+            return True
+        return False
+
+    def _log(self, numbers: dict[str, Any], progress: Any) -> None:
+        metrics = {
+            "train/loss": numbers["lm_loss"], "train/ppl": perplexity(numbers["lm_loss"]),
+            "train/total_loss": numbers["loss"], "train/aux_loss": numbers["aux_loss"], "train/lr": numbers["lr"],
+            "train/grad_norm": numbers["grad_norm"], "train/tokens": self.tokens_seen,
+            "train/tokens_per_sec": numbers["tokens_per_sec"],
+        }
+        for layer, counts in sorted(numbers["expert_counts"].items()):
+            counts = dist_utils.all_reduce_sum(counts.double())
+            metrics[f"expert_load/layer_{layer}"] = (counts / counts.sum().clamp_min(1)).tolist()
+        if self.tracker is not None:
+            self.tracker.log(self.step, metrics)
+        if progress is not None:
+            progress.set_postfix(
+                loss=f"{numbers['lm_loss']:.4f}", tok_s=f"{numbers['tokens_per_sec']:,.0f}", refresh=False
+            )
+        elif self.info.is_main:
+            print(
+                f"step {self.step}/{self.cfg.optim.max_steps}: loss {numbers['lm_loss']:.4f} "
+                f"aux {numbers['aux_loss']:.4f} "
+                f"lr {numbers['lr']:.2e} grad norm {numbers['grad_norm']:.3f} {numbers['tokens_per_sec']:,.0f} tok/s",
+                flush=True,
+            )
+
+    def _progress_bar(self, max_steps: int) -> Any:
+        if not self.info.is_main or self.cfg.run.quiet:
+            return None
+        from tqdm.auto import tqdm
+
+        return tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.run_dir.name)
+
+    def _say(self, message: str) -> None:
+        if self.info.is_main:
+            if self.cfg.run.quiet:
+                print(message, flush=True)
+            else:
+                from tqdm.auto import tqdm
+
+                tqdm.write(message)
+
+    def _finish(self, stopped: str, signal_name: str | None, seconds: float, losses: dict[int, float]) -> TrainResult:
+        result = TrainResult(
+            run_dir=str(self.run_dir), steps=self.step, tokens=self.tokens_seen, seconds=seconds,
+            final_val_loss=self.last_val_loss, final_val_ppl=perplexity(self.last_val_loss),
+            best_val_loss=self.best_val_loss, best_val_ppl=perplexity(self.best_val_loss), best_step=self.best_step,
+            stopped=stopped, checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, losses=losses,
+        )
+        if self.tracker is not None:
+            self.tracker.summary({f"final/{k}": v for k, v in result.as_dict().items() if k != "run_dir"})
+        if stopped == "interrupted":
+            self._say(
+                f"stopped by {signal_name} after step {self.step}; checkpoint saved to {self.last_checkpoint}. "
+                f"Resume with the same command plus `--resume auto` (or --resume {self.last_checkpoint})"
+            )
+        return result
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
+
+
+class _LogWindow:
+    """Averages the steps between two log lines (so a logged loss is not one noisy step) and their throughput."""
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.steps, self.seconds, self.tokens = 0, 0.0, 0
+        self.expert_counts: dict[int, torch.Tensor] = {}
+        self.last: dict[str, Any] = {}
+
+    def add(self, metrics: dict[str, Any], seconds: float, tokens: int) -> None:
+        for key in ("loss", "lm_loss", "aux_loss", "grad_norm"):
+            self.sums[key] = self.sums.get(key, 0.0) + metrics[key]
+        for layer, counts in metrics["expert_counts"].items():
+            self.expert_counts[layer] = self.expert_counts.get(layer, 0) + counts
+        self.steps, self.seconds, self.tokens = self.steps + 1, self.seconds + seconds, self.tokens + tokens
+        self.last = metrics
+
+    def flush(self) -> dict[str, Any]:
+        numbers = {key: value / self.steps for key, value in self.sums.items()}
+        numbers.update(lr=self.last["lr"], tokens_per_sec=self.tokens / max(self.seconds, 1e-9),
+                       expert_counts=self.expert_counts)
+        self.reset()
+        return numbers

@@ -1,0 +1,118 @@
+"""How good are generated card names? Validity, uniqueness and novelty, and each name marked new or real.
+
+    validity    share of raw samples that clean up into a well-formed card name (`clean_card_name`)
+    uniqueness  share of the valid names that are distinct (case- and accent-insensitive)
+    novelty     share of the distinct valid names that are not real cards (not in the reference names)
+
+Names are compared by `name_key` (the same key the MTG data uses to deduplicate cards), so "SWORD OF
+FIRE AND ICE" and "Sword of Fire and Ice" are one name and "Seance" matches the real "Séance".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+from flash_experts.data.mtg import name_key
+from flash_experts.errors import UserError
+from flash_experts.generation.cleaning import clean_card_name
+
+
+@dataclass
+class NameSample:
+    raw: str  # what the model produced
+    name: str | None  # the cleaned name, None when invalid
+    is_new: bool | None  # not a real card; None when invalid or when there is no reference list
+    is_duplicate: bool  # the same name came earlier in this batch
+
+
+@dataclass
+class NameMetrics:
+    total: int
+    valid: int
+    distinct: int
+    novel: int | None  # None without reference names
+    samples: list[NameSample] = field(default_factory=list)
+
+    @property
+    def validity(self) -> float:
+        return self.valid / self.total if self.total else 0.0
+
+    @property
+    def uniqueness(self) -> float:
+        return self.distinct / self.valid if self.valid else 0.0
+
+    @property
+    def novelty(self) -> float | None:
+        if self.novel is None:
+            return None
+        return self.novel / self.distinct if self.distinct else 0.0
+
+    def unique_names(self) -> list[NameSample]:
+        """The valid names, first occurrence of each, in generation order."""
+        return [s for s in self.samples if s.name is not None and not s.is_duplicate]
+
+    def summary(self) -> str:
+        novelty = (f"{self.novelty:.1%} ({self.novel}/{self.distinct})" if self.novelty is not None
+                   else "n/a (no reference names)")
+        return (f"validity {self.validity:.1%} ({self.valid}/{self.total}), "
+                f"uniqueness {self.uniqueness:.1%} ({self.distinct}/{self.valid}), novelty {novelty}")
+
+
+def reference_keys(names: Iterable[str]) -> set[str]:
+    return {name_key(n) for n in names if n.strip()}
+
+
+def validity(raw_samples: list[str]) -> float:
+    return evaluate_names(raw_samples).validity
+
+
+def uniqueness(names: list[str]) -> float:
+    """Distinct share of already-clean names (case- and accent-insensitive)."""
+    return len({name_key(n) for n in names}) / len(names) if names else 0.0
+
+
+def novelty(names: list[str], reference_names: Iterable[str]) -> float:
+    """Share of the distinct names that are not in `reference_names`."""
+    distinct = {name_key(n) for n in names}
+    known = reference_keys(reference_names)
+    return len(distinct - known) / len(distinct) if distinct else 0.0
+
+
+def evaluate_names(raw_samples: list[str], reference_names: Iterable[str] | None = None) -> NameMetrics:
+    """Clean every raw sample and measure validity, uniqueness and (with reference names) novelty."""
+    known = reference_keys(reference_names) if reference_names is not None else None
+    seen: set[str] = set()
+    samples = []
+    novel = 0
+    for raw in raw_samples:
+        name = clean_card_name(raw)
+        if name is None:
+            samples.append(NameSample(raw, None, None, False))
+            continue
+        key = name_key(name)
+        duplicate = key in seen
+        seen.add(key)
+        is_new = None if known is None else key not in known
+        if is_new and not duplicate:
+            novel += 1
+        samples.append(NameSample(raw, name, is_new, duplicate))
+    valid = sum(s.name is not None for s in samples)
+    return NameMetrics(len(raw_samples), valid, len(seen), None if known is None else novel, samples)
+
+
+def read_reference_names(path: str | Path) -> list[str]:
+    """Names from a text file, one per line; conditioned lines ("type | colors | name") give the name."""
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise UserError(f"reference names file not found: {path}")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        raise UserError(f"reference names file is not UTF-8 text: {path}") from None
+    names = [line.rsplit("|", 1)[-1].strip() for line in lines]
+    names = [n for n in names if n]
+    if not names:
+        raise UserError(f"reference names file has no names: {path}")
+    return names

@@ -1,0 +1,140 @@
+"""`flash-experts generate` and `generate-names` end to end on a tiny saved model, against the library."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+from flash_experts.cli.main import main
+from flash_experts.generation.cleaning import is_valid_card_name
+from flash_experts.generation.generate import generate
+from flash_experts.generation.sampling import SamplingConfig
+
+# The same tiny model as tests/test_generation.py (copied, not imported: test files are not a package).
+CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", "Creature — Elf Druid | G |",
+          "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
+
+
+def make_tokenizer() -> PreTrainedTokenizerFast:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS * 3, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+
+
+def make_hf_model(vocab_size: int) -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=vocab_size, n_positions=64,
+                                      initializer_range=0.3, bos_token_id=0, eos_token_id=0)).eval()
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-gpt2")
+    tokenizer = make_tokenizer()
+    make_hf_model(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_generate_cli_prints_library_output(model_dir, capsys):
+    """Reference: the library's `generate` on the same saved model, greedy."""
+    code = main(["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "6", "--greedy",
+                 "--no-stream", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    tokenizer = make_tokenizer()
+    model = make_hf_model(len(tokenizer))
+    expected = generate(model, tokenizer, ["Sword of"], SamplingConfig(temperature=0), 6)
+    assert out == "Sword of" + expected.texts[0] + "\n"
+    assert "new tokens in" in err and "tokens/s" in err
+
+
+def test_generate_cli_streams_first_sample(model_dir, capsys):
+    """Reference: the non-streamed run; streaming prints the same text for sample 1, then the others."""
+    args = ["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "5", "--seed", "3",
+            "--num-samples", "2", "--temperature", "1.0", "--top-k", "0", "--top-p", "1", "--device", "cpu"]
+    assert main(args + ["--no-stream"]) == 0
+    plain = capsys.readouterr().out
+    assert main(args) == 0
+    streamed = capsys.readouterr().out
+    first_plain = plain.split("--- sample 2/2")[0].split("\n", 1)[1]  # after the "--- sample 1/2" header
+    assert streamed.startswith(first_plain)
+    assert "--- sample 2/2" in streamed
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--top-p", "0"], "top_p"),
+        (["--top-p", "1.5"], "top_p"),
+        (["--temperature", "-1"], "temperature"),
+        (["--num-samples", "0"], "num-samples"),
+        (["--max-new-tokens", "500"], "positions"),
+        (["--max-new-tokens", "-3"], "max-new-tokens"),
+        (["--allow-regex", "[oops"], "allowed_regex"),
+    ],
+)
+def test_generate_cli_absurd_arguments_are_one_line_errors(model_dir, capsys, extra, message):
+    """Hand-listed absurd arguments: exit code 2 and one `error:` line naming the problem."""
+    code = main(["generate", str(model_dir), "--prompt", "the", "--device", "cpu"] + extra)
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after any model-loading progress bar
+    assert code == 2 and err.startswith("error:") and message in err
+
+
+def test_generate_names_cli_marks_new_and_real(model_dir, tmp_path, capsys):
+    """Reference: the reference-names file; every printed name is valid, distinct and marked against it."""
+    reference = tmp_path / "names.txt"
+    reference.write_text("Llanowar Elves\nSword of Fire and Ice\n", encoding="utf-8")
+    code = main(["generate-names", str(model_dir), "-n", "5", "--type", "Creature — Elf", "--colors", "G",
+                 "--reference-names", str(reference), "--seed", "0", "--max-rounds", "2",
+                 "--temperature", "1.5", "--device", "cpu"])
+    out, err = capsys.readouterr()
+    assert code == 0
+    lines = [line for line in out.splitlines() if line.strip()]
+    real = {"llanowar elves", "sword of fire and ice"}
+    for line in lines:
+        mark, name = line[:4].strip(), line[6:]
+        assert is_valid_card_name(name)
+        assert mark == ("real" if name.lower() in real else "new")
+    assert len({line[6:].lower() for line in lines}) == len(lines) <= 5
+    assert "validity" in err and "uniqueness" in err and "novelty" in err and "2 names from" in err
+
+
+def test_generate_names_cli_rejects_bad_counts(model_dir, capsys):
+    """Hand-listed absurd arguments: -n 0 and an unknown colour are one-line errors."""
+    assert main(["generate-names", str(model_dir), "-n", "0"]) == 2
+    assert "num-names" in capsys.readouterr().err
+    assert main(["generate-names", str(model_dir), "--type", "Creature", "--colors", "purple", "--device", "cpu",
+                 "--reference-names", __file__]) == 2
+    assert "colour" in capsys.readouterr().err
+
+
+def test_tensor_prompts_need_no_tokenizer():
+    """Plain reference: token-id prompts without a tokenizer give the same ids as with one."""
+    tokenizer = make_tokenizer()
+    model = make_hf_model(len(tokenizer))
+    ids = torch.tensor([tokenizer.encode("Sword of")])
+    with_tok = generate(model, tokenizer, ids, SamplingConfig(temperature=0), 5, eos_token_id=[])
+    without = generate(model, None, ids, SamplingConfig(temperature=0), 5, eos_token_id=[])
+    assert with_tok.token_ids == without.token_ids and without.texts == [""]
+
+
+def test_generate_cli_allow_regex_and_ban_words(model_dir, capsys):
+    """Plain reference (re.fullmatch): every generated character is one the regex allows.
+
+    (That banned words never appear as token sequences is checked in test_generation.py.)"""
+    import re
+
+    code = main(["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "15", "--seed", "0",
+                 "--temperature", "1.5", "--top-k", "0", "--top-p", "1", "--no-stream", "--device", "cpu",
+                 "--allow-regex", "[a-z ]+", "--ban-words", "the"])
+    out = capsys.readouterr().out
+    assert code == 0 and out.startswith("the")
+    continuation = out[len("the"):].rstrip("\n")
+    assert re.fullmatch(r"[a-z ]*", continuation)

@@ -1,0 +1,103 @@
+"""Router statistics aggregation against hand-computed values and a direct top-k count."""
+
+from __future__ import annotations
+
+import math
+import os
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("OMP_NUM_THREADS", "2")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from flash_experts.evaluation.router_stats import (  # noqa: E402
+    RouterStatsAccumulator,
+    collect_router_stats,
+    router_stats_markdown,
+    router_stats_table,
+)
+from flash_experts.model.moe import MoELayer, RouterStats  # noqa: E402
+
+
+def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
+    zero = torch.tensor(0.0)
+    return RouterStats(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy))
+
+
+def test_accumulator_matches_hand_computed_values():
+    """Reference: numbers worked out by hand for two forwards over two layers (top_k = 2)."""
+    accumulator = RouterStatsAccumulator()
+    # forward 1: 4 tokens -> 8 assignments per layer; forward 2: 2 tokens -> 4 assignments.
+    accumulator.add([stats(1, [4, 2, 1, 1], 0, 1.0), stats(3, [2, 2, 2, 2], 2, 1.2)], num_tokens=4)
+    accumulator.add([stats(1, [0, 2, 1, 1], 0, 0.4), stats(3, [4, 0, 0, 0], 1, 0.6)], num_tokens=2)
+    layer1, layer3 = accumulator.result().layers
+
+    assert layer1.layer == 1 and layer1.tokens_per_expert == [4, 4, 2, 2]
+    assert layer1.tokens == 6 and layer1.assignments == 12
+    assert layer1.load == pytest.approx([1 / 3, 1 / 3, 1 / 6, 1 / 6])
+    assert layer1.imbalance == pytest.approx(4 / 3)  # max 4 over mean 3
+    assert layer1.entropy == pytest.approx((1.0 * 4 + 0.4 * 2) / 6)  # token-weighted
+    assert layer1.max_entropy == pytest.approx(math.log(4))
+    assert layer1.dropped == 0 and layer1.dropped_share == 0.0
+
+    assert layer3.tokens_per_expert == [6, 2, 2, 2]
+    assert layer3.imbalance == pytest.approx(2.0)
+    assert layer3.entropy == pytest.approx((1.2 * 4 + 0.6 * 2) / 6)
+    assert layer3.dropped == 3 and layer3.dropped_share == pytest.approx(3 / 12)
+
+
+def test_dense_model_gives_empty_result():
+    """Reference: a dense model has no routers, so nothing is reported."""
+    accumulator = RouterStatsAccumulator()
+    accumulator.add(None, num_tokens=10)
+    accumulator.add([], num_tokens=10)
+    result = accumulator.result()
+    assert result.is_empty and result.layers == []
+    assert "Dense" in router_stats_markdown(result)
+
+
+class _OneMoELayerLM(torch.nn.Module):
+    """Embedding -> one MoELayer -> logits: just enough model to produce real RouterStats."""
+
+    def __init__(self, vocab: int = 50, width: int = 16, experts: int = 4, top_k: int = 2, capacity_factor: float = 0.0):
+        super().__init__()
+        self.config = SimpleNamespace(n_positions=32, vocab_size=vocab)
+        self.embed = torch.nn.Embedding(vocab, width)
+        self.moe = MoELayer(width, 32, experts, top_k, torch.nn.functional.gelu, gated=False, bias=True,
+                            layer_index=0, capacity_factor=capacity_factor)
+        for p in self.moe.parameters():
+            torch.nn.init.normal_(p, std=0.5)
+        self.head = torch.nn.Linear(width, vocab)
+
+    def forward(self, input_ids, use_cache=False):
+        x = self.embed(input_ids)
+        y, layer_stats = self.moe(x)
+        return SimpleNamespace(logits=self.head(x + y), router_stats=[layer_stats])
+
+
+@pytest.mark.parametrize("capacity_factor", [0.0, 0.5])
+def test_collect_over_stream_matches_direct_topk_count(capacity_factor):
+    """Reference: bincount of the router's own top-k choices over every token of the stream."""
+    torch.manual_seed(0)
+    model = _OneMoELayerLM(capacity_factor=capacity_factor).eval()
+    stream = torch.randint(0, 50, (100,))
+    result = collect_router_stats(model, stream, context=32, batch_size=2, quiet=True)
+    (layer,) = result.layers
+
+    with torch.no_grad():
+        _, experts_TK, _, probs_TE = model.moe.router(model.embed(stream))
+    expected_counts = torch.bincount(experts_TK.reshape(-1), minlength=4)
+    expected_entropy = -(probs_TE * probs_TE.log()).sum(-1).mean().item()
+    assert layer.tokens_per_expert == expected_counts.tolist()
+    assert layer.tokens == 100 and layer.assignments == 200
+    assert layer.entropy == pytest.approx(expected_entropy, rel=1e-4)
+    assert layer.imbalance == pytest.approx(expected_counts.max().item() / 50)
+    if capacity_factor == 0:
+        assert layer.dropped == 0
+    else:
+        assert 0 < layer.dropped_share < 1
+
+    table = router_stats_table(result)
+    assert table.row_count == 1

@@ -1,0 +1,238 @@
+"""Logits processors against Hugging Face's processors, hand-made distributions and plain loops."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoBadWordsLogitsProcessor,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from flash_experts.generation import sampling
+from flash_experts.generation.sampling import SamplingConfig, apply_processors, build_processors, choose_next_tokens
+
+VOCAB = 50
+
+
+def _random_logits(seed: int, batch: int = 4, vocab: int = VOCAB) -> torch.Tensor:
+    return torch.randn(batch, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def _random_ids(seed: int, batch: int = 4, length: int = 12, vocab: int = 8) -> torch.Tensor:
+    """Ids from a small range so that repeats and repeated n-grams are common."""
+    return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def _run(processor, logits, ids, mask=None):
+    mask = torch.ones_like(ids) if mask is None else mask
+    return processor(logits.clone(), ids, mask)
+
+
+def _kept(logits: torch.Tensor) -> list[list[int]]:
+    return [torch.nonzero(torch.isfinite(row)).flatten().tolist() for row in logits]
+
+
+# ----------------------------------------------------------------------------- hand-made distributions
+
+
+@pytest.mark.parametrize("p, expected",
+                         [(0.8, [0, 1]), (0.81, [0, 1, 2]), (0.5, [0]), (0.3, [0]), (0.96, [0, 1, 2, 3])])
+def test_top_p_keeps_exact_nucleus_hand_computed(p, expected):
+    """Hand-computed: probs [0.5, 0.3, 0.15, 0.05]; the smallest set reaching p (at least one token)."""
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])  # shuffled, so sorting is exercised
+    order = [1, 3, 0, 2]  # token ids by decreasing probability
+    out = _run(sampling.top_p(p), probs.log(), torch.zeros(1, 1, dtype=torch.long))
+    assert sorted(_kept(out)[0]) == sorted(order[: len(expected)])
+    kept_probs = out.softmax(-1)[0, order[: len(expected)]]  # the kept tokens are renormalised
+    torch.testing.assert_close(kept_probs, probs[0, order[: len(expected)]] / probs[0, order[: len(expected)]].sum())
+
+
+def test_top_k_min_p_hand_computed():
+    """Hand-computed: top-2 keeps the two largest; min-p 0.5 keeps probs >= 0.25 when the top is 0.5."""
+    probs = torch.tensor([[0.15, 0.5, 0.05, 0.3]])
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    assert _kept(_run(sampling.top_k(2), probs.log(), ids)) == [[1, 3]]
+    assert _kept(_run(sampling.min_p(0.5), probs.log(), ids)) == [[1, 3]]
+    assert _kept(_run(sampling.min_p(0.29), probs.log(), ids)) == [[0, 1, 3]]
+
+
+def test_repetition_penalty_hand_computed():
+    """Hand-computed CTRL rule: seen positive logits divided, seen negative multiplied, unseen kept."""
+    logits = torch.tensor([[2.0, -2.0, 2.0, -2.0]])
+    out = _run(sampling.repetition_penalty(2.0), logits, torch.tensor([[0, 1, 1]]))
+    torch.testing.assert_close(out, torch.tensor([[1.0, -4.0, 2.0, -2.0]]))
+
+
+# ----------------------------------------------------------------------------- Hugging Face references
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9, 0.99])
+def test_top_p_matches_hf_TopPLogitsWarper(p):
+    """HF TopPLogitsWarper on random logits keeps the same tokens."""
+    logits, ids = _random_logits(1), _random_ids(1)
+    ours = _run(sampling.top_p(p), logits, ids)
+    theirs = TopPLogitsWarper(p)(ids, logits.clone())
+    assert _kept(ours) == _kept(theirs)
+
+
+@pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5])
+def test_min_p_matches_hf_MinPLogitsWarper(min_p):
+    """HF MinPLogitsWarper on random logits keeps the same tokens."""
+    logits, ids = _random_logits(2), _random_ids(2)
+    assert _kept(_run(sampling.min_p(min_p), logits, ids)) == _kept(MinPLogitsWarper(min_p)(ids, logits.clone()))
+
+
+@pytest.mark.parametrize("k", [1, 5, VOCAB + 10])
+def test_top_k_matches_hf_TopKLogitsWarper(k):
+    """HF TopKLogitsWarper (k larger than the vocabulary keeps everything)."""
+    logits, ids = _random_logits(3), _random_ids(3)
+    assert _kept(_run(sampling.top_k(k), logits, ids)) == _kept(TopKLogitsWarper(k)(ids, logits.clone()))
+
+
+@pytest.mark.parametrize("penalty", [0.7, 1.3, 2.0])
+def test_repetition_penalty_matches_hf_RepetitionPenaltyLogitsProcessor(penalty):
+    """HF RepetitionPenaltyLogitsProcessor on random logits (positive and negative) and repeated ids."""
+    logits, ids = _random_logits(4), _random_ids(4)
+    ours = _run(sampling.repetition_penalty(penalty), logits, ids)
+    torch.testing.assert_close(ours, RepetitionPenaltyLogitsProcessor(penalty)(ids, logits.clone()))
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_no_repeat_ngram_matches_hf_NoRepeatNGramLogitsProcessor(n):
+    """HF NoRepeatNGramLogitsProcessor bans the same tokens, at every sequence length."""
+    ids = _random_ids(5, length=16, vocab=4)
+    for length in range(1, ids.shape[1] + 1):
+        logits = _random_logits(length)
+        ours = _run(sampling.no_repeat_ngram(n), logits, ids[:, :length])
+        theirs = NoRepeatNGramLogitsProcessor(n)(ids[:, :length], logits.clone())
+        assert _kept(ours) == _kept(theirs), f"length {length}"
+
+
+def test_ban_sequences_matches_hf_NoBadWordsLogitsProcessor():
+    """HF NoBadWordsLogitsProcessor: single tokens always banned, multi-token ones when the prefix matches."""
+    bad = [[7], [1, 2], [3, 1, 2], [2, 2, 5], [0, 4]]
+    ids = _random_ids(6, batch=6, length=10, vocab=8)
+    ids[0, -1], ids[1, -2:], ids[2, -2:] = 1, torch.tensor([3, 1]), torch.tensor([2, 2])  # make prefixes match
+    for length in range(1, ids.shape[1] + 1):
+        logits = _random_logits(10 + length, batch=6)
+        ours = _run(sampling.ban_sequences(bad), logits, ids[:, :length])
+        theirs = NoBadWordsLogitsProcessor(bad, eos_token_id=49)(ids[:, :length], logits.clone())
+        assert _kept(ours) == _kept(theirs), f"length {length}"
+
+
+def test_min_new_tokens_matches_hf_MinNewTokensLengthLogitsProcessor():
+    """HF MinNewTokensLengthLogitsProcessor: EOS suppressed until min_new_tokens were generated."""
+    prompt_length, eos = 5, 3
+    ids = _random_ids(7, length=12)
+    for length in range(prompt_length, ids.shape[1] + 1):
+        logits = _random_logits(length)
+        ours = _run(sampling.min_new_tokens(4, prompt_length, [eos]), logits, ids[:, :length])
+        theirs = MinNewTokensLengthLogitsProcessor(prompt_length, 4, eos)(ids[:, :length], logits.clone())
+        assert _kept(ours) == _kept(theirs)
+
+
+def test_warper_chain_matches_hf_chain():
+    """HF temperature -> top-k -> top-p -> min-p, in that order, gives identical processed logits."""
+    config = SamplingConfig(temperature=0.7, top_k=20, top_p=0.9, min_p=0.05)
+    logits, ids = _random_logits(8), _random_ids(8)
+    ours = apply_processors(build_processors(config), logits.clone(), ids, torch.ones_like(ids))
+    theirs = logits.clone()
+    for warper in (TemperatureLogitsWarper(0.7), TopKLogitsWarper(20), TopPLogitsWarper(0.9), MinPLogitsWarper(0.05)):
+        theirs = warper(ids, theirs)
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_padding_is_never_seen_unpadded_reference():
+    """Plain reference: a left-padded row is processed exactly like the same row without padding."""
+    ids = torch.tensor([[4, 1, 2, 1, 2]])
+    padded = torch.tensor([[0, 0, 0, 4, 1, 2, 1, 2]])  # pad id 0 must not count as "seen"
+    mask = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1]])
+    logits = _random_logits(9, batch=1)
+    for processor in (sampling.repetition_penalty(1.5), sampling.no_repeat_ngram(2), sampling.no_repeat_ngram(1),
+                      sampling.ban_sequences([[0, 1], [2, 3], [0, 0, 4]])):
+        torch.testing.assert_close(_run(processor, logits, padded, mask), _run(processor, logits, ids))
+
+
+# ----------------------------------------------------------------------------- filters and selection
+
+
+def test_banned_and_allowed_tokens_never_emitted_even_when_most_likely():
+    """Plain count over many sampled steps: a banned top token and non-allowed tokens never appear."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, VOCAB, generator=generator)
+    logits[:, 13] = 20.0  # the banned token is by far the most likely
+    ids = torch.zeros(256, 1, dtype=torch.long)
+    config = SamplingConfig(temperature=1.5, banned_token_ids=[13])
+    processors = build_processors(config, end_token_ids=[0])
+    seen = set()
+    for _ in range(20):
+        out = apply_processors(processors, logits.clone(), ids, torch.ones_like(ids))
+        seen |= set(choose_next_tokens(out, config, generator).tolist())
+    assert 13 not in seen and len(seen) > 10
+
+    allowed = [2, 5, 8]
+    config = SamplingConfig(temperature=2.0, allowed_token_ids=allowed)
+    processors = build_processors(config, end_token_ids=[0])
+    out = apply_processors(processors, logits.clone(), ids, torch.ones_like(ids))
+    samples = set(choose_next_tokens(out, config, generator).tolist())
+    assert samples <= {0, 2, 5, 8} and 0 in _kept(out)[0]  # EOS stays allowed
+
+
+def test_greedy_picks_argmax_of_penalised_logits_plain_reference():
+    """Plain reference: temperature 0 is the argmax after the penalty, and ignores the warpers."""
+    logits = torch.tensor([[3.0, 2.9, -1.0]])
+    ids = torch.tensor([[0]])
+    config = SamplingConfig(temperature=0, repetition_penalty=2.0, top_k=1)
+    out = apply_processors(build_processors(config), logits.clone(), ids, torch.ones_like(ids))
+    assert choose_next_tokens(out, config).tolist() == [1]  # 3.0 / 2 = 1.5 < 2.9
+
+
+class _CharTokenizer:
+    """A hand-made vocabulary: decoding token i gives VOCAB_TEXT[i]."""
+
+    VOCAB_TEXT = ["<eos>", "Elf", " of", "'s", "-", ",", "1", "!", " the", "é", "\n", "a b", ""]
+    all_special_ids = [0]
+
+    def __len__(self):
+        return len(self.VOCAB_TEXT)
+
+    def batch_decode(self, ids, **kwargs):
+        return ["".join(self.VOCAB_TEXT[i] for i in row) for row in ids]
+
+
+def test_regex_allow_list_hand_checked():
+    """Hand-checked: which of a known vocabulary's tokens are card-name characters."""
+    mask = sampling.tokens_matching_regex(_CharTokenizer(), r"[A-Za-z ',\-]+")
+    assert torch.nonzero(mask).flatten().tolist() == [1, 2, 3, 4, 5, 8, 11]
+    processors = build_processors(SamplingConfig(allowed_regex=r"[A-Za-z ',\-]+"), tokenizer=_CharTokenizer(),
+                                  end_token_ids=[0, 10])
+    out = apply_processors(processors, torch.zeros(1, 13), torch.ones(1, 1, dtype=torch.long), torch.ones(1, 1))
+    assert _kept(out) == [[0, 1, 2, 3, 4, 5, 8, 10, 11]]  # plus EOS (0) and the stop token "\n" (10)
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("temperature", -0.1), ("temperature", math.inf), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
+     ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1),
+     ("min_new_tokens", -2), ("banned_token_ids", [-1]), ("banned_words", [""]), ("allowed_token_ids", []),
+     ("allowed_regex", "[unclosed")],
+)
+def test_sampling_config_rejects_absurd_values_naming_the_field(field, value):
+    """Hand-listed absurd values: each is a ValueError whose message starts with the field name."""
+    with pytest.raises(ValueError, match=f"^{field}"):
+        SamplingConfig(**{field: value})
+
+
+def test_sampling_config_defaults_are_plain_sampling():
+    """Plain reference: the default config adds no processor, so logits are the model's own."""
+    assert build_processors(SamplingConfig()) == []
+    assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy

@@ -1,0 +1,95 @@
+"""`flash-experts compare MODEL_A MODEL_B [...] --out DIR`: side-by-side size, perplexity, speed, samples."""
+
+from __future__ import annotations
+
+import argparse
+
+DEFAULT_PROMPTS = ["The history of the city begins", "In the first half of the season,"]
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from flash_experts.cli.evaluate import add_source_arguments
+    from flash_experts.cli.generate import add_sampling_arguments
+
+    parser = subparsers.add_parser(
+        "compare",
+        help="compare 2+ models: parameters (total and active), perplexity, speed, generations",
+        description="Measure every model the same way and write report.md, results.json and PNG charts to --out.",
+        conflict_handler="resolve",  # --seed is redefined below to take several seeds
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders, hub ids, or 'smollm2' (2 or more)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, results.json and the charts")
+    parser.add_argument("--name", action="append", default=None, metavar="NAME",
+                        help="display name per model, in order (default: the MODEL argument)")
+    parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
+                        help=f"prompt to continue with every model (repeatable; default: {DEFAULT_PROMPTS})")
+    add_source_arguments(parser)
+    add_sampling_arguments(parser, max_new_tokens=40)
+    parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="sampling seeds, each used for every model (default 0 1)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                        help="run every model in this dtype (default float32)")
+    parser.add_argument("--speed-batch-size", type=int, default=4, metavar="N", help="batch of the forward-speed test (default 4)")
+    parser.add_argument("--speed-seq-len", type=int, default=256, metavar="N", help="sequence length of the forward-speed test (default 256)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from rich.console import Console
+
+    from flash_experts.cli.evaluate import check_source_arguments
+    from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
+    from flash_experts.errors import UserError
+    from flash_experts.evaluation.compare import ModelEntry, compare_models, comparison_table
+    from flash_experts.evaluation.perplexity import read_text_file, wikitext_test_text
+    from flash_experts.evaluation.router_stats import router_stats_table
+
+    if len(args.models) < 2:
+        raise UserError("compare needs at least 2 models")
+    names = args.name or list(args.models)
+    if len(names) != len(args.models):
+        raise UserError(f"{len(names)} --name values for {len(args.models)} models: give one per model or none")
+    sampling = sampling_config_from_args(args)
+    check_source_arguments(args)
+
+    eval_text = eval_tokens = None
+    eval_source = ""
+    if args.text is not None:
+        eval_text, eval_source = read_text_file(args.text), f"text file {args.text}"
+    elif args.wikitext is not None:
+        eval_text = wikitext_test_text(None if args.wikitext is True else args.wikitext)
+        eval_source = "WikiText-2 raw test split"
+    elif args.data is not None:
+        from flash_experts.evaluation.perplexity import as_token_tensor
+        from flash_experts.data.tokens import load_split
+
+        eval_tokens = as_token_tensor(load_split(args.data, args.split), args.max_tokens)
+        eval_source = f"{args.data} ({args.split} split)"
+    if args.max_tokens is not None and eval_source:
+        eval_source += f", first {args.max_tokens:,} tokens"
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    entries = []
+    for name, source in zip(names, args.models):
+        model, tokenizer = load_for_generation(source, args.device)
+        entries.append(ModelEntry(name=name, model=model.to(dtype), tokenizer=tokenizer))
+
+    result = compare_models(
+        entries, prompts=args.prompt or DEFAULT_PROMPTS, seeds=args.seed, sampling=sampling,
+        max_new_tokens=args.max_new_tokens, eval_text=eval_text, eval_tokens=eval_tokens, eval_source=eval_source,
+        context=args.context, stride=args.stride, max_eval_tokens=args.max_tokens, eval_batch_size=args.batch_size,
+        speed_batch_size=args.speed_batch_size, speed_seq_len=args.speed_seq_len, out_dir=Path(args.out),
+        quiet=args.quiet,
+    )
+    console = Console()
+    console.print(comparison_table(result))
+    for report in result.models:
+        if report.routing is not None and not report.routing.is_empty:
+            console.print(router_stats_table(report.routing, title=f"Routing of {report.name}"))
+    for note in result.notes:
+        console.print(f"note: {note}")
+    console.print(f"report: {Path(args.out) / 'report.md'}")
+    return 0

@@ -1,0 +1,86 @@
+"""`flash-experts evaluate MODEL`: sliding-window perplexity (and, for MoE models, routing statistics)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """The evaluation-data options shared by `evaluate` and `compare`."""
+    source = parser.add_argument_group("evaluation data (choose one)").add_mutually_exclusive_group()
+    source.add_argument("--wikitext", nargs="?", const=True, default=None, metavar="PATH",
+                        help="WikiText-2 raw test split: wiki.test.raw or its folder (no PATH: find it via "
+                             "$FLASH_EXPERTS_WIKITEXT_DIR, the datasets cache or the hub)")
+    source.add_argument("--data", metavar="DIR", help="a folder made by `flash-experts prepare-data` (see --split)")
+    source.add_argument("--text", metavar="FILE", help="any UTF-8 text file, tokenised as one stream")
+    parser.add_argument("--split", default="val", help="split of --data to evaluate: train, val or test (default val)")
+    parser.add_argument("--context", type=int, default=None, metavar="N",
+                        help="window length in tokens (default: the model's maximum positions)")
+    parser.add_argument("--stride", type=int, default=None, metavar="N",
+                        help="tokens between window starts (default: the context, i.e. non-overlapping windows; "
+                             "smaller = more history per scored token, lower perplexity, slower)")
+    parser.add_argument("--max-tokens", type=int, default=None, metavar="N", help="evaluate only the first N tokens")
+    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="windows per forward pass (default 4)")
+
+
+def check_source_arguments(args: argparse.Namespace) -> None:
+    """Fail on a missing evaluation file before spending time loading models."""
+    from pathlib import Path
+
+    from flash_experts.errors import UserError
+
+    for flag, value in (("--text", args.text), ("--data", args.data), ("--wikitext", args.wikitext)):
+        if isinstance(value, str) and not Path(value).expanduser().exists():
+            raise UserError(f"{flag}: not found: {value}")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "evaluate",
+        help="perplexity of a model on WikiText-2, a prepared split or a text file",
+        description="Sliding-window perplexity (HF 'perplexity of fixed-length models' method). The NLL comes "
+                    "from the logits, never from a loss that includes router auxiliary terms.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder, Hugging Face hub id, or 'smollm2'")
+    add_source_arguments(parser)
+    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forwards (log-softmax stays fp32)")
+    parser.add_argument("--router-stats", action="store_true", help="also report per-layer expert load, entropy, drops")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from flash_experts.cli.generate import load_for_generation
+    from flash_experts.errors import UserError
+    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens
+    from flash_experts.evaluation.router_stats import RouterStatsAccumulator, router_stats_table
+
+    if args.wikitext is None and args.data is None and args.text is None:
+        raise UserError("choose the evaluation data: --wikitext [PATH], --data DIR (with --split) or --text FILE")
+    check_source_arguments(args)
+    console = Console()
+    model, tokenizer = load_for_generation(args.model, args.device)
+    tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
+                              text_file=args.text, max_tokens=args.max_tokens)
+    accumulator = RouterStatsAccumulator() if args.router_stats else None
+    result = evaluate_perplexity(model, tokens, context=args.context, stride=args.stride, batch_size=args.batch_size,
+                                 bf16=args.bf16, quiet=args.quiet, router_stats=accumulator)
+    console.print(f"[bold]{args.model}[/bold]: {result.summary()}")
+    numbers = {"model": args.model, **result.as_dict()}
+    if accumulator is not None:
+        routing = accumulator.result()
+        if routing.is_empty:
+            console.print("dense model: no router statistics")
+        else:
+            console.print(router_stats_table(routing, title=f"Routing of {args.model}"))
+        numbers["routing"] = routing.as_dict()
+    if args.json:
+        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+    return 0

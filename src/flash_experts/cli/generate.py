@@ -1,0 +1,138 @@
+"""`flash-experts generate MODEL --prompt TEXT [sampling controls]`: continue a prompt, streaming as it goes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.8, top_k: int = 50,
+                           top_p: float = 0.95, max_new_tokens: int = 100) -> None:
+    """The sampling controls shared by `generate` and `generate-names`."""
+    group = parser.add_argument_group("sampling")
+    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
+                       help=f"tokens to generate at most (default {max_new_tokens})")
+    group.add_argument("--temperature", type=float, default=temperature,
+                       help=f"softmax temperature; 0 = greedy (default {temperature})")
+    group.add_argument("--top-k", type=int, default=top_k,
+                       help=f"keep the k most likely tokens, 0 = off (default {top_k})")
+    group.add_argument("--top-p", type=float, default=top_p,
+                       help=f"nucleus sampling: smallest set with this much probability, 1 = off (default {top_p})")
+    group.add_argument("--min-p", type=float, default=0.0,
+                       help="drop tokens below min_p x the top probability (default 0 = off)")
+    group.add_argument("--repetition-penalty", type=float, default=1.0,
+                       help="penalise tokens already present, > 1 discourages repeats (default 1 = off)")
+    group.add_argument("--no-repeat-ngram", type=int, default=0, metavar="N",
+                       help="never repeat an N-gram (default 0 = off)")
+    group.add_argument("--min-new-tokens", type=int, default=0, metavar="N",
+                       help="no EOS before N new tokens (default 0)")
+    group.add_argument("--ban-words", nargs="+", action="extend", default=[], metavar="WORD",
+                       help="words or phrases never to generate")
+    group.add_argument("--ban-token-ids", nargs="+", action="extend", type=int, default=[], metavar="ID",
+                       help="token ids never to generate")
+    group.add_argument("--allow-regex", default=None, metavar="REGEX",
+                       help="only generate tokens whose text fully matches REGEX, e.g. \"[A-Za-z ',-]+\" "
+                            "(EOS always allowed)")
+    group.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
+    group.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def sampling_config_from_args(args: argparse.Namespace):
+    from flash_experts.generation.sampling import SamplingConfig
+
+    return SamplingConfig(
+        temperature=0.0 if args.greedy else args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram,
+        min_new_tokens=args.min_new_tokens,
+        banned_token_ids=tuple(args.ban_token_ids),
+        banned_words=tuple(args.ban_words),
+        allowed_regex=args.allow_regex,
+    )
+
+
+def load_for_generation(name_or_path: str, device_name: str):
+    """(model, tokenizer) on the requested device, in eval mode."""
+    import torch
+
+    from flash_experts.errors import UserError
+    from flash_experts.model.loading import load_model
+
+    if device_name == "auto":
+        device_name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(device_name)
+    except RuntimeError:
+        raise UserError(f"unknown device {device_name!r}: use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    model, tokenizer = load_model(name_or_path)
+    if tokenizer is None:
+        raise UserError(f"no tokenizer found for {name_or_path}")
+    return model.to(device).eval(), tokenizer
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "generate",
+        help="generate text from a prompt with sampling controls (streams to the terminal)",
+        description="Continue PROMPT with MODEL (a checkpoint folder, hub id or 'smollm2'), streaming sample 1.",
+    )
+    parser.add_argument("model", metavar="MODEL", help="checkpoint folder, Hugging Face hub id, or 'smollm2'")
+    parser.add_argument("--prompt", action="append", default=None,
+                        help="text to continue (repeat for several prompts; default: unconditional, from EOS)")
+    parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                        help="stop when TEXT appears (repeatable)")
+    parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
+    parser.add_argument("--no-stream", action="store_true", help="print only when everything is done")
+    parser.add_argument("--clean", action="store_true",
+                        help="tidy the output: normalise whitespace, cut at the last sentence end")
+    add_sampling_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    from flash_experts.errors import UserError
+    from flash_experts.generation.cleaning import clean_text
+    from flash_experts.generation.generate import generate
+
+    if args.num_samples < 1:
+        raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    config = sampling_config_from_args(args)
+    prompts = [p for p in (args.prompt or [""]) for _ in range(args.num_samples)]
+    model, tokenizer = load_for_generation(args.model, args.device)
+
+    stream = None
+    if not args.no_stream:
+        print(prompts[0], end="", flush=True)
+
+        def stream(pieces: list[str]) -> None:
+            print(pieces[0], end="", flush=True)
+
+    start = time.perf_counter()
+    result = generate(model, tokenizer, prompts, config, args.max_new_tokens, stop_strings=args.stop,
+                      seed=args.seed, stream=stream)
+    seconds = time.perf_counter() - start
+    texts = [clean_text(t, sentence_end=True) for t in result.texts] if args.clean else result.texts
+
+    for i, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+        if i == 0 and stream is not None:
+            print()
+            if args.clean and text != result.texts[0]:
+                print(f"[cleaned] {prompt}{text}")
+            continue
+        if len(prompts) > 1:
+            print(f"--- sample {i + 1}/{len(prompts)} ({result.finish_reasons[i]})")
+        print(prompt + text)
+    tokens = sum(result.num_new_tokens)
+    print(f"[{tokens} new tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, "
+          f"finish: {', '.join(sorted(set(result.finish_reasons)))}]", file=sys.stderr)
+    return 0

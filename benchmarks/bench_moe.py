@@ -4,12 +4,13 @@ Equal FLOPs: a GPT-2 expert (768 -> 3072 -> 768, two matmuls) costs what a SwiGL
 size 2048 costs (three matmuls 768 x 2048). 8 experts, top-2, 2048 tokens by default. Every contender gets
 the same routing work (its own router) and the same input.
 
-    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--repeats 5]
+    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--repeats 5] [--quick]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table, time_call  # noqa: E402
+from common import interleaved_medians, machine_description, markdown_table, mib, PeakRSS, run_worker  # noqa: E402
 
 from flash_experts.model.moe import MoELayer  # noqa: E402
 
@@ -45,11 +46,14 @@ def hf_mixtral(d: int, f_swiglu: int, experts: int, top_k: int, implementation: 
     return block
 
 
-def dense_mlp(d: int, f: int) -> torch.nn.Module:
+def dense_mlp(d: int, f: int, fused_gelu: bool) -> torch.nn.Module:
+    """HF's GPT2MLP. `fused_gelu`: with the same one-kernel tanh GELU as ours (the like-for-like baseline);
+    else HF's default "gelu_new", written as five elementwise ops in Python."""
     from transformers import GPT2Config
     from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
 
-    mlp = GPT2MLP(f, GPT2Config(n_embd=d, resid_pdrop=0.0))
+    activation = "gelu_pytorch_tanh" if fused_gelu else "gelu_new"
+    mlp = GPT2MLP(f, GPT2Config(n_embd=d, resid_pdrop=0.0, activation_function=activation))
     with torch.no_grad():
         for p in mlp.parameters():
             p.normal_(0, 0.02)
@@ -67,41 +71,93 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
     return step
 
 
+OURS = "flash-experts MoELayer (GPT-2 experts)"
+DENSE = "dense GPT-2 MLP (same fused GELU as ours)"
+HF_DENSE = "HF GPT2MLP (its default gelu_new)"
+HF_OPTIONS = ("eager", "batched_mm", "grouped_mm")
+
+
+def build(name: str, d: int, f: int, f_swiglu: int, experts: int, top_k: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    if name == OURS:
+        return ours(d, f, experts, top_k)
+    if name == DENSE:
+        return dense_mlp(d, f, fused_gelu=True)
+    if name == HF_DENSE:
+        return dense_mlp(d, f, fused_gelu=False)
+    implementation = name.split("[")[1].rstrip("]")
+    return hf_mixtral(d, f_swiglu, experts, top_k, implementation)
+
+
+def contender_names() -> list[str]:
+    return [OURS, *(f"HF MixtralSparseMoeBlock [{i}]" for i in HF_OPTIONS), DENSE, HF_DENSE]
+
+
+def sizes(quick: bool, tokens: int) -> tuple[int, int, int, int, int, int]:
+    """(d, f, f_swiglu, experts, top_k, tokens)"""
+    return (64, 256, 168, 8, 2, 128) if quick else (768, 3072, 2048, 8, 2, tokens)
+
+
+def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str) -> dict:
+    """Growth of peak RSS over one forward+backward (after a small warm-up), in this fresh process."""
+    d, f, f_swiglu, experts, top_k, tokens = sizes(quick, tokens)
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    module = build(name, d, f, f_swiglu, experts, top_k)
+    fwd_bwd(module, torch.randn(1, 16, d), dtype)()  # allocator, thread pool, oneDNN kernels
+    step = fwd_bwd(module, torch.randn(1, tokens, d), dtype)
+    with PeakRSS() as peak:
+        step()
+    return {"peak_bytes": peak.peak_bytes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    d, f, f_swiglu, experts, top_k, tokens = 768, 3072, 2048, 8, 2, args.tokens
-    if args.quick:
-        d, f, f_swiglu, tokens = 64, 256, 170, 128
+    if args.worker:
+        print(json.dumps(memory_worker(args.worker, args.quick, args.tokens, args.dtype)))
+        return
+    d, f, f_swiglu, experts, top_k, tokens = sizes(args.quick, args.tokens)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+    # Peak memory first, each contender in a fresh process; one that cannot run at all (HF's batched_mm
+    # materialises a weight matrix per token: 2048 x 2 x 768 x 2048 floats) is reported and left out.
+    worker_flags = ["--tokens", str(args.tokens), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+    memory, failed = {}, {}
+    for name in contender_names():
+        result = run_worker(__file__, [name, *worker_flags])
+        if "error" in result:
+            failed[name] = result["error"]
+            print(f"skipped {name}: {result['error']}", file=sys.stderr)
+        else:
+            memory[name] = result["peak_bytes"]
+
     torch.manual_seed(0)
     x = torch.randn(1, tokens, d)
-
-    contenders = {"flash-experts MoELayer (GPT-2 experts)": ours(d, f, experts, top_k)}
-    for implementation in ("eager", "batched_mm", "grouped_mm"):
-        contenders[f"HF MixtralSparseMoeBlock [{implementation}]"] = hf_mixtral(d, f_swiglu, experts, top_k,
-                                                                                 implementation)
-    contenders["dense GPT-2 MLP (HF GPT2MLP)"] = dense_mlp(d, f)
-
-    seconds = {}
-    for name, module in contenders.items():
-        try:
-            seconds[name] = time_call(fwd_bwd(module, x, dtype), repeats=args.repeats)
-        except Exception as error:  # an HF option unavailable on this build: report, don't crash
-            print(f"skipped {name}: {type(error).__name__}: {error}", file=sys.stderr)
-    ours_s = seconds["flash-experts MoELayer (GPT-2 experts)"]
-    hf_best = min(v for k, v in seconds.items() if k.startswith("HF"))
-    rows = [[name, f"{s * 1e3:.1f}", f"{tokens / s:,.0f}", f"{s / ours_s:.2f}x"] for name, s in seconds.items()]
-    print(f"\nMoE layer forward+backward, {tokens} tokens, d={d}, {experts} experts, top-{top_k}, {args.dtype}")
-    print(f"machine: {machine_description()}\n")
-    print(markdown_table(["layer", "ms", "tokens/s", "time vs ours"], rows))
-    print(f"\nours vs HF's fastest option: {hf_best / ours_s:.2f}x faster (target >= 1.5x)")
-    dense_s = seconds["dense GPT-2 MLP (HF GPT2MLP)"]
-    print(f"ours vs dense MLP: {ours_s / dense_s:.2f}x the dense time (target <= 2.3x, arithmetic floor 2.0x)")
+    calls = {name: fwd_bwd(build(name, d, f, f_swiglu, experts, top_k), x, dtype)
+             for name in contender_names() if name not in failed}
+    seconds = interleaved_medians(calls, rounds=args.repeats)
+    ours_s = seconds[OURS]
+    hf_best_name = min((n for n in seconds if n.startswith("HF Mixtral")), key=seconds.get)
+    rows = [[name, f"{s * 1e3:.0f}", f"{tokens / s:,.0f}", mib(memory.get(name)), f"{s / ours_s:.2f}x"]
+            for name, s in seconds.items()]
+    rows += [[name, "failed", "", "", error] for name, error in failed.items()]
+    print(f"## MoE layer forward+backward: {tokens} tokens, d={d}, {experts} experts, top-{top_k}, {args.dtype}\n")
+    print(f"- machine: {machine_description()}")
+    print(f"- HF experts: SwiGLU, intermediate_size={f_swiglu} (the FLOPs of a GPT-2 expert of {f}); "
+          f"median of {args.repeats} interleaved rounds; peak MiB = growth of peak RSS over one "
+          "forward+backward, each contender in a fresh process\n")
+    print(markdown_table(["layer", "fwd+bwd ms", "tokens/s", "peak MiB", "time / ours"], rows))
+    speedup = seconds[hf_best_name] / ours_s
+    print(f"\nTarget: ours >= 1.5x faster than HF's fastest option ({hf_best_name}): {speedup:.2f}x, "
+          f"{'met' if speedup >= 1.5 else 'NOT met'}")
+    dense_ratio = ours_s / seconds[DENSE]
+    print(f"Target: ours <= 2.3x the dense MLP's time (arithmetic floor 2.0x): {dense_ratio:.2f}x, "
+          f"{'met' if dense_ratio <= 2.3 else 'NOT met'}")
 
 
 if __name__ == "__main__":

@@ -44,7 +44,9 @@ def machine_description(device: str = "cpu") -> str:
     except ImportError:
         triton_version = "absent"
     return (f"{hardware}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
-            f"transformers {transformers.__version__}; triton {triton_version}; python {platform.python_version()}")
+            f"transformers {transformers.__version__}; triton {triton_version}; python {platform.python_version()}; "
+            # Other processes slow every timing down; the load average makes that visible.
+            f"load average {os.getloadavg()[0]:.1f}")
 
 
 def _cpu_model() -> str:
@@ -61,3 +63,76 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
+                        device: str = "cpu", on_round: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Median seconds of each call, the contenders taking turns (round r runs every call once).
+
+    On a shared machine the load changes over minutes; taking turns exposes every contender to the same
+    load, so the ratios stay meaningful even when the absolute times drift.
+    """
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for round_index in range(rounds):
+        for name, fn in calls.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+        if on_round is not None:
+            on_round(round_index)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(f"no {field} in /proc/self/status")
+
+
+class PeakRSS:
+    """Growth of this process's resident set size at its peak during a `with` block (Linux).
+
+    The kernel's high-water mark (VmHWM) is reset to the current RSS on entry (/proc/self/clear_refs),
+    so what model building or imports touched earlier does not hide the block's own peak. (Where the reset
+    is not allowed, an earlier, higher peak would be counted: the figure is then an upper bound.)
+    """
+
+    def __enter__(self) -> "PeakRSS":
+        try:
+            with open("/proc/self/clear_refs", "w") as clear_refs:
+                clear_refs.write("5")
+        except OSError:
+            pass
+        self.before_kib = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.peak_bytes = max(0, _status_kib("VmHWM") - self.before_kib) * 1024
+
+
+def run_worker(script: str, worker_args: list[str]) -> dict:
+    """Run `python script --worker ARGS...` in a fresh process and return the JSON dict on its last line.
+
+    Peak memory on CPU is measured this way: ru_maxrss is a process-wide high-water mark, so each case
+    needs a process of its own. A failure (e.g. an out-of-memory peer) comes back as {"error": message}.
+    """
+    import json
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, script, "--worker", *worker_args], capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = (result.stderr or result.stdout).strip().splitlines()
+        return {"error": lines[-1][:120] if lines else f"exit code {result.returncode}"}
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def mib(num_bytes: float | None) -> str:
+    return "-" if num_bytes is None else f"{num_bytes / 2**20:,.0f}"

@@ -138,8 +138,10 @@ class GroupedExperts(nn.Module):
         w_up = self.w_up.to(dtype)
         host_counts = counts_E.tolist() if _use_host_counts(x_ND, w_up) else None
         up_NF = grouped_matmul(x_ND, w_up, offsets_E, host_counts)
+        # index_select rather than b[experts_N]: its backward is index_add_ (parallel on CPU), where advanced
+        # indexing's is an accumulating index_put_ (serial on CPU) over N x F elements.
         if self.b_up is not None:
-            up_NF = up_NF + self.b_up.to(dtype)[experts_N]
+            up_NF = up_NF + self.b_up.to(dtype).index_select(0, experts_N)
         if self.gated:
             gate_NF = grouped_matmul(x_ND, self.w_gate.to(dtype), offsets_E, host_counts)
             hidden_NF = self.activation(gate_NF) * up_NF
@@ -147,7 +149,7 @@ class GroupedExperts(nn.Module):
             hidden_NF = self.activation(up_NF)
         out_ND = grouped_matmul(hidden_NF, self.w_down.to(dtype), offsets_E, host_counts)
         if self.b_down is not None:
-            out_ND = out_ND + self.b_down.to(dtype)[experts_N]
+            out_ND = out_ND + self.b_down.to(dtype).index_select(0, experts_N)
         return out_ND
 
 
@@ -197,7 +199,7 @@ class MoELayer(nn.Module):
             kept_counts_E = counts_E
 
         token_N = order_N // self.top_k
-        expert_out_ND = self.experts(x_TD[token_N], sorted_experts_N, kept_counts_E)
+        expert_out_ND = self.experts(x_TD.index_select(0, token_N), sorted_experts_N, kept_counts_E)
         weight_N1 = weights_TK.reshape(-1)[order_N].unsqueeze(-1)
         # Combine in fp32: a token's K outputs are summed with weights that sum to 1, which keeps an
         # upcycled model (identical experts) equal to its dense source.

@@ -70,7 +70,7 @@ def test_step_checkpoints_latest_pointer_and_pruning(tmp_path):
 def test_load_model_weights_rejects_a_different_architecture(tmp_path):
     """Reference: a model of another width; loading into it must fail with a UserError, not half-load."""
     ckpt.save_checkpoint(tmp_path / "c", tiny_hf_gpt2(), None, {"step": 0})
-    with pytest.raises((UserError, RuntimeError)):
+    with pytest.raises(UserError, match=r"another architecture.*transformer.wte.weight \(64, 32\) vs \(64, 64\)"):
         ckpt.load_model_weights(tiny_hf_gpt2(n_embd=64), tmp_path / "c")
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -136,3 +136,44 @@ def test_sigkill_during_saves_leaves_latest_checkpoint_loadable(tmp_path):
         ckpt.prune_checkpoints(run_dir / "checkpoints", keep_last=2)  # what the next save does first
         assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".")]
         assert ckpt.find_latest(run_dir) == latest
+
+
+class _RunsCodeWhenUnpickled:
+    """A pickle payload that creates a file when unpickled: what a malicious trainer_state.pt would hold."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_loading_never_unpickles_code_and_damaged_files_are_user_errors(tmp_path):
+    """Reference: a marker file that only exists if pickled code ran; torch.load(weights_only=True) must refuse
+    the payload, and a damaged state or weights file must be a UserError naming the file."""
+    folder = ckpt.save_checkpoint(tmp_path / "c", tiny_hf_gpt2(), None, {"step": 1})
+    marker = tmp_path / "code_ran"
+    torch.save({"step": 1, "payload": _RunsCodeWhenUnpickled(marker)}, folder / ckpt.STATE_FILE)
+    with pytest.raises(UserError, match="trainer_state.pt.*not a flash-experts trainer state"):
+        ckpt.load_trainer_state(folder)
+    assert not marker.exists()
+    (folder / ckpt.STATE_FILE).write_bytes(b"\x80\x04 truncated")
+    with pytest.raises(UserError, match="cannot read .*trainer_state.pt"):
+        ckpt.load_trainer_state(folder)
+    (folder / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(UserError, match="cannot read .*model.safetensors"):
+        ckpt.load_model_weights(tiny_hf_gpt2(), folder)
+
+
+def test_every_torch_load_in_the_package_is_weights_only():
+    """Reference: the source text; a torch.load without weights_only=True could run pickled code."""
+    import re
+    from pathlib import Path
+
+    import flash_experts
+
+    root = Path(flash_experts.__file__).parent
+    calls = [(path.name, match.group(0)) for path in root.rglob("*.py")
+             for match in re.finditer(r"torch\.load\([^)]*\)", path.read_text())]
+    assert calls, "expected at least the trainer-state loader"
+    assert all("weights_only=True" in call for _, call in calls), calls

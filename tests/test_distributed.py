@@ -3,6 +3,7 @@ a single-process run, and a run resumes on a different number of processes."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,12 @@ def test_torchrun_two_processes_equal_one_process_with_the_same_global_batch(tmp
     assert "2 process(es)" in run.stdout
     losses = metrics(tmp_path / "two", "train/total_loss")
     assert sorted(losses) == [1, 2, 3, 4]
+    # rank 0 alone logs and saves: one record per step (not one per rank), one set of checkpoints
+    records = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(r["step"] for r in records if "train/total_loss" in r) == [1, 2, 3, 4]
+    assert sorted(p.name for p in (tmp_path / "two" / "checkpoints").iterdir()) == [
+        "latest", "step_00000003", "step_00000004"]
+    assert run.stdout.count("completed: 4 steps") == 1
     for step, loss in single.losses.items():
         assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
     val_one, val_two = metrics(tmp_path / "one", "val/loss"), metrics(tmp_path / "two", "val/loss")

@@ -272,6 +272,45 @@ def test_sigterm_saves_checkpoint_and_resume_continues_the_same_curve(data_dir, 
         assert resumed.losses[step] == pytest.approx(reference.losses[step], abs=1e-6)
 
 
+def test_sigint_mid_step_finishes_the_step_saves_and_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    """Reference: an uninterrupted in-process run of the same config. A real SIGINT (Ctrl-C) delivered to this
+    process during step 2's forward must let step 2 finish, save step_00000002 and return "interrupted";
+    resuming must reproduce the reference losses of steps 3-4 exactly."""
+    from flash_experts.training import trainer as trainer_module
+    from flash_experts.training.checkpoint import find_latest, load_trainer_state
+
+    overrides = {"optim.max_steps": 4, "checkpoint.interval": 0, "eval.interval": 1000}
+    reference = trainer_module.train(tiny_config(data_dir, tmp_path / "reference", **overrides))
+
+    real_build = trainer_module.build_model
+    forwards = {"train": 0}
+
+    def build_with_ctrl_c(cfg):
+        model, tokenizer = real_build(cfg)
+
+        def press_ctrl_c(module, args, output):
+            if module.training:
+                forwards["train"] += 1
+                if forwards["train"] == 2:
+                    os.kill(os.getpid(), signal.SIGINT)
+            return output
+
+        model.register_forward_hook(press_ctrl_c)
+        return model, tokenizer
+
+    monkeypatch.setattr(trainer_module, "build_model", build_with_ctrl_c)
+    stopped = trainer_module.train(tiny_config(data_dir, tmp_path / "ctrl_c", **overrides))
+    assert (stopped.stopped, stopped.steps, sorted(stopped.losses)) == ("interrupted", 2, [1, 2])
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    latest = find_latest(tmp_path / "ctrl_c")
+    assert latest.name == "step_00000002" and load_trainer_state(latest)["step"] == 2
+
+    monkeypatch.setattr(trainer_module, "build_model", real_build)
+    resumed = trainer_module.train(tiny_config(data_dir, tmp_path / "ctrl_c", **overrides), resume="auto")
+    assert (resumed.stopped, sorted(resumed.losses)) == ("completed", [3, 4])
+    assert {**stopped.losses, **resumed.losses} == reference.losses
+
+
 # ------------------------------------------------------------------------------------------------- failures
 
 

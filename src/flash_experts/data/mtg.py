@@ -229,7 +229,13 @@ def records_from_data(data: Any, origin: str = "data") -> list[CardRecord]:
     kind = detect_layout(data, origin)
     faces = {"mtgjson-v3": _faces_v3, "mtgjson-v5-atomic": _faces_v5_atomic,
              "mtgjson-v5-printings": _faces_v5_printings, "arena-catalog": _faces_arena}[kind](data)
-    return merge_records(_faces_to_records(faces))
+    try:
+        # a face whose name is blank once normalised (" ", a lone "\u00a0") names no card
+        return merge_records(record for record in _faces_to_records(faces) if record.name)
+    except (AttributeError, TypeError, KeyError, ValueError) as error:
+        # The top level looked right but an entry inside does not (a card that is not an object, a name that
+        # is not a string, ...): the file is damaged or a variant we do not know, not a bug to show as one.
+        raise UserError(f"{origin}: malformed {kind} data ({type(error).__name__}: {error})") from None
 
 
 def detect_layout(data: Any, origin: str = "data") -> str:
@@ -305,19 +311,19 @@ def _faces_v5_atomic(data: dict) -> Iterator[_Face]:
 def _faces_arena(data: dict) -> Iterator[_Face]:
     code = data["set"]
     for name, card in data["cards"].items():
-        type_line = card.get("type_line") or ""
+        type_line = _text(card.get("type_line"))
         fake = {"name": name, "type": type_line, "layout": "normal"}
         if _excluded_card(fake):
             continue
         # Arena lists a split card (e.g. a Room) once, by its whole "A // B" name.
         layout = "split" if " // " in name else "normal"
-        yield _Face(name, name, layout, type_line, card.get("mana_cost") or "",
+        yield _Face(name, name, layout, type_line, _text(card.get("mana_cost")),
                     _colors(card.get("colors")), _rarity(card.get("rarity")), code)
 
 
 def _face(card: dict, card_name: str, face_name: str, layout: str | None, code: str) -> _Face:
-    return _Face(card_name, face_name, layout or "normal", " ".join(str(card.get("type") or "").split()),
-                 card.get("manaCost") or "", _colors(card.get("colors")), _rarity(card.get("rarity")), code)
+    return _Face(card_name, face_name, layout or "normal", _text(card.get("type")),
+                 _text(card.get("manaCost")), _colors(card.get("colors")), _rarity(card.get("rarity")), code)
 
 
 def _excluded_set(code: str, card_set: dict) -> bool:
@@ -334,6 +340,15 @@ def _excluded_card(card: dict) -> bool:
     return any(kind in EXCLUDED_TYPES for kind in types)
 
 
+def _text(value: Any) -> str:
+    """A string field with its whitespace collapsed; None is "". Anything else means a malformed file."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__} {value!r:.40}")
+    return " ".join(value.split())
+
+
 def _colors(colors: Any) -> str:
     try:
         return normalize_colors(colors or [])
@@ -342,7 +357,7 @@ def _colors(colors: Any) -> str:
 
 
 def _rarity(rarity: Any) -> str:
-    text = str(rarity or "").strip().lower()
+    text = _text(rarity).lower()
     return RARITY_ALIASES.get(text, text)
 
 

@@ -25,6 +25,7 @@ import re
 import shutil
 import tempfile
 import uuid
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,7 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=parent))
     try:
-        with _quiet_transformers_progress():
+        with quiet_transformers_progress():
             model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
@@ -75,8 +76,9 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
 
 
 @contextlib.contextmanager
-def _quiet_transformers_progress():
-    """transformers draws a "Writing model shards" bar per save, which would break the training progress bar."""
+def quiet_transformers_progress():
+    """No transformers progress bars ("Writing model shards", "Loading weights") inside; they would break the
+    training progress bar, and put noise before a one-line error."""
     from transformers.utils import logging as hf_logging
 
     was_enabled = hf_logging.is_progress_bar_enabled()
@@ -218,7 +220,20 @@ def load_trainer_state(folder: str | os.PathLike) -> dict:
     path = Path(folder) / STATE_FILE
     if not path.is_file():
         raise UserError(f"{folder} is not a training checkpoint ({STATE_FILE} missing)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():  # a damaged file also makes torch warn; the error below says it all
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - torch raises UnpicklingError, RuntimeError, EOFError, ...
+        # weights_only refuses anything but tensors and plain containers, so a file that would run code
+        # ends up here too, unexecuted.
+        raise UserError(
+            f"cannot read {path}: it is corrupt or not a flash-experts trainer state "
+            f"(only tensors, numbers, strings, lists and dicts are loaded; {type(error).__name__})"
+        ) from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path} is not a flash-experts trainer state (a {type(state).__name__}, not a dict)")
+    return state
 
 
 def load_model_weights(model: torch.nn.Module, folder: str | os.PathLike) -> None:
@@ -235,9 +250,19 @@ def load_model_weights(model: torch.nn.Module, folder: str | os.PathLike) -> Non
         raise UserError(f"{folder} holds no .safetensors weights")
     state: dict[str, torch.Tensor] = {}
     for file in files:  # one file, or the shards of a large model
-        state.update(load_file(str(file)))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+        try:
+            state.update(load_file(str(file)))
+        except Exception as error:  # noqa: BLE001 - safetensors raises its own SafetensorError, OSError, ...
+            raise UserError(f"cannot read {file}: corrupt safetensors file ({' '.join(str(error).split())})") from None
     own = model.state_dict(keep_vars=True)
+    resized = [f"{name} {tuple(state[name].shape)} vs {tuple(tensor.shape)}"
+               for name, tensor in own.items() if name in state and state[name].shape != tensor.shape]
+    if resized:  # checked first: load_state_dict would raise a long RuntimeError
+        raise UserError(
+            f"checkpoint {folder} is another architecture than the model built from the config "
+            f"(checkpoint vs config shapes: {', '.join(resized[:3])}{', ...' if len(resized) > 3 else ''})"
+        )
+    missing, unexpected = model.load_state_dict(state, strict=False)
     names_by_storage: dict[int, set[str]] = {}
     for name, tensor in own.items():
         names_by_storage.setdefault(tensor.data_ptr(), set()).add(name)

@@ -240,11 +240,15 @@ def resolve_precision(precision: str, device: str) -> str:
 
 def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise UserError(f"config file not found: {path}")
+        raise UserError(f"config file not found: {path}" + (" (that is a folder)" if path.is_dir() else ""))
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as error:
         raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except OSError as error:
+        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -322,6 +326,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 pass
         raise ValueError(f"{where} must be {_describe(annotation)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and ("on" if value else "off") in args:
+            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
         if isinstance(value, str) and value.lower() in args:
             return value.lower()
         raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")

@@ -54,11 +54,11 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             bad.append(number)
             continue
         records.append(record)
+    if not records:  # checked before warning: a file with nothing usable gets one error, not a warning too
+        raise UserError(f"{path} holds no metrics records" + (" (every line is corrupt)" if bad else " (empty)"))
     if bad:
         where = "the last line (an interrupted write)" if bad == [len(lines)] else f"line(s) {', '.join(map(str, bad[:10]))}"
         warnings.warn(f"{path}: skipped {len(bad)} corrupt record(s) at {where}", stacklevel=2)
-    if not records:
-        raise UserError(f"{path} holds no metrics records" + (" (every line is corrupt)" if bad else " (empty)"))
     return records
 
 

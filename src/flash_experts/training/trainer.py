@@ -56,6 +56,8 @@ class TrainResult:
     best_step: int | None
     stopped: str  # "completed" | "early_stopping" | "interrupted"
     checkpoint: str | None  # the newest checkpoint written or resumed from
+    initial_val_loss: float | None = None  # before the first step (the base model's), when this run started at 0
+    initial_val_ppl: float | None = None
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training objective, this invocation
 
     def as_dict(self) -> dict[str, Any]:
@@ -104,7 +106,8 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
         )
         return GPT2MoEForCausalLM(config), _data_tokenizer(cfg.data.dir)
 
-    model, tokenizer = load_base_model(cfg.model.base)
+    with ckpt.quiet_transformers_progress():  # the trainer draws its own progress; no bar before a one-line error
+        model, tokenizer = load_base_model(cfg.model.base)
     already_moe = bool(getattr(model.config, "num_experts", None)) and hasattr(model.config, "moe_layer_indices")
     if already_moe:
         if moe is not None:
@@ -232,7 +235,11 @@ class Trainer:
         seed_everything(cfg.run.seed + info.rank)  # rank 0 builds the weights DDP broadcasts
         self.tracker = None
 
-        read_meta(cfg.data.dir)  # fail early, before loading a model, when the data folder is not usable
+        # Fail early, before loading a model, when the data folder or the checkpoint to resume is not usable.
+        read_meta(cfg.data.dir)
+        resume_folder = ckpt.resolve_resume(resume, self.run_dir) if resume is not None else None
+        if resume == "auto" and resume_folder is None:
+            self._say(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
 
         # -- model
         model, self.tokenizer = build_model(cfg)
@@ -261,7 +268,9 @@ class Trainer:
         if not self.params:
             raise UserError("model.train=moe but the model has no expert or router parameters (is moe.layers empty?)")
         self.raw_model = model
-        fused = {"fused": True} if self.device_type == "cuda" else {}
+        # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
+        # dozen, 5-10x faster per step on CPU.
+        fused = {"fused": True}
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps, **fused,
@@ -279,10 +288,17 @@ class Trainer:
         self.best_val_loss: float | None = None
         self.best_step: int | None = None
         self.last_val_loss: float | None = None
+        self.initial_val_loss: float | None = None
         self.evals_without_improvement = 0
         self.last_checkpoint: Path | None = None
-        if resume is not None:
-            self._resume(resume)
+        if resume_folder is not None:
+            self._resume(resume_folder)
+        resumed_steps = dist_utils.gather_objects(self.step)  # collective; one process: [self.step]
+        if len(set(resumed_steps)) > 1:  # e.g. a run folder that only the first node can see
+            raise UserError(
+                f"the processes resumed at different steps {resumed_steps}: run.out_dir (and --resume PATH) must be "
+                "on a filesystem that every node can read"
+            )
 
         compiled = torch.compile(model) if cfg.run.compile else model
         self.model = dist_utils.wrap_ddp(compiled, info)
@@ -300,11 +316,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------- resume
 
-    def _resume(self, resume: str) -> None:
-        folder = ckpt.resolve_resume(resume, self.run_dir)
-        if folder is None:
-            self._say(f"--resume auto: no checkpoint in {self.run_dir}, starting from scratch")
-            return
+    def _resume(self, folder: Path) -> None:
         state = ckpt.load_trainer_state(folder)
         ckpt.load_model_weights(self.raw_model, folder)
         try:
@@ -501,6 +513,7 @@ class Trainer:
         if self.tracker is not None:
             self.tracker.log(self.step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss)})
         if self.step == 0:  # the untrained starting point: a baseline for the curve, not a candidate for best/
+            self.initial_val_loss = val_loss
             self._say(f"step 0: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
             return False
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
@@ -566,6 +579,7 @@ class Trainer:
             final_val_loss=self.last_val_loss, final_val_ppl=perplexity(self.last_val_loss),
             best_val_loss=self.best_val_loss, best_val_ppl=perplexity(self.best_val_loss), best_step=self.best_step,
             stopped=stopped, checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, losses=losses,
+            initial_val_loss=self.initial_val_loss, initial_val_ppl=perplexity(self.initial_val_loss),
         )
         if self.tracker is not None:
             self.tracker.summary({f"final/{k}": v for k, v in result.as_dict().items() if k != "run_dir"})

@@ -17,13 +17,27 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers  # noq
 from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast  # noqa: E402
 
 from flash_experts.errors import UserError  # noqa: E402
-from flash_experts.evaluation.compare import ModelEntry, compare_models, count_parameters  # noqa: E402
+from flash_experts.evaluation.compare import (  # noqa: E402
+    ModelEntry,
+    compare_models,
+    count_parameters,
+    report_markdown,
+)
 from flash_experts.generation.sampling import SamplingConfig  # noqa: E402
 from flash_experts.model.config import GPT2MoEConfig  # noqa: E402
 from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM  # noqa: E402
 
 N_POSITIONS = 64
 EVAL_TEXT = "the cat sat on the mat. the dog sat on the log.\n"  # shorter than the context: one window
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
+    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
 
 
 @pytest.fixture(scope="module")
@@ -131,3 +145,25 @@ def test_bad_comparisons_raise_user_error(entries):
         compare_models([entries[0], entries[0]], quiet=True)
     with pytest.raises(UserError, match="exceeds"):
         compare_models(entries, eval_text=EVAL_TEXT, context=N_POSITIONS + 1, quiet=True)
+
+
+def test_routing_counts_each_token_once_with_overlapping_windows(entries):
+    """Plain arithmetic reference: with stride < context every evaluation token is still routed once, so each
+    layer saw len(tokens) tokens and len(tokens) * top_k assignments (not the overlapping windows' total)."""
+    ids = entries[0].tokenizer(EVAL_TEXT, add_special_tokens=False)["input_ids"]
+    result = compare_models(entries, eval_text=EVAL_TEXT, context=16, stride=4, speed_batch_size=1, speed_seq_len=8,
+                            speed_iterations=1, quiet=True)
+    moe_report = result.models[1]
+    assert moe_report.perplexity.windows > len(ids) // 16 + 1  # the perplexity windows do overlap
+    assert [layer.tokens for layer in moe_report.routing.layers] == [len(ids)] * 2
+    assert [sum(layer.tokens_per_expert) for layer in moe_report.routing.layers] == [2 * len(ids)] * 2
+    assert "routed once" in report_markdown(result)
+
+
+@pytest.mark.parametrize("argument", ["speed_seq_len", "speed_batch_size", "speed_iterations", "eval_batch_size",
+                                      "max_eval_tokens"])
+def test_absurd_sizes_raise_user_error_naming_them(entries, argument):
+    """Hand-listed absurd values (0 or negative sizes): a UserError naming the argument, before any work."""
+    with pytest.raises(UserError, match=argument):
+        value = -5 if argument == "max_eval_tokens" else 0
+        compare_models(entries, eval_text=EVAL_TEXT, quiet=True, **{argument: value})

@@ -19,6 +19,15 @@ from flash_experts.evaluation.perplexity import evaluate_perplexity  # noqa: E40
 
 TEXT = "the cat sat on the mat. the dog sat on the log. a bird sat on the wall.\n" * 3  # ~220 characters
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
+    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory) -> tuple:
@@ -90,3 +99,44 @@ def test_compare_cli_writes_report(saved_models, tmp_path):
         assert len(entry["generations"]) == 2
     assert results["settings"]["seeds"] == [0, 1]
     assert all((out / name).stat().st_size > 1000 for name in ("perplexity.png", "throughput.png", "parameters.png"))
+
+
+def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path):
+    """Plain arithmetic reference: with overlapping windows (stride 8 < context 64) the routing table still
+    covers each token of the text once: tokens == len(ids) and assignments == len(ids) * top_k."""
+    from flash_experts.model import upcycle_gpt2
+
+    _, loaded, tokenizer, text_file = saved_models
+    folder = tmp_path / "moe"
+    upcycle_gpt2(loaded[0], num_experts=4, top_k=2, moe_layers="all").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    out = tmp_path / "ppl.json"
+    assert main(["evaluate", str(folder), "--text", str(text_file), "--stride", "8", "--device", "cpu",
+                 "--router-stats", "--quiet", "--json", str(out)]) == 0
+    numbers = json.loads(out.read_text())
+    ids = tokenizer(TEXT, add_special_tokens=False)["input_ids"]
+    assert numbers["windows"] > len(ids) // 64 + 1  # the perplexity windows overlap
+    (layer,) = numbers["routing"]["layers"]
+    assert layer["tokens"] == len(ids) and layer["assignments"] == 2 * len(ids)
+
+
+@pytest.mark.parametrize(
+    "verb_arguments, message",
+    [
+        (["evaluate", "{model}", "--text", "{folder}"], "is a folder"),
+        (["evaluate", "{model}", "--text", "{text}", "--json", "{folder}/missing/out.json"], "--json"),
+        (["compare", "{model}", "{model2}", "--out", "{text}", "--text", "{text}"], "--out"),
+        (["compare", "{model}", "{model2}", "--out", "{folder}/c", "--text", "{text}", "--speed-seq-len", "0"],
+         "speed_seq_len"),
+        (["compare", "{model}", "{model2}", "--out", "{folder}/c", "--text", "{text}", "--max-tokens", "-5"],
+         "max_eval_tokens"),
+    ],
+)
+def test_cli_absurd_arguments_are_one_line_errors(saved_models, tmp_path, capsys, verb_arguments, message):
+    """Hand-listed absurd arguments: exit code 2 and one `error:` line naming the problem."""
+    folders, _, _, text_file = saved_models
+    values = {"model": folders[0], "model2": folders[1], "text": text_file, "folder": tmp_path}
+    argv = [a.format(**values) for a in verb_arguments] + ["--device", "cpu", "--quiet"]
+    assert main(argv) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert len(errors) == 1 and message in errors[0]

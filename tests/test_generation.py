@@ -16,6 +16,15 @@ CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", 
           "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
 PROMPTS = ["Sword of", "Jace, the Mind Sculptor", "the"]
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
+    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A small byte-level BPE (GPT-2's scheme) trained on a few lines, with GPT-2's EOS."""
@@ -223,3 +232,95 @@ def test_our_gpt2_moe_greedy_matches_hf_dense_reference(model, tokenizer):
     got = generate(ours, tokenizer, PROMPTS, GREEDY, max_new_tokens=10, eos_token_id=[])
     assert got.token_ids == expected.token_ids
     assert got.token_ids[0] == greedy_without_cache(ours, tokenizer.encode(PROMPTS[0]), 10)
+
+
+def test_moe_with_distinct_experts_static_cache_equals_recompute_one_by_one(model, tokenizer):
+    """Reference: full-recompute greedy (no cache) of each prompt alone, on an MoE whose experts differ.
+
+    Expert noise makes routing change the logits, so the static cache, left padding and routing of
+    padded rows are all exercised (an exact upcycle would hide routing mistakes)."""
+    from flash_experts.model import upcycle_gpt2
+
+    ours = upcycle_gpt2(model, num_experts=4, top_k=2, moe_layers="all", expert_noise=0.5, seed=0).eval()
+    ids = torch.tensor([tokenizer.encode(PROMPTS[1])])
+    with torch.no_grad():
+        assert not torch.allclose(ours(ids).logits, model(ids).logits, atol=1e-3)  # routing matters
+    batched = generate(ours, tokenizer, PROMPTS, GREEDY, max_new_tokens=10, eos_token_id=[])
+    for prompt, got in zip(PROMPTS, batched.token_ids, strict=True):
+        assert got == greedy_without_cache(ours, tokenizer.encode(prompt), 10)
+
+
+def test_llama_moe_static_cache_greedy_equals_recompute_without_cache():
+    """Reference: full-recompute greedy (no cache) on a tiny random Llama-family MoE, batched with padding."""
+    from flash_experts.model import LlamaMoEConfig
+    from flash_experts.model.llama_moe import LlamaMoEForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaMoEConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                            num_experts=4, num_experts_per_tok=2, moe_layers="all", bos_token_id=0, eos_token_id=1)
+    llama = LlamaMoEForCausalLM(config).eval()
+    with torch.no_grad():  # larger-than-init weights so greedy output varies with the context
+        for parameter in llama.parameters():
+            if parameter.dim() == 2:
+                parameter.normal_(0.0, 0.3)
+    prompts = [[5, 17, 33, 2, 9], [40], [7, 7, 60]]
+    padded = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for i, row in enumerate(prompts):
+        padded[i, 5 - len(row):], mask[i, 5 - len(row):] = torch.tensor(row), 1
+    result = generate(llama, None, padded, GREEDY, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    assert result.token_ids == [greedy_without_cache(llama, row, 8) for row in prompts]
+    assert result.prompt_lengths == [5, 1, 3]
+
+
+def test_out_of_vocabulary_token_ids_are_one_line_errors(model, tokenizer):
+    """Hand-made: the model has len(tokenizer) logits; ids at or beyond that are rejected, huge ones too."""
+    vocab = model.config.vocab_size
+    for config in (SamplingConfig(banned_token_ids=[vocab]), SamplingConfig(allowed_token_ids=[1, 10**11])):
+        with pytest.raises(UserError, match=f"outside the model's vocabulary of {vocab}"):
+            generate(model, tokenizer, ["the"], config, max_new_tokens=2)
+    last = generate(model, tokenizer, ["the"] * 4, SamplingConfig(banned_token_ids=[vocab - 1]), max_new_tokens=8,
+                    seed=0, eos_token_id=[])
+    assert all(vocab - 1 not in ids for ids in last.token_ids)
+
+
+def test_card_name_allow_list_every_token_matches_plain_regex(model, tokenizer):
+    """Reference: re.fullmatch of each emitted token's own text against CARD_NAME_REGEX (EOS and the "\\n" stop
+    token excepted), over 16 hot samples that would otherwise wander over the whole vocabulary."""
+    import re
+
+    from flash_experts.generation.generate import CARD_NAME_REGEX
+
+    config = SamplingConfig(temperature=2.0, allowed_regex=CARD_NAME_REGEX)
+    result = generate(model, tokenizer, ["the"] * 16, config, max_new_tokens=12, seed=0, stop_strings=["\n"])
+    emitted = [t for ids in result.token_ids for t in ids]
+    assert len(emitted) > 16
+    for token in emitted:
+        text = tokenizer.decode([token])
+        assert token == tokenizer.eos_token_id or text == "\n" or re.fullmatch(CARD_NAME_REGEX, text), repr(text)
+    free = generate(model, tokenizer, ["the"] * 16, SamplingConfig(temperature=2.0), max_new_tokens=12, seed=0)
+    assert any(not re.fullmatch(CARD_NAME_REGEX, tokenizer.decode([t]))  # without the filter some would not
+               for ids in free.token_ids for t in ids if t != tokenizer.eos_token_id)
+
+
+def test_hf_llama_left_padded_batch_equals_hf_generate_per_row():
+    """Reference: HF `LlamaForCausalLM.generate(do_sample=False)` on each prompt alone (RoPE, GQA and the
+    HF DynamicCache path of our loop, with left padding)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                         bos_token_id=0, eos_token_id=1, initializer_range=0.3)).eval()
+    prompts = [[5, 17, 33, 2, 9], [40], [7, 7, 60]]
+    padded = torch.zeros(3, 5, dtype=torch.long)
+    mask = torch.zeros(3, 5, dtype=torch.long)
+    for i, row in enumerate(prompts):
+        padded[i, 5 - len(row):], mask[i, 5 - len(row):] = torch.tensor(row), 1
+    result = generate(llama, None, padded, GREEDY, max_new_tokens=8, attention_mask=mask, eos_token_id=[])
+    for row, got in zip(prompts, result.token_ids, strict=True):
+        ids = torch.tensor([row])
+        expected = llama.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                  eos_token_id=None, pad_token_id=0)[0, len(row):].tolist()
+        assert got == expected

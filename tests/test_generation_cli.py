@@ -16,6 +16,15 @@ from flash_experts.generation.sampling import SamplingConfig
 CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", "Creature — Elf Druid | G |",
           "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
+    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     tok = Tokenizer(models.BPE())
@@ -138,3 +147,36 @@ def test_generate_cli_allow_regex_and_ban_words(model_dir, capsys):
     assert code == 0 and out.startswith("the")
     continuation = out[len("the"):].rstrip("\n")
     assert re.fullmatch(r"[a-z ]*", continuation)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate-names", "{model}", "--colors", "G"], "--colors needs --type"),
+        (["generate-names", "{model}", "--max-rounds", "0"], "max-rounds"),
+        (["generate", "{model}", "--prompt", "the", "--ban-token-ids", "100000000000"], "outside the model's vocabulary"),
+        (["generate", "{model}", "--prompt", "the", "--min-p", "1.5"], "min_p"),
+        (["generate", "{model}", "--prompt", "the", "--repetition-penalty", "-1"], "repetition_penalty"),
+        (["generate", "{model}", "--prompt", "the", "--top-k", "-1"], "top_k"),
+        (["generate", "{model}", "--prompt", "the", "--stop", ""], "stop strings"),
+    ],
+)
+def test_more_absurd_arguments_are_one_line_errors(model_dir, capsys, argv, message):
+    """Hand-listed absurd arguments for both verbs: exit code 2 and one `error:` line naming the problem."""
+    code = main([a.format(model=model_dir) for a in argv] + ["--device", "cpu", "--max-new-tokens", "4"])
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error")]
+    assert code == 2 and len(errors) == 1 and message in errors[0]
+
+
+def test_stop_argument_escapes_hand_made(model_dir, capsys):
+    """Hand-made: `--stop '\\n'` (backslash, n from a shell) is a newline; the CLI cuts where the library does."""
+    from flash_experts.cli.generate import _unescape
+
+    assert _unescape("\\n") == "\n" and _unescape("a\\tb") == "a\tb" and _unescape("é.") == "é."
+    tokenizer = make_tokenizer()
+    expected = generate(make_hf_model(len(tokenizer)), tokenizer, ["the"], SamplingConfig(temperature=0), 12)
+    text = expected.texts[0]
+    stop = text[len(text) // 2:len(text) // 2 + 1]  # a character from the middle of the greedy text
+    assert main(["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "12", "--greedy", "--no-stream",
+                 "--device", "cpu", "--stop", stop]) == 0
+    assert capsys.readouterr().out == "the" + text[:text.index(stop)] + "\n"

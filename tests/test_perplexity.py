@@ -23,6 +23,15 @@ from flash_experts.evaluation.perplexity import (  # noqa: E402
 VOCAB = 101
 N_POSITIONS = 64
 
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
+    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
 
 @pytest.fixture(scope="module")
 def tiny_gpt2() -> GPT2LMHeadModel:
@@ -161,3 +170,29 @@ def test_text_file_source_reads_crlf_as_newlines(tmp_path):
         load_eval_tokens(_CharTokenizer(), text_file=tmp_path / "missing.txt")
     with pytest.raises(UserError, match="exactly one"):
         load_eval_tokens(_CharTokenizer(), text_file=path, wikitext=path)
+
+
+
+def _char_tokenizer(extra: str = ""):
+    """A real (fast) character-level tokenizer: id 0 = EOS, then one id per printable ASCII character."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<eos>": 0, **{chr(c): c - 31 for c in range(32, 127)}}
+    vocab.update({c: len(vocab) + i for i, c in enumerate(extra)})
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<eos>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+
+def test_prepared_data_split_source_and_tokenizer_mismatch(tmp_path):
+    """Reference: ids of hand-made documents computed by hand (ord(c) - 31, EOS 0 after each document);
+    a folder prepared with another vocabulary is refused rather than silently mis-scored."""
+    from flash_experts.data.tokens import prepare_token_splits
+
+    prepare_token_splits({"train": ["ab"], "val": ["Elf", "Ox"]}, _char_tokenizer(), tmp_path / "data")
+    expected = [ord(c) - 31 for c in "Elf"] + [0] + [ord(c) - 31 for c in "Ox"] + [0]
+    assert load_eval_tokens(_char_tokenizer(), data_dir=tmp_path / "data", split="val").tolist() == expected
+    with pytest.raises(UserError, match="another tokenizer"):
+        load_eval_tokens(_char_tokenizer(extra="\n\t"), data_dir=tmp_path / "data", split="val")

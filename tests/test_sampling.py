@@ -236,3 +236,13 @@ def test_sampling_config_defaults_are_plain_sampling():
     """Plain reference: the default config adds no processor, so logits are the model's own."""
     assert build_processors(SamplingConfig()) == []
     assert SamplingConfig(temperature=0).greedy and not SamplingConfig().greedy
+
+
+def test_ban_tokens_ignores_ids_beyond_the_vocabulary_hand_made():
+    """Hand-made: banning [3, 10**12] on a 50-token vocabulary removes token 3 only (and allocates no
+    10**12-entry mask); the same processor works for a second vocabulary size."""
+    processor = sampling.ban_tokens([3, 10**12])
+    ids = torch.zeros(1, 1, dtype=torch.long)
+    assert _kept(_run(processor, torch.zeros(1, VOCAB), ids)) == [[i for i in range(VOCAB) if i != 3]]
+    assert _kept(_run(processor, torch.zeros(2, 5), ids.expand(2, 1))) == [[0, 1, 2, 4]] * 2
+    assert _kept(_run(sampling.ban_tokens([]), torch.zeros(1, 4), ids)) == [[0, 1, 2, 3]]

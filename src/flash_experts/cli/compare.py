@@ -20,7 +20,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("models", nargs="+", metavar="MODEL", help="checkpoint folders, hub ids, or 'smollm2' (2 or more)")
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for report.md, results.json and the charts")
     parser.add_argument("--name", action="append", default=None, metavar="NAME",
-                        help="display name per model, in order (default: the MODEL argument)")
+                        help="display name per model, in order (default: each MODEL's last path component when those "
+                             "differ, else the MODEL arguments)")
     parser.add_argument("--prompt", action="append", default=None, metavar="TEXT",
                         help=f"prompt to continue with every model (repeatable; default: {DEFAULT_PROMPTS})")
     add_source_arguments(parser)
@@ -44,16 +45,18 @@ def run(args: argparse.Namespace) -> int:
     from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
     from flash_experts.errors import UserError
     from flash_experts.evaluation.compare import ModelEntry, compare_models, comparison_table
-    from flash_experts.evaluation.perplexity import read_text_file, wikitext_test_text
+    from flash_experts.evaluation.perplexity import check_data_tokenizer, read_text_file, wikitext_test_text
     from flash_experts.evaluation.router_stats import router_stats_table
 
     if len(args.models) < 2:
         raise UserError("compare needs at least 2 models")
-    names = args.name or list(args.models)
+    names = args.name or _default_names(args.models)
     if len(names) != len(args.models):
         raise UserError(f"{len(names)} --name values for {len(args.models)} models: give one per model or none")
     sampling = sampling_config_from_args(args)
     check_source_arguments(args)
+    if Path(args.out).exists() and not Path(args.out).is_dir():  # fail before loading any model
+        raise UserError(f"--out exists and is not a folder: {args.out}")
 
     eval_text = eval_tokens = None
     eval_source = ""
@@ -75,6 +78,8 @@ def run(args: argparse.Namespace) -> int:
     entries = []
     for name, source in zip(names, args.models):
         model, tokenizer = load_for_generation(source, args.device)
+        if args.data is not None:
+            check_data_tokenizer(args.data, tokenizer)
         entries.append(ModelEntry(name=name, model=model.to(dtype), tokenizer=tokenizer))
 
     result = compare_models(
@@ -93,3 +98,12 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"note: {note}")
     console.print(f"report: {Path(args.out) / 'report.md'}")
     return 0
+
+
+def _default_names(models: list[str]) -> list[str]:
+    """Short display names: the folders' own names ("runs/moe-ft" -> "moe-ft") when they tell the models
+    apart, else the arguments as given."""
+    from pathlib import Path
+
+    short = [Path(m.rstrip("/")).name or m for m in models]
+    return short if len(set(short)) == len(short) else list(models)

@@ -59,28 +59,34 @@ def run(args: argparse.Namespace) -> int:
 
     from flash_experts.cli.generate import load_for_generation
     from flash_experts.errors import UserError
-    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens
-    from flash_experts.evaluation.router_stats import RouterStatsAccumulator, router_stats_table
+    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens, model_max_positions
+    from flash_experts.evaluation.router_stats import RouterStatsAccumulator, collect_router_stats, router_stats_table
 
     if args.wikitext is None and args.data is None and args.text is None:
         raise UserError("choose the evaluation data: --wikitext [PATH], --data DIR (with --split) or --text FILE")
     check_source_arguments(args)
+    if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
+        raise UserError(f"--json: the folder for {args.json} does not exist")
     console = Console()
     model, tokenizer = load_for_generation(args.model, args.device)
     tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
                               text_file=args.text, max_tokens=args.max_tokens)
-    accumulator = RouterStatsAccumulator() if args.router_stats else None
+    # Overlapping windows route most tokens several times; routing is then measured in a separate
+    # non-overlapping pass so that every token of the evaluation set counts exactly once.
+    overlapping = args.stride is not None and args.stride < (args.context or model_max_positions(model) or 0)
+    accumulator = RouterStatsAccumulator() if args.router_stats and not overlapping else None
     result = evaluate_perplexity(model, tokens, context=args.context, stride=args.stride, batch_size=args.batch_size,
                                  bf16=args.bf16, quiet=args.quiet, router_stats=accumulator)
     console.print(f"[bold]{args.model}[/bold]: {result.summary()}")
     numbers = {"model": args.model, **result.as_dict()}
-    if accumulator is not None:
-        routing = accumulator.result()
+    if args.router_stats:
+        routing = accumulator.result() if accumulator is not None else collect_router_stats(
+            model, tokens, context=result.context, batch_size=args.batch_size, bf16=args.bf16, quiet=args.quiet)
         if routing.is_empty:
             console.print("dense model: no router statistics")
         else:
             console.print(router_stats_table(routing, title=f"Routing of {args.model}"))
         numbers["routing"] = routing.as_dict()
     if args.json:
-        Path(args.json).write_text(json.dumps(numbers, indent=2) + "\n")
+        Path(args.json).expanduser().write_text(json.dumps(numbers, indent=2) + "\n")
     return 0

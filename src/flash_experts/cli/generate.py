@@ -86,7 +86,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--prompt", action="append", default=None,
                         help="text to continue (repeat for several prompts; default: unconditional, from EOS)")
     parser.add_argument("--stop", action="append", default=[], metavar="TEXT",
-                        help="stop when TEXT appears (repeatable)")
+                        help="stop when TEXT appears (repeatable); \\n and \\t mean a newline and a tab")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
     parser.add_argument("--no-stream", action="store_true", help="print only when everything is done")
     parser.add_argument("--clean", action="store_true",
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
             print(pieces[0], end="", flush=True)
 
     start = time.perf_counter()
-    result = generate(model, tokenizer, prompts, config, args.max_new_tokens, stop_strings=args.stop,
+    result = generate(model, tokenizer, prompts, config, args.max_new_tokens, stop_strings=[_unescape(s) for s in args.stop],
                       seed=args.seed, stream=stream)
     seconds = time.perf_counter() - start
     texts = [clean_text(t, sentence_end=True) for t in result.texts] if args.clean else result.texts
@@ -136,3 +136,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"[{tokens} new tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, "
           f"finish: {', '.join(sorted(set(result.finish_reasons)))}]", file=sys.stderr)
     return 0
+
+
+def _unescape(text: str) -> str:
+    """`--stop '\\n'` means a newline: a shell passes the two characters backslash and n."""
+    return text.replace("\\n", "\n").replace("\\t", "\t")

@@ -38,6 +38,7 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
+    from flash_experts.data.mtg import conditioning_prefix
     from flash_experts.errors import UserError
     from flash_experts.generation.generate import CARD_NAME_REGEX, generate_card_names
 
@@ -45,6 +46,11 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-n/--num-names must be >= 1, got {args.num_names}")
     if args.max_rounds < 1:
         raise UserError(f"--max-rounds must be >= 1, got {args.max_rounds}")
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.colors is not None and args.type_line is None:
+        raise UserError("--colors needs --type too (the conditioned format is 'type | colors | name')")
+    conditioning_prefix(args.type_line, args.colors)  # a bad type line or colour fails before the model loads
     config = sampling_config_from_args(args)
     if not args.no_filter and config.allowed_regex is None:
         config = replace(config, allowed_regex=CARD_NAME_REGEX)

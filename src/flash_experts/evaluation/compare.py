@@ -31,7 +31,12 @@ from flash_experts.evaluation.perplexity import (
     model_max_positions,
     tokenize_text,
 )
-from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult, router_stats_markdown
+from flash_experts.evaluation.router_stats import (
+    RouterStatsAccumulator,
+    RouterStatsResult,
+    collect_router_stats,
+    router_stats_markdown,
+)
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
 # `block_sparse_moe.experts.`. Both contain ".experts." (a Qwen-MoE "shared_expert." always runs and does not).
@@ -220,8 +225,12 @@ def compare_models(
         raise UserError(f"model names must differ to tell them apart in the report, got {names}")
     if not seeds:
         raise UserError("give at least one seed")
-    if max_new_tokens < 1:
-        raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    for label, value, minimum in (("max_new_tokens", max_new_tokens, 1), ("eval_batch_size", eval_batch_size, 1),
+                                  ("speed_batch_size", speed_batch_size, 1), ("speed_seq_len", speed_seq_len, 1),
+                                  ("speed_iterations", speed_iterations, 1),
+                                  ("max_eval_tokens", 2 if max_eval_tokens is None else max_eval_tokens, 2)):
+        if value < minimum:
+            raise UserError(f"{label} must be at least {minimum}, got {value}")
     if sampling is None and prompts:
         from flash_experts.generation.sampling import SamplingConfig
 
@@ -244,10 +253,14 @@ def compare_models(
         model = entry.model
         perplexity = routing = None
         if stream is not None:
-            accumulator = RouterStatsAccumulator()
+            # Overlapping windows route most tokens several times: routing then gets its own non-overlapping
+            # pass, so every evaluation token counts once.
+            overlapping = stride is not None and stride < context
+            accumulator = None if overlapping else RouterStatsAccumulator()
             perplexity = evaluate_perplexity(model, stream, context=context, stride=stride, batch_size=eval_batch_size,
                                              quiet=quiet, router_stats=accumulator)
-            routing = accumulator.result()
+            routing = accumulator.result() if accumulator is not None else collect_router_stats(
+                model, stream, context=context, batch_size=eval_batch_size, quiet=quiet)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or 256
         forward_speed = forward_tokens_per_second(model, _speed_batch(stream, vocab_size, speed_batch_size, speed_seq_len),
                                                   speed_iterations)
@@ -328,15 +341,23 @@ def comparison_table(result: ComparisonResult) -> Any:
     """A rich Table with one row per model."""
     from rich.table import Table
 
+    columns = ("model", "params", "active / token", "perplexity", "tokens scored", "forward tok/s", "generate tok/s")
+    rows = [
+        (r.name, _millions(r.parameters.total), _millions(r.parameters.active), _ppl(r),
+         f"{r.perplexity.tokens_scored:,}" if r.perplexity else "-",
+         f"{r.forward_tokens_per_second:,.0f}", f"{r.generation_tokens_per_second:,.1f}" if r.generations else "-")
+        for r in result.models
+    ]
     table = Table(title="Model comparison")
-    for column in ("model", "params", "active / token", "perplexity", "tokens scored", "forward tok/s", "generate tok/s"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    for r in result.models:
-        table.add_row(
-            r.name, _millions(r.parameters.total), _millions(r.parameters.active), _ppl(r),
-            f"{r.perplexity.tokens_scored:,}" if r.perplexity else "-",
-            f"{r.forward_tokens_per_second:,.0f}", f"{r.generation_tokens_per_second:,.1f}" if r.generations else "-",
-        )
+    # Never "…": on a narrow terminal numbers keep their full width (headers wrap instead) and model paths
+    # fold onto more lines, so two rows always stay distinguishable.
+    for index, column in enumerate(columns):
+        if index == 0:
+            table.add_column(column, overflow="fold", min_width=8)
+        else:
+            table.add_column(column, justify="right", overflow="fold", min_width=max(len(row[index]) for row in rows))
+    for row in rows:
+        table.add_row(*row)
     return table
 
 
@@ -385,6 +406,9 @@ def report_markdown(result: ComparisonResult, chart_names: Sequence[str] = ()) -
         f"- Generation speed: new tokens / wall time over all prompts and seeds below "
         f"(up to {s['max_new_tokens']} new tokens each), after a short warm-up generation.",
     ]
+    if any(r.routing is not None and not r.routing.is_empty for r in result.models):
+        lines.append(f"- Routing: every evaluation token routed once, in non-overlapping windows of {s['context']} "
+                     "tokens; load = share of token-to-expert assignments, entropy = mean routing entropy per token.")
     lines += [f"- Note: {note}" for note in result.notes]
     for r in result.models:
         if r.routing is not None and not r.routing.is_empty:

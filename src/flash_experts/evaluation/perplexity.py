@@ -264,7 +264,9 @@ def _scored_nll_sum(logits_BTV: torch.Tensor, input_ids_BT: torch.Tensor, batch:
 
 def read_text_file(path: str | Path) -> str:
     """A UTF-8 text file's content (universal newlines: CRLF becomes "\\n"), with a clear error if missing."""
-    path = Path(path)
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise UserError(f"{path} is a folder, not a text file")
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
     try:
@@ -309,6 +311,22 @@ def wikitext_test_text(path: str | Path | None = None) -> str:
     return "".join(wikitext_documents(None)["test"])
 
 
+def check_data_tokenizer(data_dir: str | Path, tokenizer: Any) -> None:
+    """A prepared folder's ids mean something only under the tokenizer that made them: refuse a folder whose
+    meta.json names another vocabulary size or EOS id than `tokenizer` (ids could be in range yet wrong)."""
+    from flash_experts.data.tokens import load_meta
+
+    meta = load_meta(data_dir)
+    if tokenizer is None:
+        return
+    ours = {"vocab_size": len(tokenizer), "eos_token_id": getattr(tokenizer, "eos_token_id", None)}
+    differing = [f"{key} {meta[key]} vs {value}" for key, value in ours.items()
+                 if value is not None and meta.get(key) is not None and meta[key] != value]
+    if differing:
+        raise UserError(f"{data_dir} was tokenised with another tokenizer than the model's ({', '.join(differing)}); "
+                        "prepare the data with the model's tokenizer (prepare-data --tokenizer)")
+
+
 def load_eval_tokens(
     tokenizer: Any,
     *,
@@ -329,6 +347,7 @@ def load_eval_tokens(
         data_dir = Path(data_dir)
         if not data_dir.is_dir():
             raise UserError(f"data folder not found: {data_dir}")
+        check_data_tokenizer(data_dir, tokenizer)
         return as_token_tensor(load_split(data_dir, split), max_tokens)
     text = wikitext_test_text(None if wikitext is True else wikitext) if wikitext is not None else read_text_file(text_file)
     if max_tokens is not None:

@@ -126,7 +126,7 @@ def router_stats_table(result: RouterStatsResult, title: str = "Routing") -> Any
 
     table = Table(title=title)
     for column in ("layer", "experts", "tokens", "load min / max", "imbalance (max/mean)", "entropy (nats)", "dropped"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", overflow="fold")  # fold, never truncate numbers
     for row in result.layers:
         table.add_row(
             str(row.layer), str(row.num_experts), f"{row.tokens:,}", f"{min(row.load):.3f} / {max(row.load):.3f}",

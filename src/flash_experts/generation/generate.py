@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from flash_experts.errors import UserError
-from flash_experts.evaluation.perplexity import model_device, model_max_positions
+from flash_experts.evaluation.perplexity import model_device, model_max_positions, model_vocab_size
 from flash_experts.generation.sampling import SamplingConfig, apply_processors, build_processors, choose_next_tokens
 
 # stream(pieces): one new piece of text per row ("" where that row produced nothing printable yet).
@@ -84,7 +84,8 @@ def generate(
     pad_id = _pad_id(tokenizer, eos_ids)
     stop_token_ids = [ids[0] for s in stop_strings if len(ids := tokenizer.encode(s, add_special_tokens=False)) == 1]
     processors = build_processors(config, tokenizer=tokenizer, prompt_length=prompt_width,
-                                  end_token_ids=sorted(set(eos_ids) | set(stop_token_ids)))
+                                  end_token_ids=sorted(set(eos_ids) | set(stop_token_ids)),
+                                  vocab_size=model_vocab_size(model))
 
     # One preallocated buffer for prompt + generated ids, filled left to right (no per-step concatenation).
     ids_BL = torch.full((batch, total_length), pad_id, dtype=torch.long)
@@ -113,10 +114,13 @@ def generate(
             cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
             step_ids = ids_BL[:, :prompt_width]
             positions = (mask_BL[:, :prompt_width].cumsum(-1) - 1).clamp(min=0)
+            # Without padding the mask stays all ones (finished rows are fed pads marked real), so the
+            # model is given none: that spares it a per-step "is anything padded?" check (a device sync).
+            padded = any(len(row) < prompt_width for row in rows)
             for step in range(max_new_tokens):
                 length = prompt_width + step
-                out = model(input_ids=step_ids, attention_mask=mask_BL[:, :length], position_ids=positions,
-                            use_cache=True, **{cache_argument: cache}, **extra)
+                out = model(input_ids=step_ids, attention_mask=mask_BL[:, :length] if padded else None,
+                            position_ids=positions, use_cache=True, **{cache_argument: cache}, **extra)
                 returned_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
                 if returned_cache is not None:
                     cache = returned_cache

@@ -192,10 +192,17 @@ def _token_presence(ids_BT: Tensor, weights_BT: Tensor, vocab_size: int) -> Tens
 
 def ban_tokens(token_ids: Iterable[int]) -> LogitsProcessor:
     """Never emit these ids (ids outside the model's vocabulary are ignored)."""
-    token_ids = [int(i) for i in token_ids]
-    banned = torch.zeros(max(token_ids, default=-1) + 1, dtype=torch.bool)
-    banned[token_ids] = True
-    return allow_only(~banned, default=True)
+    token_ids = sorted({int(i) for i in token_ids})
+    masks: dict[tuple[int, torch.device], Tensor] = {}  # built once per (vocab, device), sized by the vocab
+
+    def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        key = (logits.shape[-1], logits.device)
+        if key not in masks:
+            banned = torch.zeros(key[0], dtype=torch.bool)
+            banned[[i for i in token_ids if i < key[0]]] = True
+            masks[key] = banned.to(logits.device)
+        return logits.masked_fill_(masks[key], -math.inf)
+    return apply
 
 
 def ban_sequences(sequences: Iterable[Sequence[int]]) -> LogitsProcessor:
@@ -288,12 +295,20 @@ def build_processors(
     tokenizer=None,
     prompt_length: int = 0,
     end_token_ids: Sequence[int] = (),
+    vocab_size: int | None = None,
 ) -> list[LogitsProcessor]:
     """The processors `config` asks for, in application order.
 
     `end_token_ids`: EOS and single-token stop strings; they stay allowed by the allow-list filters (a
     name must be able to end) and are what `min_new_tokens` suppresses. `prompt_length` is the padded
-    prompt width, so `min_new_tokens` can count generated tokens."""
+    prompt width, so `min_new_tokens` can count generated tokens. `vocab_size` (the model's): token ids
+    in the config must lie below it."""
+    if vocab_size is not None:
+        for name, ids in (("banned", config.banned_token_ids), ("allowed", config.allowed_token_ids or ())):
+            outside = sorted({int(i) for i in ids if i >= vocab_size})
+            if outside:
+                raise UserError(f"{name} token id(s) {outside[:5]} outside the model's vocabulary of "
+                                f"{vocab_size} tokens")
     processors: list[LogitsProcessor] = []
     if config.repetition_penalty != 1.0:
         processors.append(repetition_penalty(config.repetition_penalty))

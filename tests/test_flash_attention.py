@@ -199,6 +199,10 @@ _PEAK_MEMORY_SCRIPT = textwrap.dedent("""
     from flash_experts.attention.flash import flash_attention
     torch.set_num_threads(1)
     def max_rss_bytes():
+        # VmHWM is this process's own peak; ru_maxrss is not, it starts from the forking parent's RSS.
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     def fwd_bwd(fn, seq):
         q, k, v = (torch.randn(1, 4, seq, 32, requires_grad=True) for _ in range(3))

@@ -1,0 +1,28 @@
+"""`flash-experts upcycle`: the saved MoE model equals the HF dense source (reference: HF GPT2LMHeadModel)."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GPT2LMHeadModel
+
+from flash_experts.cli.main import main
+
+
+def test_upcycle_cli_saves_a_model_equal_to_hf_dense(tiny_gpt2_dir, tmp_path, capsys):
+    out = tmp_path / "moe"
+    assert main(["upcycle", str(tiny_gpt2_dir), str(out), "--experts", "4", "--top-k", "2", "--layers", "0,2"]) == 0
+    assert "parity with the dense model" in capsys.readouterr().out
+
+    dense = GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
+    moe = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert moe.config.num_experts == 4 and moe.config.moe_layer_indices() == [0, 2]
+    tokens = torch.randint(0, dense.config.vocab_size, (3, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.allclose(moe(input_ids=tokens).logits, dense(input_ids=tokens).logits, atol=1e-4, rtol=0)
+
+
+def test_upcycle_cli_bad_layers_is_one_error_line(tiny_gpt2_dir, tmp_path, capsys):
+    assert main(["upcycle", str(tiny_gpt2_dir), str(tmp_path / "x"), "--layers", "0,seven"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --layers")
+    assert not (tmp_path / "x").exists()  # nothing written on bad input

@@ -6,7 +6,6 @@ subprocesses, where stderr is exactly what a user sees. Beyond the contract, eac
 the message it expects, so a case cannot pass by failing for an unrelated reason (exit 1, "error: IndexError:
 ...", is an internal error, not a clear message, and counts as a failure).
 
-Cases in other engineers' verbs that need a fix there are marked xfail(strict=True) with the reason.
 """
 
 from __future__ import annotations
@@ -31,9 +30,6 @@ CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", 
           "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
 
 # Verbs that load a model print the transformers "Loading weights" progress bar to stderr before any error.
-LOADING_BAR = ("model/loading.py lets transformers draw its 'Loading weights' progress bar on stderr before the "
-               "error line (quiet it there, e.g. with training.checkpoint.quiet_transformers_progress)")
-
 
 # --------------------------------------------------------------------------------------------- fixtures
 
@@ -254,10 +250,6 @@ def _generate(w, *extra, model="model"):
             "--max-new-tokens", "3", *extra]
 
 
-def loads_model_first(reason: str = LOADING_BAR):
-    return pytest.mark.xfail(strict=True, reason=reason)
-
-
 OTHER_VERB_CASES = {
     "generate model missing": (lambda w: ["generate", w["root"] / "no_model", "--prompt", "x"], "model folder not found"),
     "generate negative temperature": (lambda w: _generate(w, "--temperature", "-1"), "temperature must be >= 0"),
@@ -274,32 +266,26 @@ OTHER_VERB_CASES = {
     "evaluate text missing": (lambda w: ["evaluate", w["model"], "--text", w["root"] / "none.txt", "--device", "cpu"],
                               "not found"),
     "compare one model": (lambda w: ["compare", w["model"], "--out", w["root"] / "cmp"], "at least 2 models"),
-    # need a fix in another engineer's code (see the xfail reasons)
     "generate longer than positions": pytest.param(
-        lambda w: _generate(w, "--max-new-tokens", "100000"), "exceeds the model's 64 positions", marks=loads_model_first()),
+        lambda w: _generate(w, "--max-new-tokens", "100000"), "exceeds the model's 64 positions"),
     "generate empty stop string": pytest.param(
-        lambda w: _generate(w, "--stop", ""), "stop strings must be non-empty", marks=loads_model_first()),
+        lambda w: _generate(w, "--stop", ""), "stop strings must be non-empty"),
     "generate-names unknown colour": (
         lambda w: ["generate-names", w["model"], "--type", "Creature", "--colors", "X", "--device", "cpu"],
         "unknown colour"),
     "evaluate context 0": pytest.param(
         lambda w: ["evaluate", w["model"], "--text", w["root"] / "notes.txt", "--context", "0", "--device", "cpu"],
-        "context must be at least 2", marks=loads_model_first()),
+        "context must be at least 2"),
     "evaluate context > positions": pytest.param(
         lambda w: ["evaluate", w["model"], "--text", w["root"] / "notes.txt", "--context", "100000", "--device", "cpu"],
-        "exceeds the model's maximum of 64 positions", marks=loads_model_first()),
+        "exceeds the model's maximum of 64 positions"),
     "generate tokenizer vocabulary > model vocabulary": pytest.param(
-        lambda w: _generate(w, model="small_vocab_model"), "vocabulary",
-        marks=loads_model_first("generation does not check the tokenizer against the model's vocabulary: the prompt's "
-                                "ids index past the embedding and 'error: IndexError: ...' reaches the CLI (exit 1); "
-                                "and the loading progress bar")),
+        lambda w: _generate(w, model="small_vocab_model"), "vocabulary"),
     "evaluate data vocabulary > model vocabulary": pytest.param(
         lambda w: ["evaluate", w["small_vocab_model"], "--data", w["data"], "--device", "cpu", "--quiet"],
-        "the model's vocabulary has 100 entries", marks=loads_model_first()),
+        "the model's vocabulary has 100 entries"),
     "generate temperature not a number": pytest.param(
-        lambda w: _generate(w, "--temperature", "abc"), "temperature",
-        marks=loads_model_first("argparse type errors print a usage line plus 'flash-experts generate: error: ...' "
-                                "(two lines, not 'error: ...'): cli/main.py could override ArgumentParser.error")),
+        lambda w: _generate(w, "--temperature", "abc"), "temperature"),
 }
 
 

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.steps, args.names = min(args.steps, 8), min(args.names, 5)
 
+    os.environ.setdefault("WANDB_SILENT", "true")  # the run summary below says what matters; W&B keeps its files
     started = time.perf_counter()
     out = Path(args.out)
     base, why = choose_base(args.base)

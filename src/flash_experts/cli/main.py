@@ -42,8 +42,17 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one `error:` line (exit 2) like every other error, not usage + message.
+    Sub-parsers inherit the class, so this covers every verb."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineErrorParser(
         prog="flash-experts",
         description="GPT-2 -> Mixture-of-Experts with Flash Attention: prepare data, fine-tune, generate, compare.",
     )

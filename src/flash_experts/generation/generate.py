@@ -80,12 +80,19 @@ def generate(
             f"model's {max_positions} positions; lower max_new_tokens or shorten the prompt"
         )
 
+    vocab_size = model_vocab_size(model)
+    too_large = max((max(row) for row in rows if row), default=-1)
+    if vocab_size is not None and too_large >= vocab_size:
+        raise UserError(
+            f"the prompt has token id {too_large} but the model's vocabulary has {vocab_size} entries: the tokenizer "
+            "does not belong to this model"
+        )
     eos_ids = _eos_ids(model, tokenizer, eos_token_id)
     pad_id = _pad_id(tokenizer, eos_ids)
     stop_token_ids = [ids[0] for s in stop_strings if len(ids := tokenizer.encode(s, add_special_tokens=False)) == 1]
     processors = build_processors(config, tokenizer=tokenizer, prompt_length=prompt_width,
                                   end_token_ids=sorted(set(eos_ids) | set(stop_token_ids)),
-                                  vocab_size=model_vocab_size(model))
+                                  vocab_size=vocab_size)
 
     # One preallocated buffer for prompt + generated ids, filled left to right (no per-step concatenation).
     ids_BL = torch.full((batch, total_length), pad_id, dtype=torch.long)

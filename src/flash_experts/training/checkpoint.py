@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from flash_experts.errors import UserError
+from flash_experts.model.loading import quiet_transformers_progress  # noqa: F401  (public here too)
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"
@@ -73,21 +74,6 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
-
-
-@contextlib.contextmanager
-def quiet_transformers_progress():
-    """No transformers progress bars ("Writing model shards", "Loading weights") inside; they would break the
-    training progress bar, and put noise before a one-line error."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 def save_step_checkpoint(

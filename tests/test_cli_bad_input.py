@@ -20,28 +20,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from flash_experts.cli.main import main
 from flash_experts.training.config import load_config, save_config
-
-CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", "Creature — Elf Druid | G |",
-          "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
+from tiny_tokenizer import CORPUS, make_tokenizer  # noqa: E402
 
 # Verbs that load a model print the transformers "Loading weights" progress bar to stderr before any error.
 
 # --------------------------------------------------------------------------------------------- fixtures
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def save_hf_model(folder: Path, vocab_size: int, tokenizer=None) -> Path:

@@ -30,16 +30,6 @@ from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM  # noqa: E402
 N_POSITIONS = 64
 EVAL_TEXT = "the cat sat on the mat. the dog sat on the log.\n"  # shorter than the context: one window
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
-    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def char_tokenizer() -> PreTrainedTokenizerFast:
     alphabet = [chr(c) for c in range(32, 127)] + ["\n"]

@@ -19,16 +19,6 @@ from flash_experts.evaluation.perplexity import evaluate_perplexity  # noqa: E40
 
 TEXT = "the cat sat on the mat. the dog sat on the log. a bird sat on the wall.\n" * 3  # ~220 characters
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
-    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory) -> tuple:
     """Two tiny GPT-2s (different seeds) saved with a character tokenizer; returns (folders, models)."""

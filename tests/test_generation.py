@@ -4,38 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from flash_experts.errors import UserError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
+from tiny_tokenizer import make_tokenizer  # noqa: E402
 
 GREEDY = SamplingConfig(temperature=0)
-CORPUS = ["Llanowar Elves", "Sword of Fire and Ice", "Jace, the Mind Sculptor", "Creature — Elf Druid | G |",
-          "the quick brown fox jumps over the lazy dog", "Elspeth, Sun's Champion"]
 PROMPTS = ["Sword of", "Jace, the Mind Sculptor", "the"]
-
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
-    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    """A small byte-level BPE (GPT-2's scheme) trained on a few lines, with GPT-2's EOS."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(CORPUS * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-
 
 def make_hf_model(vocab_size: int, seed: int = 0) -> GPT2LMHeadModel:
     torch.manual_seed(seed)

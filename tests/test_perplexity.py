@@ -23,16 +23,6 @@ from flash_experts.evaluation.perplexity import (  # noqa: E402
 VOCAB = 101
 N_POSITIONS = 64
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
-    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)

@@ -20,16 +20,6 @@ from flash_experts.evaluation.router_stats import (  # noqa: E402
 )
 from flash_experts.model.moe import MoELayer, RouterStats  # noqa: E402
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP's spinning threads make
-    some CPU kernels (torch._grouped_mm among them) hundreds of times slower; restored afterwards."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
     zero = torch.tensor(0.0)
     return RouterStats(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy))

@@ -17,11 +17,10 @@ import warnings
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from flash_experts.generation import SamplingConfig, generate
 from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
+from tiny_tokenizer import make_tokenizer as _make_tokenizer  # noqa: E402
 
 pytestmark = pytest.mark.soak
 
@@ -29,16 +28,6 @@ CALLS, WARMUP = 1000, 50
 RSS_GROWTH_LIMIT = 64 * 2**20  # bytes; a leaked KV cache per call would be ~100 MB over the run
 TENSOR_GROWTH_LIMIT = 16
 WORDS = ["Llanowar", "Elves", "Sword", "of", "Fire", "and", "Ice", "Jace,", "the", "Mind", "Sculptor", "—", "|", "G"]
-
-
-def make_tokenizer() -> PreTrainedTokenizerFast:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([" ".join(WORDS)] * 3, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
 
 
 def resident_bytes() -> int:
@@ -84,7 +73,7 @@ def random_call(rng: random.Random, tokenizer) -> dict:
 def test_thousand_random_generate_calls_no_error_no_memory_growth():
     """Reference: the contract (valid arguments never fail) and a warm-up baseline of memory and live tensors."""
     torch.manual_seed(0)
-    tokenizer = make_tokenizer()
+    tokenizer = _make_tokenizer([" ".join(WORDS)])
     config = GPT2MoEConfig(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
                            num_experts=4, num_experts_per_tok=2, moe_layers="all", bos_token_id=0, eos_token_id=0)
     model = GPT2MoEForCausalLM(config).eval()

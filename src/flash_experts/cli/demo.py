@@ -117,12 +117,11 @@ def base_tokenizer(base: str) -> Any:
 
 def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str]]:
     """Tokenise the card names (names-only format) into `data_dir`; returns it and every real name."""
-    from flash_experts.data.mtg import format_card, load_mtg_records, split_records
+    from flash_experts.data.mtg import load_mtg_records, mtg_documents
     from flash_experts.data.tokens import prepare_token_splits
 
     records = load_mtg_records()
-    splits = split_records(records)
-    documents = {split: [format_card(r, conditioned=False) for r in items] for split, items in splits.items()}
+    documents = mtg_documents(records, conditioned=False)
     meta = prepare_token_splits(documents, tokenizer, data_dir, source="mtg: offline packages",
                                 data_format="mtg-names", extra_meta={"unique_names": len(records)})
     print("      " + ", ".join(f"{split} {info['documents']:,d} names / {info['tokens']:,d} tokens"

@@ -67,13 +67,12 @@ def _documents(args: argparse.Namespace) -> tuple[dict[str, list[str]], str, str
     from flash_experts.errors import UserError
 
     if args.dataset == "mtg":
-        from flash_experts.data.mtg import format_card, load_mtg_records, split_records
+        from flash_experts.data.mtg import load_mtg_records, mtg_documents
 
         records = load_mtg_records(args.source, online=args.online, fetch=not args.no_fetch)
-        splits = split_records(records)
+        documents = mtg_documents(records, args.conditioned)
         print(f"{len(records):,d} unique card names: "
-              + ", ".join(f"{split} {len(items):,d}" for split, items in splits.items()))
-        documents = {split: [format_card(r, args.conditioned) for r in items] for split, items in splits.items()}
+              + ", ".join(f"{split} {len(items):,d}" for split, items in documents.items()))
         source = ", ".join(map(str, args.source)) or ("mtgjson online" if args.online else "offline packages")
         return documents, f"mtg: {source}", "mtg-conditioned" if args.conditioned else "mtg-names", {
             "unique_names": len(records)}

@@ -2,6 +2,7 @@
 
     load_tokenizer(source)                      hub id / folder / offline GPT-2 BPE from registry packages
     load_mtg_records(...) -> [CardRecord]       MTGJSON v3/v5 or Arena catalogs, cleaned, one per name
+    mtg_documents(records, conditioned) -> {split: [document, ...]} (split_records + format_card)
     split_records, format_card, conditioning_prefix, parse_card_text
     wikitext_documents, wikipedia_documents, text_documents   -> {split: [document, ...]}
     prepare_token_splits(docs_by_split, tokenizer, out_dir)   -> train.bin / val.bin / test.bin + meta.json
@@ -13,6 +14,7 @@ from flash_experts.data.mtg import (
     conditioning_prefix,
     format_card,
     load_mtg_records,
+    mtg_documents,
     parse_card_text,
     read_mtg_source,
     split_for_name,
@@ -30,6 +32,7 @@ __all__ = [
     "load_mtg_records",
     "load_split",
     "load_tokenizer",
+    "mtg_documents",
     "parse_card_text",
     "prepare_token_splits",
     "read_mtg_source",

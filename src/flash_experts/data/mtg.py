@@ -184,6 +184,12 @@ def split_records(records: Iterable[CardRecord],
     return splits
 
 
+def mtg_documents(records: Iterable[CardRecord], conditioned: bool = False) -> dict[str, list[str]]:
+    """{split: [document, ...]}: the records split by name hash, each formatted as a training document."""
+    return {split: [format_card(record, conditioned) for record in items]
+            for split, items in split_records(records).items()}
+
+
 def merge_records(*record_lists: Iterable[CardRecord]) -> list[CardRecord]:
     """One record per name key, in first-seen order; fields from the first, the accented spelling kept."""
     merged: dict[str, CardRecord] = {}

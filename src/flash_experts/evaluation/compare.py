@@ -399,7 +399,7 @@ def report_markdown(result: ComparisonResult, chart_names: Sequence[str] = ()) -
         f"- Perplexity: {s['eval_source']}; windows of {s['context']} tokens moved by {s['stride']} "
         "(only tokens not scored by the previous window count; the stream's first token is never scored); "
         "NLL from the logits with a float32 log-softmax, router auxiliary losses excluded.",
-        f"- Parameters: total counts shared (tied) tensors once; active per token counts top_k / num_experts of "
+        "- Parameters: total counts shared (tied) tensors once; active per token counts top_k / num_experts of "
         "each MoE layer's expert parameters (dense models: active = total).",
         f"- Forward speed: batches of {s['speed_batch_size']} x {s['speed_seq_len']} tokens, one warm-up forward, "
         f"then the mean over {s['speed_iterations']} timed forwards.",

@@ -12,9 +12,7 @@ import pytest
 
 from flash_experts.cli.main import main
 
-pytestmark = pytest.mark.slow
-
-
+@pytest.mark.slow
 def test_demo_quick_improves_validation_perplexity(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gguf", reason="the offline SmolLM2 base needs gguf")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -23,3 +21,17 @@ def test_demo_quick_improves_validation_perplexity(tmp_path, capsys, monkeypatch
     before, after = map(float, re.search(r"before ([\d.]+) -> after ([\d.]+)", out).groups())
     assert after < before
     assert len(re.findall(r"^    (new |real)  \S", out, flags=re.M)) >= 1
+
+
+@pytest.mark.parametrize(("argv", "expected"), [
+    (["--steps", "0"], "error: --steps must be >= 1"),
+    (["--top-k", "5", "--experts", "4"], "error: --top-k (5) cannot exceed --experts (4)"),
+    (["--lr", "-1"], "error: --lr must be > 0"),
+    (["--base", "/nonexistent/model"], "error: model folder not found"),
+])
+def test_demo_bad_arguments_are_one_error_line(argv, expected, tmp_path, capsys):
+    """Reference: the CLI contract (one `error:` line, exit 2) — and nothing written for bad arguments."""
+    assert main(["demo", "--out", str(tmp_path / "demo"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(expected)
+    assert not (tmp_path / "demo").exists()

@@ -35,3 +35,13 @@ def test_demo_bad_arguments_are_one_error_line(argv, expected, tmp_path, capsys)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(expected)
     assert not (tmp_path / "demo").exists()
+
+
+def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
+    """Reference: the rule that saved work is never lost — an existing run folder is left untouched."""
+    run = tmp_path / "demo" / "run"
+    run.mkdir(parents=True)
+    (run / "keep.txt").write_text("earlier run")
+    assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    assert (run / "keep.txt").read_text() == "earlier run"

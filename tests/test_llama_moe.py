@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from flash_experts.model import LlamaMoEConfig, upcycle
 from flash_experts.model.llama_moe import LlamaMoEForCausalLM
+from greedy import greedy_reference, greedy_with_cache  # noqa: E402
 
 IMPLEMENTATIONS = ["sdpa", "eager", "flash"]
 VOCAB = 256
@@ -48,25 +49,6 @@ def tiny_llama_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def dense(tiny_llama_dir):
     return LlamaForCausalLM.from_pretrained(tiny_llama_dir).eval()
-
-
-def greedy_reference(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation by full recomputation each step (no cache): the plainest possible loop."""
-    for _ in range(steps):
-        next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_id], dim=1)
-    return ids
-
-
-def greedy_with_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    cache = model.make_cache(ids.shape[0], ids.shape[1] + steps)
-    out = model(ids, past_key_values=cache, use_cache=True)
-    generated = [ids]
-    for _ in range(steps):
-        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_id)
-        out = model(next_id, past_key_values=cache, use_cache=True)
-    return torch.cat(generated, dim=1)
 
 
 def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

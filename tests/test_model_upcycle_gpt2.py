@@ -7,6 +7,7 @@ import torch
 from transformers import GPT2LMHeadModel
 
 from flash_experts.model import GPT2MoEForCausalLM, upcycle
+from greedy import greedy_reference, greedy_with_cache  # noqa: E402
 
 IMPLEMENTATIONS = ["sdpa", "eager", "flash"]
 
@@ -14,25 +15,6 @@ IMPLEMENTATIONS = ["sdpa", "eager", "flash"]
 @pytest.fixture(scope="module")
 def dense(tiny_gpt2_dir):
     return GPT2LMHeadModel.from_pretrained(tiny_gpt2_dir).eval()
-
-
-def greedy_reference(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    """Greedy continuation by full recomputation each step (no cache): the plainest possible loop."""
-    for _ in range(steps):
-        next_id = model(ids).logits[:, -1].argmax(-1, keepdim=True)
-        ids = torch.cat([ids, next_id], dim=1)
-    return ids
-
-
-def greedy_with_cache(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
-    cache = model.make_cache(ids.shape[0], ids.shape[1] + steps)
-    out = model(ids, past_key_values=cache, use_cache=True)
-    generated = [ids]
-    for _ in range(steps):
-        next_id = out.logits[:, -1].argmax(-1, keepdim=True)
-        generated.append(next_id)
-        out = model(next_id, past_key_values=cache, use_cache=True)
-    return torch.cat(generated, dim=1)
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)

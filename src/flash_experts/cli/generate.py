@@ -39,7 +39,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
 
 
 def sampling_config_from_args(args: argparse.Namespace):
+    """The SamplingConfig the shared sampling arguments describe (`--max-new-tokens` is checked here too)."""
+    from flash_experts.errors import UserError
     from flash_experts.generation.sampling import SamplingConfig
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
 
     return SamplingConfig(
         temperature=0.0 if args.greedy else args.temperature,
@@ -104,8 +109,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     config = sampling_config_from_args(args)
     prompts = [p for p in (args.prompt or [""]) for _ in range(args.num_samples)]
     model, tokenizer = load_for_generation(args.model, args.device)

@@ -46,8 +46,6 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"-n/--num-names must be >= 1, got {args.num_names}")
     if args.max_rounds < 1:
         raise UserError(f"--max-rounds must be >= 1, got {args.max_rounds}")
-    if args.max_new_tokens < 1:
-        raise UserError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.colors is not None and args.type_line is None:
         raise UserError("--colors needs --type too (the conditioned format is 'type | colors | name')")
     conditioning_prefix(args.type_line, args.colors)  # a bad type line or colour fails before the model loads

@@ -84,6 +84,7 @@ def test_interrupted_best_replacement_is_recovered(tmp_path):
     ckpt.save_checkpoint(tmp_path / "best", tiny_hf_gpt2(fill=1.0), None, {"step": 1})
     os.rename(tmp_path / "best", tmp_path / ".old-best-deadbeef")
     (tmp_path / ".tmp-best-x").mkdir()
+    (tmp_path / ".tmp-latest-0123abcd").write_text("step_00000002\n")  # a pointer write killed before its rename
     ckpt.recover_interrupted_saves(tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
     assert ckpt.load_trainer_state(tmp_path / "best") == {"step": 1}

@@ -97,12 +97,16 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
 
 
 def recover_interrupted_saves(parent: Path) -> None:
-    """Clean up after a killed save: drop `.tmp-*` folders; put back an `.old-*` whose replacement never landed."""
+    """Clean up after a killed save: drop `.tmp-*` folders and files; put back an `.old-*` whose replacement never landed."""
     if not parent.is_dir():
         return
     for path in parent.iterdir():
         if path.name.startswith(".tmp-"):
-            shutil.rmtree(path, ignore_errors=True)
+            # a killed save leaves a temp folder (save_checkpoint) or a temp file (the `latest` pointer)
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
         elif path.name.startswith(".old-"):
             original = parent / path.name[len(".old-") :].rsplit("-", 1)[0]
             if original.exists():

@@ -74,10 +74,12 @@ SETTINGS = [  # (experts, top_k, capacity factor)
 ]
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("num_experts,top_k,capacity_factor", SETTINGS)
-def test_moe_layer_matches_loop_reference(num_experts, top_k, capacity_factor, gated):
+def test_moe_layer_matches_loop_reference(num_experts, top_k, capacity_factor, gated, backend):
     layer = make_layer(num_experts, top_k, capacity_factor, gated)
+    layer.experts.backend = backend
     reference = make_layer(num_experts, top_k, capacity_factor, gated)
     reference.load_state_dict(layer.state_dict())
     x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(5))
@@ -138,3 +140,48 @@ def test_router_jitter_only_while_training():
     torch.manual_seed(0)
     c, _ = layer(x)
     assert not torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_experts_that_receive_no_tokens_get_zero_gradient(backend):
+    """Reference: the loop reference's gradients (zero for the idle experts' slices of the stacked weights)."""
+    layer = make_layer(8, 2, 0.0, gated=False)
+    layer.experts.backend = backend
+    with torch.no_grad():
+        layer.router.weight[:2] = layer.router.weight[:2].abs()  # positive inputs: only experts 0 and 1 can win
+        layer.router.weight[2:] = -layer.router.weight[2:].abs()
+    reference = make_layer(8, 2, 0.0, gated=False)
+    reference.load_state_dict(layer.state_dict())
+    x = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(1)).abs()
+    out, stats = layer(x)
+    assert stats.tokens_per_expert[2:].sum() == 0 and stats.tokens_per_expert[:2].sum() == 18
+    out.square().sum().backward()
+    loop_reference(reference, x).square().sum().backward()
+    for (name, p), (_, q) in zip(layer.named_parameters(), reference.named_parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-5, rtol=1e-4), name
+    assert torch.all(layer.experts.w_up.grad[2:] == 0) and torch.all(layer.experts.b_down.grad[2:] == 0)
+
+
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+def test_experts_follow_bf16_autocast(backend):
+    """Reference: the fp32 loop reference. Under bf16 autocast the expert matmuls must run in bf16 (as autocast
+    runs a dense MLP's), so the output moves off the fp32 result by bf16 rounding, and no further."""
+    layer = make_layer(4, 2, 0.0, gated=False)
+    layer.experts.backend = backend
+    x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(5))
+    expected = loop_reference(layer, x).detach()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(x)
+    error = (out.float() - expected).abs().max() / expected.abs().max()
+    assert 1e-4 < error < 3e-2, float(error)
+
+
+def test_router_decides_in_fp32_under_autocast():
+    """Reference: the router's formula in plain fp32 math; autocast must not lower the routing scores."""
+    layer = make_layer(8, 2, 0.0, gated=False)
+    x = torch.randn(40, 16, generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weights, experts, logits, _ = layer.router(x)
+    assert logits.dtype == torch.float32
+    assert torch.allclose(logits, x @ layer.router.weight.T, rtol=1e-6, atol=1e-6)  # bf16 would be ~1e-2 off
+    assert torch.equal(experts, (x @ layer.router.weight.T).topk(2).indices)

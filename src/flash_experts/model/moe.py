@@ -5,7 +5,8 @@ token-to-expert assignments (fewer when a capacity drops some).
 
 The dispatch never loops over tokens. Assignments are sorted by expert so that each expert's tokens are one
 contiguous slice, then both expert matmuls run as grouped matrix products over those slices
-(`torch._grouped_mm` where the device and dtype support it; otherwise one matmul per expert over its slice).
+(`torch._grouped_mm` where the device and dtype have it; elsewhere one BLAS call per expert into a shared
+output: see `grouped_linear`).
 """
 
 from __future__ import annotations
@@ -61,11 +62,15 @@ class Router(nn.Module):
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (weights_TK fp32, experts_TK long, logits_TE fp32, probs_TE fp32)."""
-        x_TD = x_TD.float()
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return self._route(x_TD.float())
+
+    def _route(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         if self.training and self.jitter > 0:
             noise = torch.empty_like(x_TD).uniform_(1.0 - self.jitter, 1.0 + self.jitter)
             x_TD = x_TD * noise
-        # Routing decisions are made in fp32: bf16 scores flip top-k choices between near-equal experts.
+        # Routing decisions are made in fp32 (autocast off): bf16 scores flip top-k choices between near-equal
+        # experts.
         logits_TE = F.linear(x_TD, self.weight.float())
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
@@ -74,20 +79,34 @@ class Router(nn.Module):
         return weights_TK, experts_TK, logits_TE, probs_TE
 
 
-def grouped_matmul(x_ND: Tensor, w_EDF: Tensor, offsets_E: Tensor, counts: list[int] | None) -> Tensor:
-    """y[rows of expert e] = x[rows of expert e] @ w[e]; rows sorted by expert, `offsets_E` = cumulative ends.
+GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
 
-    Uses `torch._grouped_mm` (one kernel for all experts) where it is available for this device and dtype;
-    otherwise one matmul per expert over its contiguous slice. `counts` are the per-expert row counts on the
-    host (only the fallback needs them).
+
+def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto") -> Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e] + b[e]; rows sorted by expert, `counts_E` rows each.
+
+    Two interchangeable implementations (the tests hold both to the same loop reference):
+    - "grouped_mm": `torch._grouped_mm`, one call for all experts (the bias is gathered per row);
+    - "loop": one BLAS call per non-empty expert writing into one output, the bias fused (`addmm`), with a
+      hand-written backward of the same shape (no split/cat copies, no per-row bias gather).
+    "auto" takes `_grouped_mm` wherever this device and dtype have it (CPU fp32/bf16; CUDA bf16 on Hopper or
+    newer), else the loop. On CPU the two measure equal within noise (benchmarks/bench_moe.py shows both).
     """
-    if _grouped_mm_supported(x_ND, w_EDF):
-        return torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
-    assert counts is not None
-    pieces = [x @ w_EDF[e] for e, x in enumerate(torch.split(x_ND, counts)) if counts[e] > 0]
-    if not pieces:
-        return x_ND.new_zeros(0, w_EDF.shape[-1])
-    return torch.cat(pieces)
+    if backend == "auto":
+        backend = "grouped_mm" if _grouped_mm_supported(x_ND, w_EDF) else "loop"
+    if backend == "grouped_mm":
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
+        if b_EF is None:
+            return y_NF
+        # index_select rather than b[experts]: its backward is index_add_ (parallel on CPU), where advanced
+        # indexing's is an accumulating index_put_ (serial on CPU).
+        experts_N = torch.repeat_interleave(torch.arange(len(counts_E), device=x_ND.device), counts_E,
+                                            output_size=x_ND.shape[0])
+        return y_NF + b_EF.index_select(0, experts_N)
+    if backend != "loop":
+        raise ValueError(f"unknown grouped backend {backend!r}; choose from {GROUPED_BACKENDS}")
+    return _LoopGroupedLinear.apply(x_ND, w_EDF, b_EF, counts_E.tolist())
 
 
 def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
@@ -106,8 +125,63 @@ def _grouped_mm_supported(x: Tensor, w: Tensor) -> bool:
     return False
 
 
-def _use_host_counts(x: Tensor, w: Tensor) -> bool:
-    return not _grouped_mm_supported(x, w)
+class _LoopGroupedLinear(torch.autograd.Function):
+    """Per-expert matmuls over contiguous row slices, written in place into one output (and one gradient)."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts: list[int]) -> Tensor:
+        y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+        for e, rows in _expert_slices(counts):
+            if b_EF is None:
+                torch.mm(x_ND[rows], w_EDF[e], out=y_NF[rows])
+            else:
+                torch.addmm(b_EF[e], x_ND[rows], w_EDF[e], out=y_NF[rows])
+        ctx.save_for_backward(x_ND, w_EDF)
+        ctx.counts = counts
+        ctx.has_bias = b_EF is not None
+        return y_NF
+
+    @staticmethod
+    def backward(ctx, grad_NF: Tensor):
+        x_ND, w_EDF = ctx.saved_tensors
+        grad_NF = grad_NF.contiguous()
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = torch.empty_like(x_ND) if need_x else None
+        grad_w = torch.empty_like(w_EDF) if need_w else None
+        grad_b = grad_NF.new_empty(w_EDF.shape[0], w_EDF.shape[-1]) if need_b and ctx.has_bias else None
+        # Experts that received no rows get exactly zero gradient (zeroing only those saves a pass over all
+        # E x D x F weights).
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                for grad in (grad_w, grad_b):
+                    if grad is not None:
+                        grad[e].zero_()
+        for e, rows in _expert_slices(ctx.counts):
+            g = grad_NF[rows]
+            if grad_x is not None:
+                torch.mm(g, w_EDF[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                torch.mm(x_ND[rows].t(), g, out=grad_w[e])
+            if grad_b is not None:
+                torch.sum(g, dim=0, out=grad_b[e])
+        return grad_x, grad_w, grad_b, None
+
+
+def _expert_slices(counts: list[int]):
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+def expert_compute_dtype(x: Tensor) -> torch.dtype:
+    """The autocast dtype when autocast is on for x's device (the experts are matmuls, which autocast would
+    lower, but it does not see inside `_grouped_mm` or `out=` calls), else x's own dtype."""
+    device_type = x.device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return x.dtype
 
 
 class GroupedExperts(nn.Module):
@@ -130,27 +204,24 @@ class GroupedExperts(nn.Module):
         self.w_down = nn.Parameter(torch.empty(E, F_, D))
         self.b_up = nn.Parameter(torch.zeros(E, F_)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(E, D)) if bias else None
+        self.backend = "auto"  # see grouped_linear; the tests and benchmarks pin one
 
-    def forward(self, x_ND: Tensor, experts_N: Tensor, counts_E: Tensor) -> Tensor:
-        """x_ND: inputs sorted by expert; experts_N: the expert of each row; counts_E: rows per expert."""
-        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        dtype = x_ND.dtype
-        w_up = self.w_up.to(dtype)
-        host_counts = counts_E.tolist() if _use_host_counts(x_ND, w_up) else None
-        up_NF = grouped_matmul(x_ND, w_up, offsets_E, host_counts)
-        # index_select rather than b[experts_N]: its backward is index_add_ (parallel on CPU), where advanced
-        # indexing's is an accumulating index_put_ (serial on CPU) over N x F elements.
-        if self.b_up is not None:
-            up_NF = up_NF + self.b_up.to(dtype).index_select(0, experts_N)
-        if self.gated:
-            gate_NF = grouped_matmul(x_ND, self.w_gate.to(dtype), offsets_E, host_counts)
-            hidden_NF = self.activation(gate_NF) * up_NF
-        else:
-            hidden_NF = self.activation(up_NF)
-        out_ND = grouped_matmul(hidden_NF, self.w_down.to(dtype), offsets_E, host_counts)
-        if self.b_down is not None:
-            out_ND = out_ND + self.b_down.to(dtype).index_select(0, experts_N)
-        return out_ND
+    def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """x_ND: inputs sorted by expert; counts_E: rows per expert. Returns the outputs in the compute dtype."""
+        dtype = expert_compute_dtype(x_ND)
+        x_ND = x_ND.to(dtype)
+
+        def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
+            return grouped_linear(x, w.to(dtype), None if b is None else b.to(dtype), counts_E, self.backend)
+
+        # The casts happened above; autocast must not re-cast inside the grouped products.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            up_NF = linear(x_ND, self.w_up, self.b_up)
+            if self.gated:
+                hidden_NF = self.activation(linear(x_ND, self.w_gate, None)) * up_NF
+            else:
+                hidden_NF = self.activation(up_NF)
+            return linear(hidden_NF, self.w_down, self.b_down)
 
 
 class MoELayer(nn.Module):
@@ -183,23 +254,21 @@ class MoELayer(nn.Module):
         # which a capacity limit keeps them).
         experts_N = experts_TK.reshape(-1)
         order_N = torch.argsort(experts_N, stable=True)
-        sorted_experts_N = experts_N[order_N]
         counts_E = torch.bincount(experts_N, minlength=self.num_experts)
         dropped = torch.zeros((), dtype=torch.long, device=x_TD.device)
 
         capacity = self.capacity(num_tokens)
         if capacity is not None:
             starts_E = torch.cumsum(counts_E, dim=0) - counts_E
-            rank_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[sorted_experts_N]
-            keep_N = rank_N < capacity
-            order_N, sorted_experts_N = order_N[keep_N], sorted_experts_N[keep_N]
+            rank_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[experts_N[order_N]]
+            order_N = order_N[rank_N < capacity]
             kept_counts_E = counts_E.clamp(max=capacity)
             dropped = (counts_E - kept_counts_E).sum()
         else:
             kept_counts_E = counts_E
 
         token_N = order_N // self.top_k
-        expert_out_ND = self.experts(x_TD.index_select(0, token_N), sorted_experts_N, kept_counts_E)
+        expert_out_ND = self.experts(x_TD.index_select(0, token_N), kept_counts_E)
         weight_N1 = weights_TK.reshape(-1)[order_N].unsqueeze(-1)
         # Combine in fp32: a token's K outputs are summed with weights that sum to 1, which keeps an
         # upcycled model (identical experts) equal to its dense source.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import pytest
@@ -258,7 +259,10 @@ def test_resolve_device_and_precision():
     has_cuda = torch.cuda.is_available()
     assert resolve_device("auto") == ("cuda" if has_cuda else "cpu")
     assert resolve_device("cpu") == "cpu"
-    assert resolve_precision("auto", "cpu") == "fp32"
+    flags = set(open("/proc/cpuinfo").read().split()) if os.path.exists("/proc/cpuinfo") else set()
+    if flags:  # reference: the kernel's CPU flags, independent of torch's own detection
+        native_bf16 = bool(flags & {"avx512_bf16", "amx_bf16"})
+        assert resolve_precision("auto", "cpu") == ("bf16" if native_bf16 else "fp32")
     assert resolve_precision("bf16", "cpu") == "bf16"
     with pytest.raises(UserError, match="fp16"):
         resolve_precision("fp16", "cpu")

@@ -40,6 +40,24 @@ def test_generate_cli_prints_library_output(model_dir, capsys):
     assert "new tokens in" in err and "tokens/s" in err
 
 
+def test_generate_cli_bf16_weights_match_hf_in_bf16(model_dir, capsys):
+    """Reference: HF's GPT2LMHeadModel cast to bf16, greedy through HF `generate`; `--dtype bf16` must decode
+    with bf16 weights (the fp32 model's tokens differ at this initialisation, so the test sees the cast)."""
+    code = main(["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "8", "--greedy",
+                 "--no-stream", "--device", "cpu", "--dtype", "bf16"])
+    out = capsys.readouterr().out
+    assert code == 0
+    tokenizer = make_tokenizer()
+    prompt = tokenizer("Sword of", return_tensors="pt")
+    expected = {}
+    for dtype in (torch.bfloat16, torch.float32):
+        hf = make_hf_model(len(tokenizer)).to(dtype)
+        ids = hf.generate(**prompt, max_new_tokens=8, do_sample=False, pad_token_id=0, eos_token_id=None)
+        expected[dtype] = tokenizer.decode(ids[0, prompt["input_ids"].shape[1]:])
+    assert expected[torch.bfloat16] != expected[torch.float32]
+    assert out == "Sword of" + expected[torch.bfloat16] + "\n"
+
+
 def test_generate_cli_streams_first_sample(model_dir, capsys):
     """Reference: the non-streamed run; streaming prints the same text for sample 1, then the others."""
     args = ["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "5", "--seed", "3",
@@ -135,6 +153,7 @@ def test_generate_cli_allow_regex_and_ban_words(model_dir, capsys):
         (["generate", "{model}", "--prompt", "the", "--repetition-penalty", "-1"], "repetition_penalty"),
         (["generate", "{model}", "--prompt", "the", "--top-k", "-1"], "top_k"),
         (["generate", "{model}", "--prompt", "the", "--stop", ""], "stop strings"),
+        (["generate", "{model}", "--prompt", "the", "--dtype", "fp16"], "fp16 needs a CUDA device"),
     ],
 )
 def test_more_absurd_arguments_are_one_line_errors(model_dir, capsys, argv, message):

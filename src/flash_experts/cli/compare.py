@@ -27,8 +27,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_source_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=40)
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="sampling seeds, each used for every model (default 0 1)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
-                        help="run every model in this dtype (default float32)")
     parser.add_argument("--speed-batch-size", type=int, default=4, metavar="N", help="batch of the forward-speed test (default 4)")
     parser.add_argument("--speed-seq-len", type=int, default=256, metavar="N", help="sequence length of the forward-speed test (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -38,7 +36,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    import torch
     from rich.console import Console
 
     from flash_experts.cli.evaluate import check_source_arguments
@@ -74,13 +71,12 @@ def run(args: argparse.Namespace) -> int:
     if args.max_tokens is not None and eval_source:
         eval_source += f", first {args.max_tokens:,} tokens"
 
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
     entries = []
     for name, source in zip(names, args.models):
-        model, tokenizer = load_for_generation(source, args.device)
+        model, tokenizer = load_for_generation(source, args.device, args.dtype)
         if args.data is not None:
             check_data_tokenizer(args.data, tokenizer)
-        entries.append(ModelEntry(name=name, model=model.to(dtype), tokenizer=tokenizer))
+        entries.append(ModelEntry(name=name, model=model, tokenizer=tokenizer))
 
     result = compare_models(
         entries, prompts=args.prompt or DEFAULT_PROMPTS, seeds=args.seed, sampling=sampling,

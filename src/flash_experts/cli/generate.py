@@ -35,7 +35,19 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
                             "(EOS always allowed)")
     group.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     group.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
+    add_device_arguments(parser)
+
+
+DTYPES = ("fp32", "bf16", "fp16")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser) -> None:
+    """--device and --dtype, for every verb that runs a model for inference."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+                        help="precision of the weights: bf16 halves the memory every decoded token reads (about "
+                             "2x faster at batch 1 on a CPU with AVX-512 BF16 or a GPU), at the cost of slightly "
+                             "different logits; fp16 needs CUDA (default fp32)")
 
 
 def sampling_config_from_args(args: argparse.Namespace):
@@ -60,8 +72,8 @@ def sampling_config_from_args(args: argparse.Namespace):
     )
 
 
-def load_for_generation(name_or_path: str, device_name: str):
-    """(model, tokenizer) on the requested device, in eval mode."""
+def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "fp32"):
+    """(model, tokenizer) on the requested device, with weights in `dtype_name` (fp32, bf16, fp16), in eval mode."""
     import torch
 
     from flash_experts.errors import UserError
@@ -75,10 +87,15 @@ def load_for_generation(name_or_path: str, device_name: str):
         raise UserError(f"unknown device {device_name!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available")
+    if dtype_name not in DTYPES:
+        raise UserError(f"unknown dtype {dtype_name!r}: use one of {', '.join(DTYPES)}")
+    if dtype_name == "fp16" and device.type != "cuda":
+        raise UserError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on CPU")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     model, tokenizer = load_model(name_or_path)
     if tokenizer is None:
         raise UserError(f"no tokenizer found for {name_or_path}")
-    return model.to(device).eval(), tokenizer
+    return model.to(device=device, dtype=dtype).eval(), tokenizer
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -111,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     config = sampling_config_from_args(args)
     prompts = [p for p in (args.prompt or [""]) for _ in range(args.num_samples)]
-    model, tokenizer = load_for_generation(args.model, args.device)
+    model, tokenizer = load_for_generation(args.model, args.device, args.dtype)
 
     stream = None
     if not args.no_stream:

@@ -46,7 +46,10 @@ def machine_description(device: str = "cpu") -> str:
     return (f"{hardware}; {os.cpu_count()} cores; torch {torch.__version__} ({torch.get_num_threads()} threads); "
             f"transformers {transformers.__version__}; triton {triton_version}; python {platform.python_version()}; "
             # Other processes slow every timing down; the load average makes that visible.
-            f"load average {os.getloadavg()[0]:.1f}")
+            f"load average {os.getloadavg()[0]:.1f}"
+            # PyTorch's CPU allocator backs large tensors with transparent huge pages when this is 1 (fewer page
+            # faults on fresh activations and gradients); it applies to every contender of the process alike.
+            f"; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
 
 
 def _cpu_model() -> str:

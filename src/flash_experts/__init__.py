@@ -1,16 +1,34 @@
-"""flash-experts: GPT-2 (and Llama-family) models upcycled to Mixture-of-Experts, with our Flash Attention."""
+"""flash-experts: GPT-2 (and Llama-family) models upcycled to Mixture-of-Experts, with our Flash Attention.
 
-from flash_experts.attention import attention, flash_attention
-from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM, LlamaMoEConfig, upcycle, upcycle_gpt2
+The public names below load on first use (PEP 562), so that `import flash_experts` does not import torch:
+the command line sets torch's environment (`flash_experts.cli.main`) before torch first allocates memory.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "GPT2MoEConfig",
-    "GPT2MoEForCausalLM",
-    "LlamaMoEConfig",
-    "attention",
-    "flash_attention",
-    "upcycle",
-    "upcycle_gpt2",
-]
+_EXPORTS = {
+    "attention": "flash_experts.attention",
+    "flash_attention": "flash_experts.attention",
+    "GPT2MoEConfig": "flash_experts.model",
+    "GPT2MoEForCausalLM": "flash_experts.model",
+    "LlamaMoEConfig": "flash_experts.model",
+    "upcycle": "flash_experts.model",
+    "upcycle_gpt2": "flash_experts.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'flash_experts' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])

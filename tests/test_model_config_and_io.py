@@ -60,3 +60,31 @@ def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, tiny_gpt2_d
 def test_tied_embeddings_stay_tied():
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0))
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
+
+
+def test_vocab_projection_equals_linear_and_follows_weight_changes():
+    """Reference: F.linear with the same weight. The decode-time transposed copy must give the same logits,
+    and must never go stale: in-place updates (an optimizer step), a dtype change and reloading all show."""
+    import torch.nn.functional as F
+
+    from flash_experts.model.common import VocabProjection
+
+    torch.manual_seed(0)
+    head = VocabProjection(24, 50, bias=False)
+    one_row, many_rows = torch.randn(1, 1, 24), torch.randn(2, 20, 24)
+    with torch.no_grad():
+        for x in (one_row, many_rows):
+            torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
+        assert hasattr(head, "_weight_t")  # the one-row call took the copy path
+        head.weight.add_(1.0)  # what an optimizer step does
+        torch.testing.assert_close(head(one_row), F.linear(one_row, head.weight), rtol=1e-5, atol=1e-6)
+        head.load_state_dict({"weight": torch.randn(50, 24)})
+        torch.testing.assert_close(head(one_row), F.linear(one_row, head.weight), rtol=1e-5, atol=1e-6)
+        head.to(torch.bfloat16)
+        out = head(one_row.bfloat16())
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out, F.linear(one_row.bfloat16(), head.weight), rtol=1e-2, atol=1e-2)
+    # with gradients it is a plain nn.Linear (the copy would cut the graph)
+    x = one_row.bfloat16().requires_grad_()
+    head(x).sum().backward()
+    assert head.weight.grad is not None and x.grad is not None

@@ -43,7 +43,7 @@ class RunConfig:
     # auto = bf16 autocast where the hardware computes bf16 natively (CUDA; CPUs with AVX-512 BF16 or AMX),
     # else fp32; master weights are always fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
+    compile: bool = False  # torch.compile (inductor); a part that fails to compile runs eagerly (training/compile.py)
     quiet: bool = False
 
 

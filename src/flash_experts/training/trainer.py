@@ -34,6 +34,7 @@ from flash_experts.errors import UserError
 from flash_experts.training import checkpoint as ckpt
 from flash_experts.training import distributed as dist_utils
 from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
+from flash_experts.training.compile import compile_fail_safe
 from flash_experts.data.tokens import load_meta, load_split
 from flash_experts.training.data import EvalBatches, TrainBatches
 from flash_experts.training.schedule import lr_at
@@ -300,7 +301,7 @@ class Trainer:
                 "on a filesystem that every node can read"
             )
 
-        compiled = torch.compile(model) if cfg.run.compile else model
+        compiled = compile_fail_safe(model) if cfg.run.compile else model
         self.model = dist_utils.wrap_ddp(compiled, info)
         self.eval_model = compiled
 

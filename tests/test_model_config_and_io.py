@@ -72,8 +72,9 @@ def test_vocab_projection_equals_linear_and_follows_weight_changes():
     torch.manual_seed(0)
     head = VocabProjection(24, 50, bias=False)
     one_row, many_rows = torch.randn(1, 1, 24), torch.randn(2, 20, 24)
+    decode_batch, last_positions = torch.randn(3, 1, 24), torch.randn(3, 5, 24)[:, -1:]  # copy path, 3 rows
     with torch.no_grad():
-        for x in (one_row, many_rows):
+        for x in (one_row, many_rows, decode_batch, last_positions):
             torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
         assert hasattr(head, "_weight_t")  # the one-row call took the copy path
         head.weight.add_(1.0)  # what an optimizer step does

@@ -93,4 +93,6 @@ class VocabProjection(nn.Linear):
         if getattr(self, "_copy_key", None) != key:
             self._weight_t = weight.detach().t().contiguous()
             self._copy_key = key
-        return x @ self._weight_t
+        # As one (rows, width) @ (width, vocab) product: `matmul` on (B, 1, width) would broadcast the weight
+        # and copy it once per row (measured: 16 copies of the head at batch 16).
+        return (x.reshape(rows, x.shape[-1]) @ self._weight_t).view(*x.shape[:-1], self._weight_t.shape[1])

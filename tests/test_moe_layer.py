@@ -176,6 +176,28 @@ def test_experts_follow_bf16_autocast(backend):
     assert 1e-4 < error < 3e-2, float(error)
 
 
+@pytest.mark.parametrize("backend", ["loop", "grouped_mm"])
+@pytest.mark.parametrize("gated", [False, True])
+def test_gradients_under_bf16_autocast_reach_fp32_weights(backend, gated):
+    """Reference: the fp32 loop reference's gradients. Under bf16 autocast the layer computes in bf16 but its
+    parameters stay fp32: every gradient must arrive in fp32 and differ from the reference by bf16 rounding
+    only (a gradient sent to the wrong expert or row would be off by O(1))."""
+    layer = make_layer(4, 2, 0.0, gated=gated, seed=3)
+    layer.experts.backend = backend
+    x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(6), requires_grad=True)
+    upstream = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(7))
+    params = [p for p in layer.parameters()]
+    expected = torch.autograd.grad((loop_reference(layer, x) * upstream).sum(), [x, *params])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = layer(x)
+    grads = torch.autograd.grad((out.float() * upstream).sum(), [x, *params], allow_unused=True)
+    names = ["x", *(name for name, _ in layer.named_parameters())]
+    for name, got, want in zip(names, grads, expected, strict=True):
+        assert got.dtype == torch.float32, name
+        error = (got - want).abs().max() / want.abs().max()
+        assert error < 3e-2, (name, float(error))
+
+
 def test_router_decides_in_fp32_under_autocast():
     """Reference: the router's formula in plain fp32 math; autocast must not lower the routing scores."""
     layer = make_layer(8, 2, 0.0, gated=False)

@@ -85,10 +85,14 @@ GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
 def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto") -> Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e] + b[e]; rows sorted by expert, `counts_E` rows each.
 
+    The product runs in x's dtype: `w` may be stored in another (fp32 master weights under bf16 autocast) and
+    its gradient comes back in its own dtype; `b` must already be in x's dtype.
     Two interchangeable implementations (the tests hold both to the same loop reference):
     - "grouped_mm": `torch._grouped_mm`, one kernel for all experts (the bias is gathered per row);
     - "loop": one BLAS call per non-empty expert writing into one output, the bias fused (`addmm`), with a
-      hand-written backward of the same shape (no split/cat copies, no per-row bias gather).
+      hand-written backward of the same shape (no split/cat copies, no per-row bias gather). It casts one
+      expert's weight at a time: on CPU a cast of the whole stack (tens of MB, freshly allocated in forward
+      and again for the gradient in backward) cost more than the bf16 matmuls it enabled saved.
     "auto" takes `_grouped_mm` where it is one fused kernel (CUDA, bf16, Hopper or newer), else the loop. On
     CPU `_grouped_mm` is itself a loop of per-expert matmuls, and ours measured 0-5% faster with ~20% less
     peak memory (benchmarks/bench_moe.py prints both rows).
@@ -97,7 +101,7 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
         backend = "grouped_mm" if _fused_grouped_mm(x_ND, w_EDF) else "loop"
     if backend == "grouped_mm":
         offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
-        y_NF = torch._grouped_mm(x_ND, w_EDF, offs=offsets_E)
+        y_NF = torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets_E)
         if b_EF is None:
             return y_NF
         # index_select rather than b[experts]: its backward is index_add_ (parallel on CPU), where advanced
@@ -129,10 +133,11 @@ class _LoopGroupedLinear(torch.autograd.Function):
     def forward(ctx, x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts: list[int]) -> Tensor:
         y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
         for e, rows in _expert_slices(counts):
+            w_DF = w_EDF[e].to(x_ND.dtype)  # no-op when the dtypes agree
             if b_EF is None:
-                torch.mm(x_ND[rows], w_EDF[e], out=y_NF[rows])
+                torch.mm(x_ND[rows], w_DF, out=y_NF[rows])
             else:
-                torch.addmm(b_EF[e], x_ND[rows], w_EDF[e], out=y_NF[rows])
+                torch.addmm(b_EF[e], x_ND[rows], w_DF, out=y_NF[rows])
         ctx.save_for_backward(x_ND, w_EDF)
         ctx.counts = counts
         ctx.has_bias = b_EF is not None
@@ -153,12 +158,16 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 for grad in (grad_w, grad_b):
                     if grad is not None:
                         grad[e].zero_()
+        same_dtype = w_EDF.dtype == x_ND.dtype
         for e, rows in _expert_slices(ctx.counts):
             g = grad_NF[rows]
             if grad_x is not None:
-                torch.mm(g, w_EDF[e].t(), out=grad_x[rows])
+                torch.mm(g, w_EDF[e].to(x_ND.dtype).t(), out=grad_x[rows])
             if grad_w is not None:
-                torch.mm(x_ND[rows].t(), g, out=grad_w[e])
+                if same_dtype:
+                    torch.mm(x_ND[rows].t(), g, out=grad_w[e])
+                else:  # computed in the compute dtype, as autocast computes a dense weight's gradient
+                    grad_w[e].copy_(torch.mm(x_ND[rows].t(), g))
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
         return grad_x, grad_w, grad_b, None
@@ -209,7 +218,7 @@ class GroupedExperts(nn.Module):
         x_ND = x_ND.to(dtype)
 
         def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            return grouped_linear(x, w.to(dtype), None if b is None else b.to(dtype), counts_E, self.backend)
+            return grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend)
 
         # The casts happened above; autocast must not re-cast inside the grouped products.
         with torch.autocast(x_ND.device.type, enabled=False):

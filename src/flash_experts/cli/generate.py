@@ -45,9 +45,10 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, for every verb that runs a model for inference."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=DTYPES, default="fp32",
-                        help="precision of the weights: bf16 halves the memory every decoded token reads (about "
-                             "2x faster at batch 1 on a CPU with AVX-512 BF16 or a GPU), at the cost of slightly "
-                             "different logits; fp16 needs CUDA (default fp32)")
+                        help="precision of the weights: bf16 halves the memory every decoded token reads "
+                             "(measured on a 2-core AVX-512 BF16 CPU: 1.2-1.3x the fp32 tokens/s at batch 1, 2x at "
+                             "batch 16; benchmarks/bench_generate.py), at the cost of slightly different logits; "
+                             "fp16 needs CUDA (default fp32)")
 
 
 def sampling_config_from_args(args: argparse.Namespace):

@@ -2,6 +2,16 @@
 
     python benchmarks/bench_train_step.py            # GPT-2 small size, then a short training run
     python benchmarks/bench_train_step.py --quick    # tiny sizes, seconds: a check that everything runs
+    python benchmarks/bench_train_step.py --device cuda --batch 16 --seq 1024 --skip-quality   # a GPU
+
+On CUDA (the default where one is present) the same contenders run on the GPU; peak memory is then
+torch.cuda.max_memory_allocated over two steps in this process.
+
+MFU (model FLOPs utilisation): model FLOPs per step / step time / the peak of one large matmul measured in
+the same run, device and precision (not the vendor's nominal figure, which this machine may not reach).
+Model FLOPs per token = 6 x the parameters a token passes through (non-embedding, top-k of each MoE layer's
+experts, plus the LM head) + 12 x layers x sequence x width (attention scores and values, forward and
+backward; the PaLM paper's formula).
 
 Part 1 (speed): GPT-2 small (12 layers, d=768, 12 heads, vocab 50257, random init). Ours replaces every
 other MLP with 8 experts, top-2 (so it does ~1.2x the dense model's FLOPs per token). One step = forward,
@@ -32,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine_description, markdown_table, mib, PeakRSS, run_worker  # noqa: E402
+from common import interleaved_medians, machine_description, markdown_table, mib, PeakRSS, run_worker, time_call  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -103,9 +113,10 @@ def adamw(model, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer
 
 
 def make_step(model, optimizer, dtype: torch.dtype):
-    """One training step on `ids` (B, T): forward, loss, backward, optimizer update. Returns the lm loss."""
+    """One training step on `ids` (B, T): forward, loss, backward, optimizer update. Returns the lm loss
+    (a float: on CUDA that waits for the step, so timing the call times the step)."""
     def step(ids: torch.Tensor) -> float:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()  # ours: lm loss + weighted router losses (the training objective)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -134,72 +145,113 @@ OURS, HF = "ours: GPT-2 MoE 8x top-2", "HF GPT2LMHeadModel dense (sdpa)"
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def default_precision() -> str:
-    """What our trainer runs on this CPU with run.precision=auto (bf16 where the CPU computes bf16 natively)."""
+def default_precision(device: str = "cpu") -> str:
+    """What our trainer runs with run.precision=auto (bf16 on CUDA and where the CPU computes bf16 natively)."""
     from flash_experts.training.config import resolve_precision
 
-    return resolve_precision("auto", "cpu")
+    return resolve_precision("auto", "cuda" if device.startswith("cuda") else "cpu")
 
 
 def speed_model(name: str, args):
     """The model `name` at the speed test's size (ours upcycled from the same random dense weights)."""
     dense = hf_dense(args.layers, args.embd, args.heads, args.positions, seed=0)
-    return (ours_moe(dense, 8, 2) if name == OURS else dense).train()
+    return (ours_moe(dense, 8, 2) if name == OURS else dense).train().to(args.device)
 
 
 def memory_worker(name: str, precision: str, args) -> dict:
-    """Growth of peak RSS over two training steps (gradients, AdamW state, activations) above the model."""
+    """Growth of peak memory over two training steps (gradients, AdamW state, activations) above the model:
+    peak RSS on CPU (run in a fresh process), torch.cuda.max_memory_allocated on CUDA."""
     model = speed_model(name, args)
-    ids = batches(torch.randint(0, 50257, (100_000,)), args.batch, args.seq, 1, seed=1)[0]
+    ids = batches(torch.randint(0, 50257, (100_000,)), args.batch, args.seq, 1, seed=1)[0].to(args.device)
     step = make_step(model, adamw(model, lr=1e-4), PRECISIONS[precision])
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(ids)
+        step(ids)
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
     with PeakRSS() as peak:
         step(ids)
         step(ids)
     return {"peak_bytes": peak.peak_bytes}
 
 
+def training_flops_per_token(model, seq: int) -> float:
+    """6 x active non-embedding parameters (the tied LM head counted as a matmul) + 12 x layers x seq x width."""
+    from flash_experts.evaluation.compare import count_parameters
+
+    config = model.config
+    position_embedding = config.n_positions * config.n_embd  # a lookup, no FLOPs; the token embedding is the head
+    active = count_parameters(model).active - position_embedding
+    return 6 * active + 12 * config.n_layer * seq * config.n_embd
+
+
+def matmul_peak(device: str, dtype: torch.dtype) -> float:
+    """FLOP/s of one large square matmul in `dtype` on `device` (median of 5 after warm-up): the MFU's peak."""
+    n = 8192 if device.startswith("cuda") else 2048
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    return 2 * n**3 / time_call(lambda: a @ b, device=device, warmup=2, repeats=5)
+
+
 def speed(args, stream) -> tuple[str, dict]:
-    worker_flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "embd", "heads", "batch", "seq")]
+    worker_flags = [f"--{k}={getattr(args, k)}" for k in ("layers", "embd", "heads", "batch", "seq", "device")]
     memory = {}
     for name in (OURS, HF):
         for precision in PRECISIONS:
-            result = run_worker(__file__, [name, precision, *worker_flags])
+            if args.device.startswith("cuda"):
+                result = memory_worker(name, precision, args)
+                torch.cuda.empty_cache()
+            else:
+                result = run_worker(__file__, [name, precision, *worker_flags])
             memory[(name, precision)] = result.get("peak_bytes")
             print(f"  memory {name} {precision}: {result}", file=sys.stderr, flush=True)
 
     # One model and optimizer per kind, shared by both precisions (bf16 is autocast over fp32 weights),
     # so that two GPT-2-small-sized models with AdamW state fit in memory, not four.
-    ids = batches(stream, args.batch, args.seq, 1, seed=1)[0]
-    calls, params = {}, {}
+    ids = batches(stream, args.batch, args.seq, 1, seed=1)[0].to(args.device)
+    calls, params, flops = {}, {}, {}
     for name in (OURS, HF):
         model = speed_model(name, args)
         optimizer = adamw(model, lr=1e-4)
         params[name] = sum(p.numel() for p in model.parameters())
+        flops[name] = training_flops_per_token(model, args.seq)
         for precision, dtype in PRECISIONS.items():
             calls[(name, precision)] = (lambda step: lambda: step(ids))(make_step(model, optimizer, dtype))
-    median = interleaved_medians(calls, rounds=args.rounds, on_round=lambda r: print(
+    median = interleaved_medians(calls, rounds=args.rounds, device=args.device, on_round=lambda r: print(
         f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True))
+    peaks = {precision: matmul_peak(args.device, dtype) for precision, dtype in PRECISIONS.items()}
     tokens = args.batch * args.seq
     hf_fp32 = median[(HF, "fp32")]
-    rows = [[name, precision, f"{params[name] / 1e6:.0f}M", f"{seconds * 1e3:,.0f}", f"{tokens / seconds:,.0f}",
-             mib(memory[(name, precision)]), f"{hf_fp32 / seconds:.2f}x"]
-            for (name, precision), seconds in median.items()]
+    rows = []
+    for (name, precision), seconds in median.items():
+        achieved = flops[name] * tokens / seconds
+        rows.append([name, precision, f"{params[name] / 1e6:.0f}M", f"{seconds * 1e3:,.0f}",
+                     f"{tokens / seconds:,.0f}", mib(memory[(name, precision)]), f"{hf_fp32 / seconds:.2f}x",
+                     f"{achieved / 1e12:.3f}", f"{achieved / peaks[precision]:.1%}"])
     table = markdown_table(["model", "precision", "params", "step ms (median)", "tokens/s", "peak MiB",
-                            "tokens/s vs HF fp32"], rows)
-    return table, {"ratio": hf_fp32 / median[(OURS, default_precision())]}
+                            "tokens/s vs HF fp32", "model TFLOP/s", "MFU"], rows)
+    peak_line = ", ".join(f"{p} {peaks[p] / 1e12:.2f} TFLOP/s" for p in PRECISIONS)
+    notes = (f"Model FLOPs per token: ours {flops[OURS] / 1e6:,.0f}M, HF {flops[HF] / 1e6:,.0f}M. MFU = model "
+             f"TFLOP/s / the measured peak of one large matmul here: {peak_line}.")
+    return table + "\n\n" + notes, {"ratio": hf_fp32 / median[(OURS, default_precision(args.device))]}
 
 
 def quality(args, stream) -> tuple[str, dict]:
     split = int(stream.numel() * 0.9)
     train_stream, val_stream = stream[:split], stream[split:]
-    train_data = batches(train_stream, args.train_batch, args.train_seq, args.train_steps, seed=2)
-    val_data = batches(val_stream, args.train_batch, args.train_seq, args.val_batches, seed=3)
+    train_data = [ids.to(args.device) for ids in
+                  batches(train_stream, args.train_batch, args.train_seq, args.train_steps, seed=2)]
+    val_data = [ids.to(args.device) for ids in
+                batches(val_stream, args.train_batch, args.train_seq, args.val_batches, seed=3)]
     dense, moe = fresh_models(args.train_layers, args.train_embd, args.train_heads, args.train_seq, 8, 2, seed=0)
+    dense, moe = dense.to(args.device), moe.to(args.device)
     import copy
 
     # Ours in its default precision (the target) and, when that is not fp32, in fp32 too; HF in fp32.
-    runs = [(f"{OURS}, {default_precision()}", moe, PRECISIONS[default_precision()])]
-    if default_precision() != "fp32":
+    precision = default_precision(args.device)
+    runs = [(f"{OURS}, {precision}", moe, PRECISIONS[precision])]
+    if precision != "fp32":
         runs.append((f"{OURS}, fp32", copy.deepcopy(moe), torch.float32))
     runs.append((f"{HF}, fp32", dense, torch.float32))
     results = {}
@@ -243,6 +295,7 @@ def main() -> None:
     parser.add_argument("--val-batches", type=int, default=16)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--skip-quality", action="store_true", help="only the speed table")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.quick:
@@ -261,18 +314,18 @@ def main() -> None:
     print(f"- model size: {args.layers} layers, d={args.embd}, {args.heads} heads, vocab 50257, random init"
           f"{' (GPT-2 small)' if (args.layers, args.embd) == (12, 768) else ''}; ours: 8 experts, top-2, "
           "every other layer")
-    print(f"- machine: {machine_description()}")
+    print(f"- machine: {machine_description(args.device)}")
     print(f"- data: {source}; median of {args.rounds} interleaved rounds\n")
     print(speed_table)
     verdict = "met" if speed_result["ratio"] >= 1.0 else "NOT met"
-    print(f"\nTarget: ours (default precision on this CPU = {default_precision()}) >= 1.0x HF dense fp32 tokens/s: "
-          f"{speed_result['ratio']:.2f}x, {verdict}")
+    print(f"\nTarget: ours (default precision on this {args.device} = {default_precision(args.device)}) >= 1.0x HF "
+          f"dense fp32 tokens/s: {speed_result['ratio']:.2f}x, {verdict}")
     if args.skip_quality:
         return
 
     quality_table, q = quality(args, stream)
     print(f"\n## Short training run: validation loss after {args.train_steps} steps, ours in its default "
-          f"precision ({default_precision()}) vs HF fp32\n")
+          f"precision ({default_precision(args.device)}) vs HF fp32\n")
     print(f"- model size: {args.train_layers} layers, d={args.train_embd}, {args.train_heads} heads, vocab 50257 "
           f"(reduced so the run takes minutes); batch {args.train_batch} x {args.train_seq}; AdamW lr "
           f"{args.lr}, 20 warm-up steps, grad clip 1.0; both start from the same dense weights (ours "
@@ -280,7 +333,7 @@ def main() -> None:
     print(f"- validation: {args.val_batches} batches of held-out text (the last 10%)\n")
     print(quality_table)
     within = abs(q["diff"]) <= 2 * q["stderr"]
-    print(f"\nours ({default_precision()}) - HF (fp32) validation loss = {q['diff']:+.4f} (standard error of the paired difference "
+    print(f"\nours ({default_precision(args.device)}) - HF (fp32) validation loss = {q['diff']:+.4f} (standard error of the paired difference "
           f"{q['stderr']:.4f}): {'within noise' if within else 'outside 2 standard errors'}")
 
 

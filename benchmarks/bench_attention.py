@@ -1,6 +1,6 @@
 """Attention benchmark: forward+backward time and peak memory of our flash attention against its peers.
 
-    python benchmarks/bench_attention.py            # seq 128..4096, batch 1, 12 heads, head_dim 64, causal
+    python benchmarks/bench_attention.py            # seq 128..4096 (8192 on CUDA), batch 1, 12 heads, head_dim 64, causal
     python benchmarks/bench_attention.py --quick    # seq 128 and 256 only: a check that everything runs
 
 Implementations: ours (PyTorch tiled flash, flash_experts.attention.flash), SDPA
@@ -30,6 +30,7 @@ import torch
 
 BATCH, HEADS, HEAD_DIM = 1, 12, 64
 FULL_SEQS = [128, 256, 512, 1024, 2048, 4096]
+GPU_SEQS = FULL_SEQS + [8192]  # the GPU target covers 1024..8192
 QUICK_SEQS = [128, 256]
 
 
@@ -205,6 +206,21 @@ def markdown_table(results: list[dict]) -> str:
     return "\n".join(rows)
 
 
+def triton_target_line(results: list[dict]) -> str:
+    """The GPU target: our Triton kernel's fwd+bwd >= 0.8x the speed of SDPA's flash backend, bf16, seq 1024..8192."""
+    by_key = {(r["impl"], r["seq"], r["dtype"]): r for r in results if "error" not in r}
+    ratios = {}
+    for seq in sorted({r["seq"] for r in results if 1024 <= r["seq"] <= 8192}):
+        triton, flash = by_key.get(("triton", seq, "bf16")), by_key.get(("sdpa-flash", seq, "bf16"))
+        if triton and flash:
+            ratios[seq] = flash["time_s"] / triton["time_s"]  # speed of ours relative to SDPA's flash backend
+    if not ratios:
+        return ""
+    verdict = "met" if min(ratios.values()) >= 0.8 and max(ratios) >= 8192 and min(ratios) <= 1024 else "NOT met"
+    listed = ", ".join(f"{seq}: {ratio:.2f}x" for seq, ratio in ratios.items())
+    return f"GPU target, Triton speed / SDPA flash speed (bf16, target >= 0.8x at seq 1024..8192): {listed}; {verdict}"
+
+
 def memory_target_line(results: list[dict]) -> str:
     """The issue's target: our peak memory at sequence 4096 <= 1/4 of eager attention's."""
     by_key = {(r["impl"], r["seq"], r["dtype"]): r for r in results if "error" not in r}
@@ -221,7 +237,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="seq 128 and 256 only, fewer repeats")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--seqs", type=int, nargs="+", help="sequence lengths (default 128..4096)")
+    parser.add_argument("--seqs", type=int, nargs="+", help="sequence lengths (default 128..4096, on CUDA ..8192)")
     parser.add_argument("--min-seconds", type=float, default=2.0, help="time each case at least this long")
     parser.add_argument("--max-repeats", type=int, default=10)
     parser.add_argument("--worker", nargs=4, metavar=("IMPL", "SEQ", "DTYPE", "DEVICE"), help=argparse.SUPPRESS)
@@ -232,7 +248,7 @@ def main() -> None:
         print(json.dumps(measure(impl, int(seq), dtype_name, device, args.min_seconds, args.max_repeats)))
         return
 
-    seqs = args.seqs or (QUICK_SEQS if args.quick else FULL_SEQS)
+    seqs = args.seqs or (QUICK_SEQS if args.quick else GPU_SEQS if args.device == "cuda" else FULL_SEQS)
     min_seconds, max_repeats = (0.2, 3) if args.quick else (args.min_seconds, args.max_repeats)
     cases = [("fp32", impl) for impl in ("ours", "sdpa", "eager")]
     notes = []
@@ -262,7 +278,7 @@ def main() -> None:
           + ("(growth of ru_maxrss in a fresh process)." if args.device == "cpu"
              else "(torch.cuda.max_memory_allocated).")
           + " Ratios < 1 mean ours is faster / smaller.")
-    for line in [memory_target_line(results), *notes]:
+    for line in [memory_target_line(results), triton_target_line(results), *notes]:
         if line:
             print(f"\n{line}")
 

@@ -220,7 +220,7 @@ class GroupedExperts(nn.Module):
         def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
             return grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend)
 
-        # The casts happened above; autocast must not re-cast inside the grouped products.
+        # x was cast above and grouped_linear casts the weights; autocast must not re-cast inside the products.
         with torch.autocast(x_ND.device.type, enabled=False):
             up_NF = linear(x_ND, self.w_up, self.b_up)
             if self.gated:

@@ -4,7 +4,10 @@ Equal FLOPs: a GPT-2 expert (768 -> 3072 -> 768, two matmuls) costs what a SwiGL
 size 2048 costs (three matmuls 768 x 2048). 8 experts, top-2, 2048 tokens by default. Every contender gets
 the same routing work (its own router) and the same input.
 
-    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--repeats 5] [--quick]
+    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--repeats 5] [--quick] [--device cuda]
+
+On CUDA (`--device cuda`; bf16 there takes `torch._grouped_mm`'s fused kernel on Hopper) peak memory is
+torch.cuda.max_memory_allocated over one forward+backward, measured in this process.
 """
 
 from __future__ import annotations
@@ -64,7 +67,7 @@ def fwd_bwd(module: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype):
     def step():
         module.zero_grad(set_to_none=True)
         inp = x.detach().requires_grad_()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
             out = module(inp)
         out = out[0] if isinstance(out, tuple) else out
         out.float().square().mean().backward()
@@ -104,16 +107,33 @@ def sizes(quick: bool, tokens: int) -> tuple[int, int, int, int, int, int]:
     return (64, 256, 168, 8, 2, 128) if quick else (768, 3072, 2048, 8, 2, tokens)
 
 
-def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str) -> dict:
-    """Growth of peak RSS over one forward+backward (after a small warm-up), in this fresh process."""
+def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str, device: str = "cpu") -> dict:
+    """Growth of peak memory over one forward+backward (after a small warm-up): peak RSS in this fresh
+    process on CPU, torch.cuda.max_memory_allocated on CUDA."""
     d, f, f_swiglu, experts, top_k, tokens = sizes(quick, tokens)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
-    module = build(name, d, f, f_swiglu, experts, top_k)
-    fwd_bwd(module, torch.randn(1, 16, d), dtype)()  # allocator, thread pool, oneDNN kernels
-    step = fwd_bwd(module, torch.randn(1, tokens, d), dtype)
+    module = build(name, d, f, f_swiglu, experts, top_k).to(device)
+    fwd_bwd(module, torch.randn(1, 16, d, device=device), dtype)()  # allocator, thread pool, kernels
+    step = fwd_bwd(module, torch.randn(1, tokens, d, device=device), dtype)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
     with PeakRSS() as peak:
         step()
     return {"peak_bytes": peak.peak_bytes}
+
+
+def cuda_memory(name: str, args) -> dict:
+    """memory_worker in this process (CUDA peaks are per allocator, not per process), errors as a result."""
+    try:
+        return memory_worker(name, args.quick, args.tokens, args.dtype, "cuda")
+    except Exception as error:  # noqa: BLE001 - e.g. batched_mm running out of memory: reported, not fatal
+        return {"error": f"{type(error).__name__}: {error}"[:120]}
+    finally:
+        torch.cuda.empty_cache()
 
 
 def main() -> None:
@@ -122,6 +142,7 @@ def main() -> None:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -135,7 +156,7 @@ def main() -> None:
     worker_flags = ["--tokens", str(args.tokens), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
     memory, failed = {}, {}
     for name in contender_names():
-        result = run_worker(__file__, [name, *worker_flags])
+        result = cuda_memory(name, args) if args.device == "cuda" else run_worker(__file__, [name, *worker_flags])
         if "error" in result:
             failed[name] = result["error"]
             print(f"skipped {name}: {result['error']}", file=sys.stderr)
@@ -143,20 +164,21 @@ def main() -> None:
             memory[name] = result["peak_bytes"]
 
     torch.manual_seed(0)
-    x = torch.randn(1, tokens, d)
-    calls = {name: fwd_bwd(build(name, d, f, f_swiglu, experts, top_k), x, dtype)
+    x = torch.randn(1, tokens, d, device=args.device)
+    calls = {name: fwd_bwd(build(name, d, f, f_swiglu, experts, top_k).to(args.device), x, dtype)
              for name in contender_names() if name not in failed}
-    seconds = interleaved_medians(calls, rounds=args.repeats)
+    seconds = interleaved_medians(calls, rounds=args.repeats, device=args.device)
     ours_s = seconds[OURS]
     hf_best_name = min((n for n in seconds if n.startswith("HF Mixtral")), key=seconds.get)
     rows = [[name, f"{s * 1e3:.0f}", f"{tokens / s:,.0f}", mib(memory.get(name)), f"{s / ours_s:.2f}x"]
             for name, s in seconds.items()]
     rows += [[name, "failed", "", "", error] for name, error in failed.items()]
     print(f"## MoE layer forward+backward: {tokens} tokens, d={d}, {experts} experts, top-{top_k}, {args.dtype}\n")
-    print(f"- machine: {machine_description()}")
+    print(f"- machine: {machine_description(args.device)}")
+    peak = ("growth of peak RSS over one forward+backward, each contender in a fresh process" if args.device == "cpu"
+            else "torch.cuda.max_memory_allocated over one forward+backward")
     print(f"- HF experts: SwiGLU, intermediate_size={f_swiglu} (the FLOPs of a GPT-2 expert of {f}); "
-          f"median of {args.repeats} interleaved rounds; peak MiB = growth of peak RSS over one "
-          "forward+backward, each contender in a fresh process\n")
+          f"median of {args.repeats} interleaved rounds; peak MiB = {peak}\n")
     print(markdown_table(["layer", "fwd+bwd ms", "tokens/s", "peak MiB", "time / ours"], rows))
     speedup = seconds[hf_best_name] / ours_s
     print(f"\nTarget: ours >= 1.5x faster than HF's fastest option ({hf_best_name}): {speedup:.2f}x, "

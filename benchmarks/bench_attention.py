@@ -25,8 +25,12 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakCUDA  # noqa: E402
 
 BATCH, HEADS, HEAD_DIM = 1, 12, 64
 FULL_SEQS = [128, 256, 512, 1024, 2048, 4096]
@@ -117,11 +121,9 @@ def measure(impl: str, seq: int, dtype_name: str, device: str, min_seconds: floa
     inputs = make_inputs(seq)
     _sync(device)
     if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        grads = forward_backward(*inputs)
-        _sync(device)
-        peak = torch.cuda.max_memory_allocated() - before
+        with PeakCUDA() as tracker:
+            grads = forward_backward(*inputs)
+        peak = tracker.peak_bytes
     else:
         before = _max_rss_bytes()
         grads = forward_backward(*inputs)

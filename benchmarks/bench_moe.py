@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine_description, markdown_table, mib, PeakRSS, run_worker  # noqa: E402
+from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker  # noqa: E402
 
 from flash_experts.model.moe import MoELayer  # noqa: E402
 
@@ -115,13 +115,7 @@ def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str, device: 
     module = build(name, d, f, f_swiglu, experts, top_k).to(device)
     fwd_bwd(module, torch.randn(1, 16, d, device=device), dtype)()  # allocator, thread pool, kernels
     step = fwd_bwd(module, torch.randn(1, tokens, d, device=device), dtype)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-    with PeakRSS() as peak:
+    with peak_memory(device) as peak:
         step()
     return {"peak_bytes": peak.peak_bytes}
 

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved_medians, machine_description, markdown_table, mib, PeakRSS, run_worker, time_call  # noqa: E402
+from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker, time_call  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -164,14 +164,7 @@ def memory_worker(name: str, precision: str, args) -> dict:
     model = speed_model(name, args)
     ids = batches(torch.randint(0, 50257, (100_000,)), args.batch, args.seq, 1, seed=1)[0].to(args.device)
     step = make_step(model, adamw(model, lr=1e-4), PRECISIONS[precision])
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step(ids)
-        step(ids)
-        return {"peak_bytes": torch.cuda.max_memory_allocated() - before}
-    with PeakRSS() as peak:
+    with peak_memory(args.device) as peak:
         step(ids)
         step(ids)
     return {"peak_bytes": peak.peak_bytes}

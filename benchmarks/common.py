@@ -120,6 +120,26 @@ class PeakRSS:
         self.peak_bytes = max(0, _status_kib("VmHWM") - self.before_kib) * 1024
 
 
+class PeakCUDA:
+    """Growth of the CUDA allocator's peak during a `with` block, above what was allocated on entry
+    (torch.cuda.max_memory_allocated; the peak counter is reset on entry, the device synchronised at both ends)."""
+
+    def __enter__(self) -> "PeakCUDA":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self.before = torch.cuda.memory_allocated()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        torch.cuda.synchronize()
+        self.peak_bytes = torch.cuda.max_memory_allocated() - self.before
+
+
+def peak_memory(device: str) -> PeakRSS | PeakCUDA:
+    """The peak-memory tracker for `device`: the CUDA allocator's peak, or this process's peak RSS."""
+    return PeakCUDA() if device.startswith("cuda") else PeakRSS()
+
+
 def run_worker(script: str, worker_args: list[str]) -> dict:
     """Run `python script --worker ARGS...` in a fresh process and return the JSON dict on its last line.
 

@@ -10,6 +10,9 @@ One dense GPT-2 (HF `GPT2LMHeadModel`, sdpa attention, seed 0) is the source of 
   `flash_experts.generation.generate` (static KV cache, no per-token host sync).
 - ours, MoE: the same weights upcycled to 8 experts, top-2, every other layer (the same function, twice
   the MLP work in those layers).
+- int8 weights (leave out with --no-int8): ours, dense and MoE, after `quantize_int8` (weight-only int8 with
+  per-channel scales, `--quantize int8` of our CLI): not the same weights any more, so the target line is
+  still the fp32 row's, and the "tokens equal" column shows how far the quantized model's tokens drift.
 - bf16 weights (leave out with --no-bf16): HF (static cache) and ours, dense, on the same weights cast to bf16,
   as `flash-experts generate --dtype bf16` runs them; the ratio column still compares with HF's best fp32.
 Every contender gets the same prompt tokens and generates exactly --new-tokens tokens per row greedily
@@ -35,6 +38,7 @@ from common import machine_description, markdown_table  # noqa: E402
 HF_NAME = "HF generate"
 BF16_HF = "HF generate, bf16 weights (static cache)"
 BF16_OURS = "ours, dense, bf16 weights"
+INT8_OURS = "ours, dense, int8 weight-only"
 
 
 def build_models(layers: int, embd: int, heads: int):
@@ -111,6 +115,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--no-bf16", action="store_true", help="leave out the bf16-weights contenders")
+    parser.add_argument("--no-int8", action="store_true", help="leave out the int8-weights contenders")
     args = parser.parse_args()
     if args.quick:
         args.layers, args.embd, args.heads, args.new_tokens, args.rounds = 2, 64, 2, 8, 1
@@ -122,12 +127,17 @@ def main() -> None:
         "ours, dense (same weights)": ours_call(ours_dense),
         "ours, MoE 8x top-2 (upcycled)": ours_call(ours_moe),
     }
+    if not args.no_int8:
+        from flash_experts.model.quantize import quantize_int8
+
+        contenders[INT8_OURS] = ours_call(quantize_int8(copy.deepcopy(ours_dense)))
+        contenders["ours, MoE, int8 weight-only"] = ours_call(quantize_int8(copy.deepcopy(ours_moe)))
     if not args.no_bf16:
         # The same weights cast to bf16 (`--dtype bf16` of our CLI), for both libraries: half the bytes per
         # decoded token. Their tokens drift from the fp32 ones (a different model numerically).
         contenders[BF16_HF] = hf_call(copy.deepcopy(hf).to(torch.bfloat16), "static")
         contenders[BF16_OURS] = ours_call(copy.deepcopy(ours_dense).to(torch.bfloat16))
-    rows, ratio_at_1, bf16_at_1 = [], None, None
+    rows, ratio_at_1, bf16_at_1, int8_at_1 = [], None, None, None
     for batch in args.batches:
         ids = prompts(batch, args.prompt_tokens, hf.config.vocab_size)
         seconds, outputs = measure(contenders, ids, args.new_tokens, args.rounds)
@@ -139,6 +149,8 @@ def main() -> None:
                          f"{hf_best[0] / s:.2f}x", f"{same:.0%}"])
         if batch == 1:
             ratio_at_1 = hf_best[0] / seconds["ours, dense (same weights)"]
+            if INT8_OURS in seconds:
+                int8_at_1 = hf_best[0] / seconds[INT8_OURS]
             if BF16_OURS in seconds:
                 bf16_at_1 = (hf_best[0] / seconds[BF16_OURS], seconds[BF16_HF] / seconds[BF16_OURS])
         print(f"  batch {batch} done", file=sys.stderr, flush=True)
@@ -154,6 +166,8 @@ def main() -> None:
     if ratio_at_1 is not None:
         verdict = "met" if ratio_at_1 >= 2.0 else "NOT met"
         print(f"\nTarget: ours >= 2x HF generate tokens/s at batch 1 (same weights): {ratio_at_1:.2f}x, {verdict}")
+    if int8_at_1 is not None:
+        print(f"With int8 weight-only (--quantize int8) at batch 1: ours {int8_at_1:.2f}x HF's best fp32")
     if bf16_at_1 is not None:
         print(f"With bf16 weights at batch 1: ours {bf16_at_1[0]:.2f}x HF's best fp32 and {bf16_at_1[1]:.2f}x HF "
               "generate in bf16 (static cache)")

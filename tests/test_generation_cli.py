@@ -90,6 +90,51 @@ def test_generate_cli_absurd_arguments_are_one_line_errors(model_dir, capsys, ex
     assert code == 2 and err.startswith("error:") and message in err
 
 
+def test_generate_cli_quantize_int8_decodes_the_quantized_model(model_dir, capsys):
+    """Reference: HF's GPT2LMHeadModel with its matrices replaced by `quantize_int8`, greedy through the
+    library's `generate`; the CLI must decode with int8 weights (at this initialisation, where even bf16
+    changes the tokens, int8 does too, so the test sees the quantization)."""
+    import copy
+
+    from flash_experts.model.quantize import quantize_int8
+
+    code = main(["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "8", "--greedy",
+                 "--no-stream", "--device", "cpu", "--quantize", "int8"])
+    out = capsys.readouterr().out
+    assert code == 0
+    tokenizer = make_tokenizer()
+    hf = make_hf_model(len(tokenizer))
+    greedy = SamplingConfig(temperature=0)
+    expected = generate(quantize_int8(copy.deepcopy(hf)), tokenizer, ["Sword of"], greedy, 8).texts[0]
+    assert expected != generate(hf, tokenizer, ["Sword of"], greedy, 8).texts[0]
+    assert out == "Sword of" + expected + "\n"
+
+
+def test_evaluate_cli_quantize_int8_reports_the_quantized_perplexity(model_dir, tmp_path, capsys):
+    """Reference: `evaluate_perplexity` of the quantized HF model (the CLI must evaluate the int8 weights), which
+    stays within a few percent of the fp32 model's perplexity."""
+    import copy
+    import json
+
+    from flash_experts.evaluation.perplexity import evaluate_perplexity
+    from flash_experts.model.quantize import quantize_int8
+
+    text = tmp_path / "notes.txt"
+    text.write_text("Sword of Fire and Ice. Llanowar Elves tap for green mana. " * 20, encoding="utf-8")
+    report = tmp_path / "ppl.json"
+    code = main(["evaluate", str(model_dir), "--text", str(text), "--device", "cpu", "--quiet",
+                 "--quantize", "int8", "--json", str(report)])
+    assert code == 0
+    got = json.loads(report.read_text())["perplexity"]
+    tokenizer = make_tokenizer()
+    stream = torch.tensor(tokenizer.encode(text.read_text()))
+    hf = make_hf_model(len(tokenizer))
+    want = evaluate_perplexity(quantize_int8(copy.deepcopy(hf)), stream, quiet=True).perplexity
+    fp32 = evaluate_perplexity(hf, stream, quiet=True).perplexity
+    assert got == pytest.approx(want, rel=1e-6)
+    assert got != fp32 and got == pytest.approx(fp32, rel=0.05)
+
+
 def test_generate_names_cli_marks_new_and_real(model_dir, tmp_path, capsys):
     """Reference: the reference-names file; every printed name is valid, distinct and marked against it."""
     reference = tmp_path / "names.txt"

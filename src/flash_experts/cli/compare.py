@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     entries = []
     for name, source in zip(names, args.models):
-        model, tokenizer = load_for_generation(source, args.device, args.dtype)
+        model, tokenizer = load_for_generation(source, args.device, args.dtype, args.quantize)
         if args.data is not None:
             check_data_tokenizer(args.data, tokenizer)
         entries.append(ModelEntry(name=name, model=model, tokenizer=tokenizer))

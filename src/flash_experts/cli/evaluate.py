@@ -35,6 +35,8 @@ def check_source_arguments(args: argparse.Namespace) -> None:
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from flash_experts.cli.generate import add_quantize_argument
+
     parser = subparsers.add_parser(
         "evaluate",
         help="perplexity of a model on WikiText-2, a prepared split or a text file",
@@ -46,6 +48,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forwards (log-softmax stays fp32)")
     parser.add_argument("--router-stats", action="store_true", help="also report per-layer expert load, entropy, drops")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    add_quantize_argument(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
         raise UserError(f"--json: the folder for {args.json} does not exist")
     console = Console()
-    model, tokenizer = load_for_generation(args.model, args.device)
+    model, tokenizer = load_for_generation(args.model, args.device, quantize=args.quantize)
     tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
                               text_file=args.text, max_tokens=args.max_tokens)
     # Overlapping windows route most tokens several times; routing is then measured in a separate
@@ -77,8 +80,9 @@ def run(args: argparse.Namespace) -> int:
     accumulator = RouterStatsAccumulator() if args.router_stats and not overlapping else None
     result = evaluate_perplexity(model, tokens, context=args.context, stride=args.stride, batch_size=args.batch_size,
                                  bf16=args.bf16, quiet=args.quiet, router_stats=accumulator)
-    console.print(f"[bold]{args.model}[/bold]: {result.summary()}")
-    numbers = {"model": args.model, **result.as_dict()}
+    weights = " (int8 weights)" if args.quantize == "int8" else ""
+    console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
+    numbers = {"model": args.model, "quantize": args.quantize, **result.as_dict()}
     if args.router_stats:
         routing = accumulator.result() if accumulator is not None else collect_router_stats(
             model, tokens, context=result.context, batch_size=args.batch_size, bf16=args.bf16, quiet=args.quiet)

@@ -53,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.no_filter and config.allowed_regex is None:
         config = replace(config, allowed_regex=CARD_NAME_REGEX)
     reference, source = _reference_names(args.reference_names)
-    model, tokenizer = load_for_generation(args.model, args.device, args.dtype)
+    model, tokenizer = load_for_generation(args.model, args.device, args.dtype, args.quantize)
 
     metrics = generate_card_names(model, tokenizer, args.num_names, type_line=args.type_line, colors=args.colors,
                                   config=config, reference_names=reference, seed=args.seed,

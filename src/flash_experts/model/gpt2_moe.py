@@ -176,7 +176,7 @@ class GPT2MoEForCausalLM(PreTrainedModel):
             from flash_experts.errors import UserError
 
             raise UserError(f"{max_length} positions requested but the model has {self.config.n_positions}")
-        param = self.lm_head.weight
+        param = self.transformer.wte.weight  # the activations' dtype, whatever the head holds
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_length,
                        self.config.n_embd // self.config.n_head, param.dtype, param.device)
 

@@ -173,7 +173,7 @@ class LlamaMoEForCausalLM(PreTrainedModel):
             raise UserError(
                 f"{max_length} positions requested but the model has {self.config.max_position_embeddings}"
             )
-        param = self.lm_head.weight
+        param = self.get_input_embeddings().weight  # the activations' dtype, whatever the head holds
         return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_length,
                        self.config.head_dim, param.dtype, param.device)
 

@@ -1,0 +1,141 @@
+"""Weight-only int8 quantization for inference: a quarter of the fp32 bytes for every decoded token to read.
+
+Decoding one token at a time is bound by memory bandwidth: each step reads every weight once for a handful
+of rows. Storing the matrices as int8 with one fp scale per output channel (symmetric, gpt-fast's int8
+scheme: scale = max|w_row| / 127, w ~ scale * round(w / scale)) cuts those bytes 4x against fp32; the
+activations, embeddings, norms, routers and the KV cache keep the model's dtype.
+
+The product y = (x @ w_int8.T) * scale + bias runs as
+- `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight
+  directly (x in bf16). Measured on a 2-core AVX-512 CPU for GPT-2 small's block matrices: 7 ms per token
+  against 20 ms for the fp32 GEMVs. It is only correct for an inner size that is a multiple of 16 (other
+  sizes gave wrong results or crashed, torch 2.13), and it does no blocking over rows, so
+- otherwise (many rows, other inner sizes, other devices): the weight is dequantized to the compute dtype
+  and multiplied with `F.linear` (gpt-fast's formulation). On a GPU that is a memory saving, not a speed-up,
+  unless torch.compile fuses the dequantization into the product (as gpt-fast does); untested here on GPU.
+
+Inference only: quantized modules hold buffers, not parameters, so nothing trains them; keep the unquantized
+checkpoint and quantize when loading (`--quantize int8` of generate, generate-names, compare, evaluate).
+Quality: the error per weight is at most scale / 2; benchmarks/bench_generate.py reports the tokens the
+quantized model shares with the fp32 one, `flash-experts evaluate --quantize int8` its perplexity.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
+
+from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype
+
+QUANTIZE_CHOICES = ("none", "int8")
+
+# The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
+# running one bf16 matmul is faster (measured: equal at 16 rows for a 768 x 2304 matrix, 2.7x slower at 512).
+INT8_KERNEL_MAX_ROWS = 16
+
+
+def quantize_weight_int8(w_OI: Tensor) -> tuple[Tensor, Tensor]:
+    """(out, in) float weight -> (int8 weight (out, in), fp32 scales (out,)), symmetric per output channel."""
+    w = w_OI.detach().float()
+    scales_O = w.abs().amax(dim=1).clamp(min=torch.finfo(torch.float32).tiny) / 127.0
+    w_int8 = torch.round(w / scales_O[:, None]).clamp(-127, 127).to(torch.int8)
+    return w_int8.contiguous(), scales_O
+
+
+def int8_linear(x: Tensor, w_int8_OI: Tensor, scales_O: Tensor, bias_O: Tensor | None = None) -> Tensor:
+    """x (..., in) @ dequantized(w).T (+ bias), computed and returned in x's dtype."""
+    dtype = x.dtype
+    in_features = x.shape[-1]
+    x_RI = x.reshape(-1, in_features)
+    if (x.device.type == "cpu" and x_RI.shape[0] <= INT8_KERNEL_MAX_ROWS and in_features % 16 == 0
+            and hasattr(torch, "_weight_int8pack_mm")):
+        y = torch._weight_int8pack_mm(x_RI.to(torch.bfloat16).contiguous(), w_int8_OI,
+                                      scales_O.to(torch.bfloat16)).to(dtype)
+    else:
+        compute = torch.bfloat16 if dtype == torch.float32 and x.device.type == "cpu" else dtype
+        y = (F.linear(x_RI.to(compute), w_int8_OI.to(compute)) * scales_O.to(compute)).to(dtype)
+    if bias_O is not None:
+        y = y + bias_O.to(dtype)
+    return y.view(*x.shape[:-1], w_int8_OI.shape[0])
+
+
+class Int8Linear(nn.Module):
+    """Stands in for an `nn.Linear` or a GPT-2 `Conv1D` (whose (in, out) weight is transposed on the way in)."""
+
+    def __init__(self, weight_OI: Tensor, bias_O: Tensor | None):
+        super().__init__()
+        w_int8, scales = quantize_weight_int8(weight_OI)
+        self.register_buffer("weight_int8", w_int8)
+        self.register_buffer("scales", scales)
+        self.register_buffer("bias", None if bias_O is None else bias_O.detach().clone())
+        self.in_features, self.out_features = weight_OI.shape[1], weight_OI.shape[0]
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Int8Linear":
+        weight = module.weight.t() if isinstance(module, Conv1D) else module.weight
+        return cls(weight, module.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return int8_linear(x, self.weight_int8, self.scales, self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+
+
+class Int8GroupedExperts(nn.Module):
+    """`GroupedExperts` with int8 weights: one int8 product per expert that received rows (few when decoding)."""
+
+    def __init__(self, experts: GroupedExperts):
+        super().__init__()
+        self.activation = experts.activation
+        self.gated = experts.gated
+        self.num_experts = experts.num_experts
+        for name in ("w_gate", "w_up", "w_down"):
+            weight = getattr(experts, name)
+            if weight is None:
+                self.register_buffer(f"{name}_int8", None)
+                self.register_buffer(f"{name}_scales", None)
+                continue
+            # stored (E, in, out) like Conv1D; quantized per expert and output channel as (E, out, in)
+            pairs = [quantize_weight_int8(weight[e].t()) for e in range(weight.shape[0])]
+            self.register_buffer(f"{name}_int8", torch.stack([w for w, _ in pairs]))
+            self.register_buffer(f"{name}_scales", torch.stack([s for _, s in pairs]))
+        for name in ("b_up", "b_down"):
+            bias = getattr(experts, name)
+            self.register_buffer(name, None if bias is None else bias.detach().clone())
+
+    def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        x_ND = x_ND.to(expert_compute_dtype(x_ND))
+        out_ND = x_ND.new_empty(x_ND.shape)
+        for e, rows in _expert_slices(counts_E.tolist()):
+            x = x_ND[rows]
+            up = int8_linear(x, self.w_up_int8[e], self.w_up_scales[e], None if self.b_up is None else self.b_up[e])
+            if self.gated:
+                hidden = self.activation(int8_linear(x, self.w_gate_int8[e], self.w_gate_scales[e])) * up
+            else:
+                hidden = self.activation(up)
+            out_ND[rows] = int8_linear(hidden, self.w_down_int8[e], self.w_down_scales[e],
+                                       None if self.b_down is None else self.b_down[e])
+        return out_ND
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """Replace, in place, every Linear / Conv1D (the LM head included) and every MoE expert stack by its int8
+    weight-only version, and return the model. Embeddings, norms and routers keep their dtype (the routers
+    are tiny and pick the experts: a quantization error there would change which experts run)."""
+    replaced = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, (nn.Linear, Conv1D)):
+                setattr(parent, name, Int8Linear.from_module(child))
+            elif isinstance(child, GroupedExperts):
+                setattr(parent, name, Int8GroupedExperts(child))
+            else:
+                continue
+            replaced += 1
+    if replaced == 0:
+        raise ValueError("nothing to quantize: the model has no Linear, Conv1D or MoE expert layers")
+    model.requires_grad_(False)
+    return model

@@ -91,6 +91,30 @@ def test_compare_cli_writes_report(saved_models, tmp_path):
     assert all((out / name).stat().st_size > 1000 for name in ("perplexity.png", "throughput.png", "parameters.png"))
 
 
+def test_compare_cli_quantize_int8_reports_int8_models(saved_models, tmp_path):
+    """Reference: the library on `quantize_int8` of each saved model (perplexity) and the unquantized models'
+    sum(p.numel()) (the parameter count does not change with the storage)."""
+    import copy
+
+    from flash_experts.model.quantize import quantize_int8
+
+    folders, loaded, tokenizer, text_file = saved_models
+    out = tmp_path / "cmp"
+    code = main(["compare", str(folders[0]), str(folders[1]), "--out", str(out), "--text", str(text_file),
+                 "--prompt", "the", "--max-new-tokens", "3", "--speed-batch-size", "1", "--speed-seq-len", "16",
+                 "--device", "cpu", "--quiet", "--quantize", "int8"])
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
+    for model, entry in zip(loaded, results["models"]):
+        assert entry["dtype"] == "int8 weights, float32"
+        assert entry["parameters"]["total"] == sum(p.numel() for p in model.parameters())
+        expected = evaluate_perplexity(quantize_int8(copy.deepcopy(model)), ids, quiet=True).perplexity
+        assert entry["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
+        assert entry["perplexity"]["perplexity"] != pytest.approx(evaluate_perplexity(model, ids, quiet=True).perplexity,
+                                                                  rel=1e-6)
+
+
 def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path):
     """Plain arithmetic reference: with overlapping windows (stride 8 < context 64) the routing table still
     covers each token of the text once: tokens == len(ids) and assignments == len(ids) * top_k."""

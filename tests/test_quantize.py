@@ -183,3 +183,18 @@ def test_quantized_model_decodes_with_the_kv_cache_like_its_reference():
 def test_nothing_to_quantize_is_an_error():
     with pytest.raises(ValueError, match="nothing to quantize"):
         quantize_int8(nn.Sequential(nn.LayerNorm(4)))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_parameter_count_of_a_quantized_model_equals_the_original(tied):
+    """Reference: the unquantized model's count. Quantized weights are buffers but still the model's parameters;
+    a tied LM head's int8 copy is not a second parameter."""
+    from flash_experts.evaluation import count_parameters
+
+    model = tiny_moe_gpt2()
+    if not tied:
+        model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
+    want = count_parameters(model)
+    got = count_parameters(quantize_int8(copy.deepcopy(model)))
+    assert (got.total, got.active, got.expert) == (want.total, want.active, want.expert)
+    assert want.expert > 0

@@ -37,6 +37,7 @@ from flash_experts.evaluation.router_stats import (
     collect_router_stats,
     router_stats_markdown,
 )
+from flash_experts.model.quantize import quantized_weights
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
 # `block_sparse_moe.experts.`. Both contain ".experts." (a Qwen-MoE "shared_expert." always runs and does not).
@@ -98,7 +99,8 @@ class ComparisonResult:
 def count_parameters(model: torch.nn.Module) -> ParameterCount:
     """Total and active-per-token parameter counts (shared tensors, e.g. tied embeddings, counted once)."""
     total = expert = 0
-    for name, parameter in model.named_parameters():  # named_parameters() skips duplicates of shared tensors
+    # named_parameters() skips duplicates of shared tensors; int8-quantized weights are buffers
+    for name, parameter in [*model.named_parameters(), *quantized_weights(model)]:
         total += parameter.numel()
         if EXPERT_PARAMETER_MARKER in f".{name}":
             expert += parameter.numel()
@@ -268,8 +270,11 @@ def compare_models(
         if prompts:
             generations, generation_speed = _timed_generations(entry, list(prompts), list(seeds), sampling, max_new_tokens)
         parameter = next(model.parameters())
+        dtype = str(parameter.dtype).removeprefix("torch.")
+        if any(True for _ in quantized_weights(model)):
+            dtype = f"int8 weights, {dtype}"
         reports.append(ModelReport(
-            name=entry.name, dtype=str(parameter.dtype).removeprefix("torch."), device=str(parameter.device),
+            name=entry.name, dtype=dtype, device=str(parameter.device),
             parameters=count_parameters(model), perplexity=perplexity, forward_tokens_per_second=forward_speed,
             generation_tokens_per_second=generation_speed, generations=generations, routing=routing,
         ))

@@ -22,6 +22,8 @@ quantized model shares with the fp32 one, `flash-experts evaluate --quantize int
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -71,6 +73,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("scales", scales)
         self.register_buffer("bias", None if bias_O is None else bias_O.detach().clone())
         self.in_features, self.out_features = weight_OI.shape[1], weight_OI.shape[0]
+        # True when the float weight lives on as another module's parameter (an LM head tied to the input
+        # embedding): this int8 copy is then not a parameter of its own.
+        self.copies_a_parameter = False
 
     @classmethod
     def from_module(cls, module: nn.Module) -> "Int8Linear":
@@ -89,6 +94,7 @@ class Int8GroupedExperts(nn.Module):
 
     def __init__(self, experts: GroupedExperts):
         super().__init__()
+        self.copies_a_parameter = False  # expert stacks are never tied to anything
         self.activation = experts.activation
         self.gated = experts.gated
         self.num_experts = experts.num_experts
@@ -121,15 +127,32 @@ class Int8GroupedExperts(nn.Module):
         return out_ND
 
 
+def quantized_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """(name, tensor) of the int8 weights and the biases that `quantize_int8` turned from parameters into buffers
+    (scales left out): what a parameter count must still count."""
+    for module_name, module in model.named_modules():
+        if isinstance(module, (Int8Linear, Int8GroupedExperts)):
+            for name, buffer in module.named_buffers(recurse=False):
+                if name.endswith("scales") or (name == "weight_int8" and module.copies_a_parameter):
+                    continue
+                yield f"{module_name}.{name}", buffer
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """Replace, in place, every Linear / Conv1D (the LM head included) and every MoE expert stack by its int8
     weight-only version, and return the model. Embeddings, norms and routers keep their dtype (the routers
     are tiny and pick the experts: a quantization error there would change which experts run)."""
+    def quantizable(module: nn.Module) -> bool:
+        return isinstance(module, (nn.Linear, Conv1D, GroupedExperts))
+
+    kept = {id(p) for m in model.modules() if not quantizable(m) for p in m.parameters(recurse=False)}
     replaced = 0
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, (nn.Linear, Conv1D)):
-                setattr(parent, name, Int8Linear.from_module(child))
+                quantized = Int8Linear.from_module(child)
+                quantized.copies_a_parameter = id(child.weight) in kept
+                setattr(parent, name, quantized)
             elif isinstance(child, GroupedExperts):
                 setattr(parent, name, Int8GroupedExperts(child))
             else:

@@ -31,8 +31,6 @@ from transformers.pytorch_utils import Conv1D
 
 from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype
 
-QUANTIZE_CHOICES = ("none", "int8")
-
 # The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
 # running one bf16 matmul is faster (measured: equal at 16 rows for a 768 x 2304 matrix, 2.7x slower at 512).
 INT8_KERNEL_MAX_ROWS = 16
@@ -56,6 +54,8 @@ def int8_linear(x: Tensor, w_int8_OI: Tensor, scales_O: Tensor, bias_O: Tensor |
         y = torch._weight_int8pack_mm(x_RI.to(torch.bfloat16).contiguous(), w_int8_OI,
                                       scales_O.to(torch.bfloat16)).to(dtype)
     else:
+        # bf16 on CPU even for an fp32 model: the kernel path rounds x to bf16 too (the two paths agree), and
+        # the bf16 product of the dequantized weight measured 2.2x faster than fp32 at 512 rows.
         compute = torch.bfloat16 if dtype == torch.float32 and x.device.type == "cpu" else dtype
         y = (F.linear(x_RI.to(compute), w_int8_OI.to(compute)) * scales_O.to(compute)).to(dtype)
     if bias_O is not None:

@@ -91,28 +91,33 @@ def test_compare_cli_writes_report(saved_models, tmp_path):
     assert all((out / name).stat().st_size > 1000 for name in ("perplexity.png", "throughput.png", "parameters.png"))
 
 
-def test_compare_cli_quantize_int8_reports_int8_models(saved_models, tmp_path):
-    """Reference: the library on `quantize_int8` of each saved model (perplexity) and the unquantized models'
-    sum(p.numel()) (the parameter count does not change with the storage)."""
+@pytest.mark.parametrize("quantize, model_indices", [(["int8"], [0, 1]), (["none", "int8"], [0, 0])])
+def test_compare_cli_quantize_int8_reports_int8_models(saved_models, tmp_path, quantize, model_indices):
+    """Reference: the library on each model as loaded (`quantize_int8` of it where asked) for the perplexity,
+    and the unquantized model's sum(p.numel()) for the parameter count (the storage does not change it).
+    One --quantize value applies to every model; one per model compares a model with its int8 self."""
     import copy
 
     from flash_experts.model.quantize import quantize_int8
 
     folders, loaded, tokenizer, text_file = saved_models
     out = tmp_path / "cmp"
-    code = main(["compare", str(folders[0]), str(folders[1]), "--out", str(out), "--text", str(text_file),
+    code = main(["compare", *(str(folders[i]) for i in model_indices), "--out", str(out), "--text", str(text_file),
                  "--prompt", "the", "--max-new-tokens", "3", "--speed-batch-size", "1", "--speed-seq-len", "16",
-                 "--device", "cpu", "--quiet", "--quantize", "int8"])
+                 "--device", "cpu", "--quiet", "--quantize", *quantize])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     ids = torch.tensor(tokenizer(TEXT, add_special_tokens=False)["input_ids"])
-    for model, entry in zip(loaded, results["models"]):
-        assert entry["dtype"] == "int8 weights, float32"
+    for q, i, entry in zip(quantize * (3 - len(quantize)), model_indices, results["models"]):
+        model = loaded[i]
+        fp32_perplexity = evaluate_perplexity(model, ids, quiet=True).perplexity
+        int8_perplexity = evaluate_perplexity(quantize_int8(copy.deepcopy(model)), ids, quiet=True).perplexity
+        assert int8_perplexity != pytest.approx(fp32_perplexity, rel=1e-6)
+        assert entry["dtype"] == ("int8 weights, float32" if q == "int8" else "float32")
+        assert entry["name"].endswith(" (int8)") == (q == "int8")
         assert entry["parameters"]["total"] == sum(p.numel() for p in model.parameters())
-        expected = evaluate_perplexity(quantize_int8(copy.deepcopy(model)), ids, quiet=True).perplexity
+        expected = int8_perplexity if q == "int8" else fp32_perplexity
         assert entry["perplexity"]["perplexity"] == pytest.approx(expected, rel=1e-5)
-        assert entry["perplexity"]["perplexity"] != pytest.approx(evaluate_perplexity(model, ids, quiet=True).perplexity,
-                                                                  rel=1e-6)
 
 
 def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path):
@@ -144,6 +149,8 @@ def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path)
          "speed_seq_len"),
         (["compare", "{model}", "{model2}", "--out", "{folder}/c", "--text", "{text}", "--max-tokens", "-5"],
          "max_eval_tokens"),
+        (["compare", "{model}", "{model2}", "--out", "{folder}/c", "--text", "{text}", "--quantize", "int8", "none",
+          "int8"], "--quantize"),
     ],
 )
 def test_cli_absurd_arguments_are_one_line_errors(saved_models, tmp_path, capsys, verb_arguments, message):

@@ -27,6 +27,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_source_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=40)
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="sampling seeds, each used for every model (default 0 1)")
+    parser.add_argument("--quantize", nargs="+", choices=("none", "int8"), default=["none"], metavar="none|int8",
+                        help="weight-only int8 (see `generate --help`): one value for every model, or one per model "
+                             "in order, e.g. `compare M M --quantize none int8` to measure what int8 costs (default none)")
     parser.add_argument("--speed-batch-size", type=int, default=4, metavar="N", help="batch of the forward-speed test (default 4)")
     parser.add_argument("--speed-seq-len", type=int, default=256, metavar="N", help="sequence length of the forward-speed test (default 256)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -47,7 +50,11 @@ def run(args: argparse.Namespace) -> int:
 
     if len(args.models) < 2:
         raise UserError("compare needs at least 2 models")
-    names = args.name or _default_names(args.models)
+    quantize = args.quantize * len(args.models) if len(args.quantize) == 1 else args.quantize
+    if len(quantize) != len(args.models):
+        raise UserError(f"{len(quantize)} --quantize values for {len(args.models)} models: give one, or one per model")
+    names = args.name or [name + (" (int8)" if q == "int8" else "")
+                          for name, q in zip(_default_names(args.models), quantize)]
     if len(names) != len(args.models):
         raise UserError(f"{len(names)} --name values for {len(args.models)} models: give one per model or none")
     sampling = sampling_config_from_args(args)
@@ -72,8 +79,8 @@ def run(args: argparse.Namespace) -> int:
         eval_source += f", first {args.max_tokens:,} tokens"
 
     entries = []
-    for name, source in zip(names, args.models):
-        model, tokenizer = load_for_generation(source, args.device, args.dtype, args.quantize)
+    for name, source, quantization in zip(names, args.models, quantize):
+        model, tokenizer = load_for_generation(source, args.device, args.dtype, quantization)
         if args.data is not None:
             check_data_tokenizer(args.data, tokenizer)
         entries.append(ModelEntry(name=name, model=model, tokenizer=tokenizer))

@@ -198,3 +198,23 @@ def test_parameter_count_of_a_quantized_model_equals_the_original(tied):
     got = count_parameters(quantize_int8(copy.deepcopy(model)))
     assert (got.total, got.active, got.expert) == (want.total, want.active, want.expert)
     assert want.expert > 0
+
+
+def test_a_wrong_int8_kernel_is_caught_and_bypassed(monkeypatch):
+    """The fused kernel is internal and CPU-specific: one that computes a wrong product for an inner size must
+    fail its one-time check and leave the dequantized product (reference: float64 math) in charge."""
+    import flash_experts.model.quantize as quantize
+
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: kernel(x, w, s) * 1.1)
+    monkeypatch.setattr(quantize, "_KERNEL_CORRECT", {})
+    w_int8, scales = quantize_weight_int8(torch.randn(40, 32))
+    x = torch.randn(1, 32)
+    y = int8_linear(x, w_int8, scales)
+    assert quantize._KERNEL_CORRECT == {32: False}
+    reference = x.double() @ (w_int8.double() * scales.double()[:, None]).t()
+    assert torch.allclose(y.double(), reference, rtol=0.02, atol=0.02 * reference.abs().mean())
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", kernel)
+    monkeypatch.setattr(quantize, "_KERNEL_CORRECT", {})
+    int8_linear(x, w_int8, scales)
+    assert quantize._KERNEL_CORRECT == {32: True}  # the real kernel passes its check here

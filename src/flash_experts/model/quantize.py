@@ -9,7 +9,8 @@ The product y = (x @ w_int8.T) * scale + bias runs as
 - `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight
   directly (x in bf16). Measured on a 2-core AVX-512 CPU for GPT-2 small's block matrices: 7 ms per token
   against 20 ms for the fp32 GEMVs. It is only correct for an inner size that is a multiple of 16 (other
-  sizes gave wrong results or crashed, torch 2.13), and it does no blocking over rows, so
+  sizes gave wrong results or crashed, torch 2.13), so it is used for those only, and only after a check of
+  its product on this machine for that size; and it does no blocking over rows, so
 - otherwise (many rows, other inner sizes, other devices): the weight is dequantized to the compute dtype
   and multiplied with `F.linear` (gpt-fast's formulation). On a GPU that is a memory saving, not a speed-up,
   unless torch.compile fuses the dequantization into the product (as gpt-fast does); untested here on GPU.
@@ -44,13 +45,33 @@ def quantize_weight_int8(w_OI: Tensor) -> tuple[Tensor, Tensor]:
     return w_int8.contiguous(), scales_O
 
 
+# Whether torch._weight_int8pack_mm gives the right product for an inner size, checked once per size on this
+# machine (the kernel is internal and CPU-specific: torch 2.13 on AVX-512 gave NaN for 8 and 50% errors for 24).
+_KERNEL_CORRECT: dict[int, bool] = {}
+
+
+def _int8_kernel_is_correct(in_features: int) -> bool:
+    correct = _KERNEL_CORRECT.get(in_features)
+    if correct is None:
+        generator = torch.Generator().manual_seed(0)
+        x = torch.randn(3, in_features, generator=generator).to(torch.bfloat16)
+        w_int8 = torch.randint(-127, 128, (48, in_features), generator=generator, dtype=torch.int8)
+        scales = (torch.rand(48, generator=generator) + 0.5).to(torch.bfloat16)
+        got = torch._weight_int8pack_mm(x, w_int8, scales).float()
+        want = (x.double() @ w_int8.double().t() * scales.double()).float()
+        bound = 2**-7 * (x.double().abs() @ w_int8.double().abs().t() * scales.double()).float() + 1e-6
+        correct = bool(((got - want).abs() <= bound).all())
+        _KERNEL_CORRECT[in_features] = correct
+    return correct
+
+
 def int8_linear(x: Tensor, w_int8_OI: Tensor, scales_O: Tensor, bias_O: Tensor | None = None) -> Tensor:
     """x (..., in) @ dequantized(w).T (+ bias), computed and returned in x's dtype."""
     dtype = x.dtype
     in_features = x.shape[-1]
     x_RI = x.reshape(-1, in_features)
     if (x.device.type == "cpu" and x_RI.shape[0] <= INT8_KERNEL_MAX_ROWS and in_features % 16 == 0
-            and hasattr(torch, "_weight_int8pack_mm")):
+            and hasattr(torch, "_weight_int8pack_mm") and _int8_kernel_is_correct(in_features)):
         y = torch._weight_int8pack_mm(x_RI.to(torch.bfloat16).contiguous(), w_int8_OI,
                                       scales_O.to(torch.bfloat16)).to(dtype)
     else:

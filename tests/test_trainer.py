@@ -299,9 +299,11 @@ def test_sigint_mid_step_finishes_the_step_saves_and_resume_matches_uninterrupte
         return model, tokenizer
 
     monkeypatch.setattr(trainer_module, "build_model", build_with_ctrl_c)
+    # Python's default_int_handler, or SIG_IGN when this process was started in the background by a shell
+    handler_before = signal.getsignal(signal.SIGINT)
     stopped = trainer_module.train(tiny_config(data_dir, tmp_path / "ctrl_c", **overrides))
     assert (stopped.stopped, stopped.steps, sorted(stopped.losses)) == ("interrupted", 2, [1, 2])
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler was put back
+    assert signal.getsignal(signal.SIGINT) is handler_before  # the handler was put back
     latest = find_latest(tmp_path / "ctrl_c")
     assert latest.name == "step_00000002" and load_trainer_state(latest)["step"] == 2
 

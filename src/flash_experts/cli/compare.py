@@ -9,7 +9,7 @@ DEFAULT_PROMPTS = ["The history of the city begins", "In the first half of the s
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     from flash_experts.cli.evaluate import add_source_arguments
-    from flash_experts.cli.generate import add_sampling_arguments
+    from flash_experts.cli.generate import QUANTIZATIONS, add_sampling_arguments
 
     parser = subparsers.add_parser(
         "compare",
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_source_arguments(parser)
     add_sampling_arguments(parser, max_new_tokens=40)
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="sampling seeds, each used for every model (default 0 1)")
-    parser.add_argument("--quantize", nargs="+", choices=("none", "int8"), default=["none"], metavar="none|int8",
+    parser.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=["none"], metavar="|".join(QUANTIZATIONS),
                         help="weight-only int8 (see `generate --help`): one value for every model, or one per model "
                              "in order, e.g. `compare M M --quantize none int8` to measure what int8 costs (default none)")
     parser.add_argument("--speed-batch-size", type=int, default=4, metavar="N", help="batch of the forward-speed test (default 4)")

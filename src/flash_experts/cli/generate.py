@@ -39,6 +39,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
 
 
 DTYPES = ("fp32", "bf16", "fp16")
+QUANTIZATIONS = ("none", "int8")  # --quantize: none, or weight-only int8 (flash_experts.model.quantize)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,7 @@ def add_device_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quantize", choices=("none", "int8"), default="none",
+    parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="int8: weight-only int8 matrices and experts, a quarter of the fp32 bytes per decoded "
                              "token, at the cost of slightly different logits (SmolLM2: +0.5%% perplexity). For small "
                              "batches on CPU (measured at batch 1 on a 2-core CPU: 2.8x HF generate's fp32 tokens/s, "
@@ -103,8 +104,8 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
         raise UserError(f"unknown dtype {dtype_name!r}: use one of {', '.join(DTYPES)}")
     if dtype_name == "fp16" and device.type != "cuda":
         raise UserError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on CPU")
-    if quantize not in ("none", "int8"):
-        raise UserError(f"unknown quantization {quantize!r}: use none or int8")
+    if quantize not in QUANTIZATIONS:
+        raise UserError(f"unknown quantization {quantize!r}: use one of {', '.join(QUANTIZATIONS)}")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     model, tokenizer = load_model(name_or_path)
     if tokenizer is None:

@@ -190,6 +190,15 @@ def expert_compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def expert_feed_forward(x: Tensor, up: Callable[[Tensor], Tensor], gate: Callable[[Tensor], Tensor] | None,
+                        down: Callable[[Tensor], Tensor], activation: Callable[[Tensor], Tensor]) -> Tensor:
+    """An expert's MLP given its projections: down(act(up(x))) (GPT-2), or down(act(gate(x)) * up(x)) (gated).
+    Shared by the float experts (grouped products over all experts) and the int8 ones (one expert at a time)."""
+    up_x = up(x)
+    hidden = activation(gate(x)) * up_x if gate is not None else activation(up_x)
+    return down(hidden)
+
+
 class GroupedExperts(nn.Module):
     """E feed-forward experts stored as stacked weights.
 
@@ -217,17 +226,13 @@ class GroupedExperts(nn.Module):
         dtype = expert_compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
 
-        def linear(x: Tensor, w: Tensor, b: Tensor | None) -> Tensor:
-            return grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend)
+        def linear(w: Tensor, b: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+            return lambda x: grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend)
 
         # x was cast above and grouped_linear casts the weights; autocast must not re-cast inside the products.
         with torch.autocast(x_ND.device.type, enabled=False):
-            up_NF = linear(x_ND, self.w_up, self.b_up)
-            if self.gated:
-                hidden_NF = self.activation(linear(x_ND, self.w_gate, None)) * up_NF
-            else:
-                hidden_NF = self.activation(up_NF)
-            return linear(hidden_NF, self.w_down, self.b_down)
+            return expert_feed_forward(x_ND, linear(self.w_up, self.b_up), linear(self.w_gate) if self.gated else None,
+                                       linear(self.w_down, self.b_down), self.activation)
 
 
 class MoELayer(nn.Module):

@@ -23,14 +23,14 @@ quantized model shares with the fp32 one, `flash-experts evaluate --quantize int
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype
+from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype, expert_feed_forward
 
 # The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
 # running one bf16 matmul is faster (measured: equal at 16 rows for a 768 x 2304 matrix, 2.7x slower at 512).
@@ -137,15 +137,16 @@ class Int8GroupedExperts(nn.Module):
         x_ND = x_ND.to(expert_compute_dtype(x_ND))
         out_ND = x_ND.new_empty(x_ND.shape)
         for e, rows in _expert_slices(counts_E.tolist()):
-            x = x_ND[rows]
-            up = int8_linear(x, self.w_up_int8[e], self.w_up_scales[e], None if self.b_up is None else self.b_up[e])
-            if self.gated:
-                hidden = self.activation(int8_linear(x, self.w_gate_int8[e], self.w_gate_scales[e])) * up
-            else:
-                hidden = self.activation(up)
-            out_ND[rows] = int8_linear(hidden, self.w_down_int8[e], self.w_down_scales[e],
-                                       None if self.b_down is None else self.b_down[e])
+            out_ND[rows] = expert_feed_forward(x_ND[rows], self._linear("w_up", e, self.b_up),
+                                               self._linear("w_gate", e) if self.gated else None,
+                                               self._linear("w_down", e, self.b_down), self.activation)
         return out_ND
+
+    def _linear(self, name: str, e: int, bias_EO: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+        """Expert e's int8 projection `name` (w_up, w_gate, w_down), as a function of x."""
+        w_int8, scales = getattr(self, f"{name}_int8")[e], getattr(self, f"{name}_scales")[e]
+        bias = None if bias_EO is None else bias_EO[e]
+        return lambda x: int8_linear(x, w_int8, scales, bias)
 
 
 def quantized_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:

@@ -57,7 +57,7 @@ def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
                         help="int8: weight-only int8 matrices and experts, a quarter of the fp32 bytes per decoded "
                              "token, at the cost of slightly different logits (SmolLM2: +0.5%% perplexity). For small "
-                             "batches on CPU (measured at batch 1 on a 2-core CPU: 2.8x HF generate's fp32 tokens/s, "
+                             "batches on CPU (measured at batch 1 on a 2-core CPU: 2.7-2.9x HF generate's fp32 tokens/s, "
                              "benchmarks/bench_generate.py; at batch 16 bf16 weights are faster); elsewhere the weights "
                              "are dequantized per call: less memory, not faster (default none)")
 

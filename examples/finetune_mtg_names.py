@@ -1,38 +1,70 @@
-"""Fine-tune GPT-2, upcycled to an 8-expert Mixture-of-Experts, on Magic: The Gathering card names; then invent some.
+"""Step 2 of the MTG chain: upcycle the base to a Mixture-of-Experts model, fine-tune it on the card names.
 
-    python examples/finetune_mtg_names.py                          # configs/mtg_moe.yaml as it is
-    python examples/finetune_mtg_names.py optim.max_steps=300 moe=null   # any config override, e.g. dense
+    python examples/finetune_mtg_names.py                       # data/mtg -> models/mtg-names (laptop-sized)
+    python examples/finetune_mtg_names.py optim.max_steps=400   # any config override (configs/mtg_moe.yaml)
+    python examples/finetune_mtg_names.py moe=null              # the dense baseline, same data and schedule
+    python examples/finetune_mtg_names.py --full                # configs/mtg_moe.yaml as it is (hours on a CPU)
+    python examples/finetune_mtg_names.py --resume              # continue after Ctrl-C (which saves a checkpoint)
 
-The CLI equivalent: `flash-experts prepare-data mtg --out data_cache/mtg`, then
-`flash-experts finetune --config configs/mtg_moe.yaml`, then `flash-experts generate-names --model runs/mtg_moe/best`.
+The base is the one examples/prepare_mtg_data.py tokenised the names for (recorded in data/mtg/meta.json).
+By default the run is sized for a laptop CPU: 4 experts (top-2) on every other layer, experts and routers
+trained, 72 steps of 8 x 64 tokens, the whole validation split evaluated every 24; `--full` trains the config's 8 experts, all weights, 2,000 steps.
+Metrics go to models/mtg-names/metrics.jsonl, TensorBoard and Weights & Biases (offline files without an
+API key; `flash-experts plot models/mtg-names` draws them). The CLI equivalent: `flash-experts finetune
+--config configs/mtg_moe.yaml data.dir=data/mtg run.out_dir=models/mtg-names`.
 """
 
-import sys
+import argparse
 from pathlib import Path
 
-from flash_experts.data import load_mtg_records, load_tokenizer, mtg_documents, prepare_token_splits
-from flash_experts.generation.generate import generate_card_names
-from flash_experts.model.loading import load_model
-from flash_experts.training.config import load_config
-from flash_experts.training.trainer import train
+from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_to_overwrite
 
-ROOT = Path(__file__).resolve().parents[1]
-cfg = load_config(ROOT / "configs" / "mtg_moe.yaml", sys.argv[1:])
+LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
+          "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=72", "optim.warmup_steps=6",
+          "eval.interval=24", "eval.batches=16", "checkpoint.interval=24", "checkpoint.keep_last=1"]
+TINY = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
+        "data.block_size=16", "checkpoint.interval=0"]
 
-# 1. Tokenise the card names once (offline sources by default); the trainer memory-maps the result.
-if not (Path(cfg.data.dir) / "meta.json").is_file():
-    documents = mtg_documents(load_mtg_records())
-    prepare_token_splits(documents, load_tokenizer(cfg.model.base), cfg.data.dir, source="mtg", data_format="mtg-names")
 
-# 2. Upcycle and fine-tune: checkpoints, best model, metrics.jsonl and plots data land in cfg.run.out_dir.
-result = train(cfg)
-print(f"best validation perplexity {result.best_val_ppl:.2f} at step {result.best_step}")
+def finetune() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
+    parser.add_argument("--data", default=str(MTG_DATA), help=f"prepared card names (default {MTG_DATA})")
+    parser.add_argument("--out", default=str(MTG_MODEL), help=f"run folder for the model (default {MTG_MODEL})")
+    parser.add_argument("--base", default=None, help="base model (default: the one the data was prepared for)")
+    parser.add_argument("--full", action="store_true", help="train as configs/mtg_moe.yaml says, not laptop-sized")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --out")
+    args = parser.parse_args()
 
-# 3. Sample new names from the best checkpoint, marking which are not real cards.
-best = Path(result.run_dir) / "best"
-model, tokenizer = load_model(str(best if best.is_dir() else result.checkpoint))
-real_names = [card.name for card in load_mtg_records()]
-names = generate_card_names(model.eval(), tokenizer, count=20, reference_names=real_names, seed=0)
-print(names.summary())
-for sample in names.unique_names():
-    print(("  new   " if sample.is_new else "  real  ") + sample.name)
+    from flash_experts.data.tokens import load_meta
+    from flash_experts.errors import UserError
+    from flash_experts.training.config import load_config
+    from flash_experts.training.trainer import train
+
+    data, out = Path(args.data), Path(args.out)
+    if not (data / "meta.json").is_file():
+        raise UserError(f"no prepared card names in {data}: run examples/prepare_mtg_data.py first (or pass --data)")
+    base = args.base or load_meta(data).get("base") or "gpt2"
+    refuse_to_overwrite(out, args.resume)
+    cfg = load_config(CONFIGS / "mtg_moe.yaml", args.overrides,
+                      defaults=[f"model.base={base}", f"data.dir={data}", f"run.out_dir={out}",
+                                *laptop_defaults(LAPTOP, TINY, args.full)])
+    if args.base:  # the ids must be the base's: another tokenizer's ids would train on noise
+        from flash_experts.evaluation.perplexity import check_data_tokenizer
+        from flash_experts.model.loading import base_tokenizer
+
+        check_data_tokenizer(data, base_tokenizer(base))
+    moe = "dense" if cfg.moe is None else f"{cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, {cfg.moe.layers} layers"
+    print(f"fine-tuning {base} ({moe}; trained: {cfg.model.train}) for {cfg.optim.max_steps} steps -> {out}",
+          flush=True)
+
+    result = train(cfg, resume="auto" if args.resume else None)
+    if result.best_val_ppl is None:
+        raise UserError(f"training stopped ({result.stopped}) before its first evaluation: run again with --resume")
+    before = "n/a (resumed)" if result.initial_val_ppl is None else f"{result.initial_val_ppl:.2f}"
+    print(f"{result.stopped}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min; "
+          f"validation perplexity {before} -> {result.best_val_ppl:.2f} (best, step {result.best_step})")
+    print(f"model: {out / 'best'}\nnext: python examples/generate_mtg_names.py")
+
+
+main(finetune)

@@ -1,34 +1,73 @@
-"""Card names for a type line and colours, step by step: prompt -> sampling -> cleaning -> metrics.
+"""Step 3 of the MTG chain: card names from the fine-tuned model, with several sampling settings side by side.
 
-    python examples/generate_mtg_names.py runs/mtg-conditioned/final
+    python examples/generate_mtg_names.py                           # models/mtg-names/best, 20 names a setting
+    python examples/generate_mtg_names.py --count 50 --seed 7
+    python examples/generate_mtg_names.py --type "Creature — Elf" --colors G   # a conditioned model only
+    python examples/generate_mtg_names.py --model models/other-run
 
-A model fine-tuned on the conditioned format ("Creature — Elf Druid | G | Llanowar Elves") continues the
-prefix "Creature — Elf | G |" with a name. This spells out what `generate_card_names` does in one call.
+A model trained on the conditioned format ("Creature — Elf Druid | G | Llanowar Elves", from
+`prepare_mtg_data.py --conditioned`) continues the prefix "Creature — Elf | G |" with a name: it is asked
+for a few type lines and colours. A model trained on plain names starts from nothing. Every name is
+cleaned, marked new (not a real card) or real, and each setting gets validity, uniqueness and novelty.
 """
 
-import sys
+import argparse
+from pathlib import Path
 
-from flash_experts.data.mtg import conditioning_prefix, load_mtg_records
-from flash_experts.evaluation.names import evaluate_names
-from flash_experts.generation import SamplingConfig, generate
-from flash_experts.model.loading import load_model
+from common import MTG_MODEL, TINY, fine_tuned_model, main, mtg_training_data
 
-model_path = sys.argv[1] if len(sys.argv) > 1 else "runs/mtg-conditioned/final"
-model, tokenizer = load_model(model_path)
-real_names = [card.name for card in load_mtg_records(fetch=False)]
+TYPE_LINES = [("Creature — Elf", "G"), ("Instant", "R"), ("Legendary Creature — Dragon", "BR")]
 
-config = SamplingConfig(
-    temperature=0.8,
-    top_p=0.95,
-    repetition_penalty=1.2,  # discourage "Elf Elf Elves"
-    allowed_regex=r"[A-Za-z ',\-]+",  # letters, spaces, apostrophes, commas, hyphens (EOS stays allowed)
-)
 
-for type_line, colors in [("Creature — Elf", "G"), ("Instant", "R"), ("Legendary Creature — Dragon", "BR")]:
-    prompt = conditioning_prefix(type_line, colors)  # "Creature — Elf | G |"
-    result = generate(model, tokenizer, [prompt] * 12, config, max_new_tokens=12, stop_strings=["\n"], seed=1)
-    metrics = evaluate_names(result.texts, real_names)  # cleans each sample, dedupes, checks against real cards
-    print(f"\n{prompt}")
-    for sample in metrics.unique_names():
-        print("   ", "new " if sample.is_new else "real", sample.name)
-    print("   ", metrics.summary())
+def sampling_settings() -> dict:
+    """Three ways to sample, from careful to adventurous; every one keeps to name characters."""
+    from flash_experts.generation import SamplingConfig
+    from flash_experts.generation.generate import CARD_NAME_REGEX
+
+    return {
+        "careful (T=0.7, top-p 0.9)": SamplingConfig(temperature=0.7, top_p=0.9, allowed_regex=CARD_NAME_REGEX),
+        "balanced (T=0.9, top-p 0.95)": SamplingConfig(temperature=0.9, top_p=0.95, allowed_regex=CARD_NAME_REGEX),
+        "adventurous (T=1.1, min-p 0.05, repetition 1.2)": SamplingConfig(
+            temperature=1.1, min_p=0.05, repetition_penalty=1.2, allowed_regex=CARD_NAME_REGEX),
+    }
+
+
+def generate_names() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default=str(MTG_MODEL), help=f"model or run folder (default {MTG_MODEL})")
+    parser.add_argument("--count", type=int, default=3 if TINY else 20, help="distinct names per setting")
+    parser.add_argument("--type", default=None, help="type line for a conditioned model, e.g. 'Creature — Elf'")
+    parser.add_argument("--colors", default=None, help="colours for a conditioned model, e.g. G or BR")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    from flash_experts.errors import UserError
+    from flash_experts.generation import generate_card_names
+    from flash_experts.model.loading import load_model
+
+    if args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
+    model_dir = fine_tuned_model(args.model, made_by="finetune_mtg_names.py")
+    conditioned, real_names = mtg_training_data(model_dir)
+    if (args.type or args.colors) and not conditioned:
+        raise UserError(f"{model_dir} was trained on plain names, not on 'type | colours | name': drop --type/--colors "
+                        "or train on `prepare_mtg_data.py --conditioned` data")
+    prompts = [(args.type, args.colors)] if args.type or args.colors else TYPE_LINES if conditioned else [(None, None)]
+    model, tokenizer = load_model(str(model_dir))
+    model.eval()
+    print(f"model: {model_dir} ({'conditioned on type and colours' if conditioned else 'plain names'}); "
+          f"{len(real_names):,} real names to tell new from real")
+
+    for setting, config in sampling_settings().items():
+        print(f"\n== {setting}")
+        for type_line, colors in prompts:
+            metrics = generate_card_names(model, tokenizer, args.count, type_line=type_line, colors=colors,
+                                          config=config, reference_names=real_names, seed=args.seed)
+            if type_line or colors:
+                print(f"  {type_line or ''} | {colors or ''} |")
+            for sample in metrics.unique_names()[: args.count]:
+                print(f"    {'new ' if sample.is_new else 'real'}  {sample.name}")
+            print(f"    {metrics.summary()}")
+
+
+main(generate_names)

@@ -1,25 +1,37 @@
-"""Sample new Magic: The Gathering card names from a fine-tuned model and mark which ones are real cards.
+"""The quick one: 20 new Magic: The Gathering card names from the fine-tuned model, each marked new or real.
 
-    python examples/generate_names.py runs/mtg-names/final     # a checkpoint from `flash-experts finetune`
+    python examples/generate_names.py                         # models/mtg-names/best
+    python examples/generate_names.py models/other-run -n 50
 
-The one-call version: `generate_card_names` samples until it has enough distinct valid names, and the
-returned metrics say how many samples were valid, distinct and new. (CLI: `flash-experts generate-names`.)
+`generate_card_names` samples until it has enough distinct valid names; the metrics say how many samples
+were valid, distinct and new. (examples/generate_mtg_names.py compares sampling settings and type lines;
+CLI: `flash-experts generate-names models/mtg-names/best`.)
 """
 
-import sys
+import argparse
 
-from flash_experts.data.mtg import load_mtg_records
-from flash_experts.generation import SamplingConfig, generate_card_names
-from flash_experts.generation.generate import CARD_NAME_REGEX
-from flash_experts.model.loading import load_model
+from common import MTG_MODEL, TINY, fine_tuned_model, main, mtg_training_data
 
-model_path = sys.argv[1] if len(sys.argv) > 1 else "runs/mtg-names/final"
-model, tokenizer = load_model(model_path)
-real_names = [card.name for card in load_mtg_records(fetch=False)]  # the cached offline card data
 
-config = SamplingConfig(temperature=0.9, top_p=0.95, allowed_regex=CARD_NAME_REGEX)  # name characters only
-metrics = generate_card_names(model, tokenizer, count=20, config=config, reference_names=real_names, seed=0)
+def quick_names() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model", nargs="?", default=str(MTG_MODEL), help=f"model or run folder (default {MTG_MODEL})")
+    parser.add_argument("-n", "--count", type=int, default=3 if TINY else 20)
+    args = parser.parse_args()
 
-for sample in metrics.unique_names()[:20]:
-    print("new " if sample.is_new else "real", sample.name)
-print(metrics.summary())
+    from flash_experts.errors import UserError
+    from flash_experts.generation import generate_card_names
+    from flash_experts.model.loading import load_model
+
+    if args.count < 1:
+        raise UserError(f"--count must be >= 1, got {args.count}")
+    model_dir = fine_tuned_model(args.model, made_by="finetune_mtg_names.py")
+    _, real_names = mtg_training_data(model_dir)
+    model, tokenizer = load_model(str(model_dir))
+    metrics = generate_card_names(model.eval(), tokenizer, count=args.count, reference_names=real_names, seed=0)
+    for sample in metrics.unique_names()[: args.count]:
+        print("new " if sample.is_new else "real", sample.name)
+    print(metrics.summary())
+
+
+main(quick_names)

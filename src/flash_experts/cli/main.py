@@ -13,6 +13,7 @@ import importlib.util
 import json
 import os
 import sys
+from collections.abc import Callable
 
 # Before anything imports torch (its CPU allocator reads this once): back large tensors with transparent huge
 # pages. Fresh activations and gradients then take far fewer page faults: our MoE layer's forward+backward
@@ -77,9 +78,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    debug = args.debug or os.environ.get("FLASH_EXPERTS_DEBUG") == "1"
+    return report_errors(lambda: args.func(args), debug=args.debug)
+
+
+def report_errors(func: Callable[[], int | None], debug: bool = False) -> int:
+    """Run `func` and turn what it raises into the command line's exit codes: a user's error is one `error:`
+    line and 2, anything else one line and 1, Ctrl-C 130. The example scripts go through here too, so a
+    script and a verb report the same failure the same way. `--debug` or FLASH_EXPERTS_DEBUG=1 re-raise."""
+    debug = debug or os.environ.get("FLASH_EXPERTS_DEBUG") == "1"
     try:
-        result = args.func(args)
+        result = func()
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
         return 130

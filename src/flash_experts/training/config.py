@@ -15,6 +15,7 @@ import dataclasses
 import difflib
 import math
 import os
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -139,18 +140,50 @@ assert list(SECTIONS) == [f.name for f in dataclasses.fields(TrainConfig)]
 # ----------------------------------------------------------------------------------------------- public API
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] | None = ()) -> TrainConfig:
+def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str, ...] | None = (),
+                defaults: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read a YAML config (or start from the defaults when `path` is None), apply CLI overrides, validate.
 
     Overrides are "section.key=value" ("optim.lr=1e-4", "moe=null"), "--section.key=value" or the pair
-    "--section.key", "value". Values are parsed as YAML, then coerced to the field's type.
+    "--section.key", "value". Values are parsed as YAML, then coerced to the field's type. `defaults`, in the
+    same form, change the file itself before the user's overrides (a script's own sizes for a config).
     """
     raw: dict[str, Any] = {}
     if path is not None:
         raw = _read_yaml(Path(path))
-    for dotted, text in parse_overrides(list(overrides or [])):
+    for dotted, text in parse_overrides(list(defaults)):
         _apply_override(raw, dotted, text)
+    pairs = parse_overrides(list(overrides or []))
+    planned_steps = _optim_value(raw, "max_steps")
+    for dotted, text in pairs:
+        _apply_override(raw, dotted, text)
+    if not any(dotted in ("optim", "optim.warmup_steps") for dotted, _ in pairs):
+        _shorten_warmup(raw, planned_steps)
     return config_from_dict(raw)
+
+
+def _optim_value(raw: dict[str, Any], key: str) -> Any:
+    optim = raw.get("optim")
+    value = optim.get(key) if isinstance(optim, dict) else None
+    return getattr(OptimConfig, key) if value is None else value
+
+
+def _shorten_warmup(raw: dict[str, Any], planned_steps: Any) -> None:
+    """An override that cuts optim.max_steps below the config's own warm-up (`optim.max_steps=2` on a config
+    with 100 warm-up steps) keeps the warm-up's share of the run instead of failing validation; the user did
+    not choose the warm-up, so its default follows, and a line says so. An explicit warm-up is never changed."""
+    steps, warmup = _optim_value(raw, "max_steps"), _optim_value(raw, "warmup_steps")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (steps, warmup, planned_steps)):
+        return  # validation reports the bad value
+    if not 0 <= steps < warmup or planned_steps <= 0:
+        return
+    shortened = min(steps, warmup * steps // planned_steps)
+    if not isinstance(raw.get("optim"), dict):
+        raw["optim"] = {}
+    raw["optim"]["warmup_steps"] = shortened
+    print(f"note: optim.max_steps={steps} is below the config's optim.warmup_steps={warmup}: warm-up shortened to "
+          f"{shortened} steps, its share of the planned {planned_steps} (set optim.warmup_steps to choose)",
+          file=sys.stderr)
 
 
 def config_from_dict(raw: Any) -> TrainConfig:

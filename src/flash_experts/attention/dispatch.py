@@ -24,7 +24,8 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash", "eager", "triton", "auto")
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
               implementation: str = "sdpa", scale: float | None = None) -> Tensor:
-    """q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh) with Tq <= Tk. Returns (B, H, Tq, Dh)."""
+    """q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh). Returns (B, H, Tq, Dh); causal rows before the first key
+    (Tq > Tk) see no key and return zeros."""
     if implementation == "auto":
         implementation = resolve_auto(q)
     if implementation == "sdpa":
@@ -66,8 +67,9 @@ def resolve_auto(q: Tensor) -> str:
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool,
                            key_padding_mask: Tensor | None) -> None:
-    """The contract every implementation shares (shapes, one dtype, causal q_len <= kv_len, mask shape);
-    a ValueError that says which part is off."""
+    """The contract every implementation shares (shapes, one dtype, mask shape); a ValueError that says which
+    part is off. Causal q_len > kv_len is allowed: bottom-right alignment puts the first q_len - kv_len
+    queries before every key, so they see none and return zeros (as flash-attn does)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
@@ -76,8 +78,6 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool,
                          f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(f"causal attention needs q_len <= kv_len; got {q.shape[2]} > {k.shape[2]}")
     if key_padding_mask is not None and key_padding_mask.shape != (k.shape[0], k.shape[2]):
         raise ValueError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
                          f"got {tuple(key_padding_mask.shape)}")

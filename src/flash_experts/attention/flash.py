@@ -165,8 +165,8 @@ def flash_attention(
 ) -> Tensor:
     """Exact softmax attention in O(sequence) memory, differentiable in q, k and v.
 
-    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim) with q_len <= kv_len when
-    causal. key_padding_mask: (batch, kv_len) bool, True = may be attended to. scale defaults to
+    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); with causal and q_len > kv_len
+    the first q_len - kv_len rows see no key (zeros). key_padding_mask: (batch, kv_len) bool, True = may be attended to. scale defaults to
     1 / sqrt(head_dim). Returns (batch, heads, q_len, head_dim) in q's dtype.
     """
     check_attention_inputs(q, k, v, causal, key_padding_mask)

@@ -478,8 +478,8 @@ def triton_flash_attention(
 ) -> Tensor:
     """Exact softmax attention with fused Triton kernels, differentiable in q, k and v.
 
-    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim), q_len <= kv_len when
-    causal. fp16, bf16 or fp32 on a CUDA device (or CPU tensors under TRITON_INTERPRET=1); head_dim up
+    q: (batch, heads, q_len, head_dim); k, v: (batch, heads, kv_len, head_dim); with causal and q_len > kv_len
+    the first q_len - kv_len rows see no key (zeros). fp16, bf16 or fp32 on a CUDA device (or CPU tensors under TRITON_INTERPRET=1); head_dim up
     to 128 (non-powers of two are zero-padded). key_padding_mask: (batch, kv_len) bool, True = may be
     attended to. scale defaults to 1 / sqrt(head_dim). Returns (batch, heads, q_len, head_dim).
     """

@@ -316,3 +316,35 @@ def test_real_process_stderr_is_exactly_one_error_line(w, argv, expected):
     assert "Traceback" not in run.stderr + run.stdout
     lines = run.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and re.search(expected, lines[0]), run.stderr
+
+
+# ------------------------------------------------------------------------------------ damaged weights (NaN)
+
+
+@pytest.fixture(scope="module")
+def nan_model(w) -> Path:
+    """A loadable checkpoint whose weights hold NaN (one embedding row is enough to poison every logit)."""
+    folder = w["root"] / "nan_model"
+    if not folder.exists():
+        from transformers import AutoTokenizer
+
+        model = GPT2LMHeadModel.from_pretrained(w["model"])
+        with torch.no_grad():
+            model.transformer.wte.weight.fill_(float("nan"))
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(w["model"]).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("verb", ["evaluate", "generate", "compare"])
+def test_nan_weights_are_one_error_line_naming_the_model(verb, w, nan_model, capsys):
+    """Reference: the CLI contract — a perplexity or a text computed from NaN logits is no result: `error:`
+    naming the model, exit 2 (before: `perplexity nan`, exit 0)."""
+    argv = {"evaluate": ["evaluate", nan_model, "--text", w["root"] / "notes.txt"],
+            "generate": ["generate", nan_model, "--prompt", "some", "--max-new-tokens", "3"],
+            "compare": ["compare", w["model"], nan_model, "--text", w["root"] / "notes.txt",
+                        "--max-new-tokens", "3", "--out", w["root"] / "nan_compare"]}[verb]
+    code, err, _ = run_cli(argv, capsys)
+    errors = [line for line in err if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err
+    assert "non-finite logits" in errors[0] and "nan_model" in errors[0]

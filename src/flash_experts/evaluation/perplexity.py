@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from flash_experts.errors import UserError
+from flash_experts.errors import NonFiniteOutput, UserError
 
 if TYPE_CHECKING:
     from flash_experts.evaluation.router_stats import RouterStatsAccumulator
@@ -212,7 +212,10 @@ def evaluate_perplexity(
             input_ids_BT = torch.stack([stream[w.begin : w.end] for w in batch]).to(device, non_blocking=True)
             with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
                 out = forward_logits(model, input_ids_BT)
-            nll_sum += _scored_nll_sum(out.logits, input_ids_BT, batch)
+            batch_nll = _scored_nll_sum(out.logits, input_ids_BT, batch)
+            if not math.isfinite(batch_nll):
+                raise NonFiniteOutput(model, "logits")
+            nll_sum += batch_nll
             scored += sum(w.end - w.first_scored for w in batch)
             if router_stats is not None:
                 router_stats.add(getattr(out, "router_stats", None), num_tokens=input_ids_BT.numel())

@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from flash_experts.errors import UserError
+from flash_experts.errors import NonFiniteOutput, UserError
 from flash_experts.evaluation.perplexity import model_device, model_max_positions, model_vocab_size
 from flash_experts.generation.sampling import SamplingConfig, apply_processors, build_processors, choose_next_tokens
 
@@ -109,6 +109,7 @@ def generate(
 
     texts = [_RowText(tokenizer, row, stop_strings) for row in rows] if (stop_strings or stream) else None
     finished_B = torch.zeros(batch, dtype=torch.bool, device=device)
+    nonfinite_B = torch.zeros(batch, dtype=torch.bool, device=device)
     new_counts_B = torch.zeros(batch, dtype=torch.long, device=device)
     hit_stop = [False] * batch
     was_training = model.training
@@ -132,6 +133,12 @@ def generate(
                 if returned_cache is not None:
                     cache = returned_cache
                 logits_BV = out.logits[:, -1, :].float()
+                # NaN weights give NaN logits: sampling would then fail inside torch, argmax pick garbage. On
+                # CPU the check costs nothing; on a GPU it would sync every step, so there the first step
+                # (where damaged weights show) is checked and later ones are caught by the final check.
+                nonfinite_B |= ~torch.isfinite(logits_BV).all(dim=-1)
+                if (step == 0 or device.type == "cpu") and bool(nonfinite_B.any()):
+                    raise NonFiniteOutput(model, "logits")
                 logits_BV = apply_processors(processors, logits_BV, ids_BL[:, :length], mask_BL[:, :length])
                 next_B = choose_next_tokens(logits_BV, config, generator)
                 next_B = torch.where(finished_B, torch.full_like(next_B, pad_id), next_B)
@@ -161,6 +168,8 @@ def generate(
                     break
     finally:
         model.train(was_training)
+    if bool(nonfinite_B.any()):
+        raise NonFiniteOutput(model, "logits")
 
     if texts is not None and stream is not None:  # rows that ran out of tokens: flush held-back text
         tail = [t.close() if not t.closed else "" for t in texts]

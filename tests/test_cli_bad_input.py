@@ -67,6 +67,7 @@ def w(tmp_path_factory) -> dict[str, Path]:
              "small_vocab_base": save_hf_model(root / "small_vocab_base", 100)}
     (root / "empty.txt").write_text("")
     (root / "notes.txt").write_text("some text\n")
+    (root / "latin1.txt").write_bytes("caf\u00e9 cr\u00e8me\n".encode("latin-1"))
     (root / "folder.yaml").mkdir()
     (root / "no_text_files").mkdir()
     (root / "binary.yaml").write_bytes(b"\xff\xfe\x00\x80 not text")
@@ -213,6 +214,11 @@ DATA_AND_PLOT_CASES = {
                                    "--tokenizer", w["data"]], "no text found"),
     "folder without text files": (lambda w: ["prepare-data", "text", w["root"] / "no_text_files", "--out",
                                              w["root"] / "p", "--tokenizer", w["data"]], "holds no text files"),
+    "binary file as text": (lambda w: ["prepare-data", "text", "/bin/ls", "--out", w["root"] / "p",
+                                       "--tokenizer", w["data"]], r"/bin/ls is not a text file \(it holds NUL bytes"),
+    "latin-1 file as text": (lambda w: ["prepare-data", "text", w["root"] / "latin1.txt", "--out", w["root"] / "p",
+                                        "--tokenizer", w["data"]], "latin1.txt is not UTF-8 text"),
+    "binary file to evaluate": (lambda w: ["evaluate", w["model"], "--text", "/bin/ls"], "/bin/ls is not a text file"),
     "tokenizer missing": (lambda w: ["prepare-data", "text", w["root"] / "notes.txt", "--out", w["root"] / "p",
                                      "--tokenizer", w["root"] / "no_tokenizer"], "tokenizer path does not exist"),
     "mtg source missing": (lambda w: ["prepare-data", "mtg", "--source", w["root"] / "nope.json", "--out",

@@ -163,6 +163,19 @@ def _hash_split(key: str, fractions: tuple[float, float, float]) -> str:
 # ------------------------------------------------------------------------------------------ plain text
 
 
+def read_text(path: Path) -> str:
+    """A file's text, refused by name when it is not text: NUL bytes (a binary such as /bin/ls) or bytes that
+    are not UTF-8. Newlines are normalised to "\\n" as Python's universal newlines do."""
+    data = path.read_bytes()
+    if b"\x00" in data:
+        raise UserError(f"{path} is not a text file (it holds NUL bytes at byte {data.index(0)}): give text files")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
 def text_documents(paths: list[str | os.PathLike],
                    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[str]]:
     """Plain text files / folders -> documents per split (see the module docstring for the rules)."""
@@ -172,7 +185,7 @@ def text_documents(paths: list[str | os.PathLike],
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     unmarked: list[str] = []
     for file in files:
-        text = file.read_text(encoding="utf-8", errors="replace")
+        text = read_text(file)
         if not text.strip():
             continue
         marked = _split_in_name(file)

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from flash_experts.data.text import read_text
 from flash_experts.errors import NonFiniteOutput, UserError
 
 if TYPE_CHECKING:
@@ -272,10 +273,7 @@ def read_text_file(path: str | Path) -> str:
         raise UserError(f"{path} is a folder, not a text file")
     if not path.is_file():
         raise UserError(f"text file not found: {path}")
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as error:
-        raise UserError(f"{path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    return read_text(path)
 
 
 def tokenize_text(text: str, tokenizer: Any) -> torch.Tensor:

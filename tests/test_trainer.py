@@ -389,3 +389,56 @@ def test_cli_pretrain_runs_and_refuses_a_pretrained_base(data_dir, tmp_path, cap
     # `--resume` followed by an override: the override is not mistaken for a checkpoint path
     assert main(["pretrain", "--config", str(config_file), "--resume", "optim.max_steps=3"]) == 0
     assert "completed: 3 steps" in capsys.readouterr().out
+
+
+def test_a_second_run_into_a_folder_in_use_is_refused_and_the_first_is_untouched(data_dir, tmp_path, capsys):
+    """Reference: the rule that saved work is never lost. A real `flash-experts pretrain` subprocess is
+    writing the run folder; a second run started into it (resume or not) gets one error line at start and
+    writes nothing (before: both appended to metrics.jsonl and the second died on a missing temporary file).
+    Once the first has ended, its lock is gone and the folder resumes as usual."""
+    from flash_experts.cli.main import main
+    from flash_experts.errors import UserError
+    from flash_experts.training.trainer import train
+
+    common = {"optim.schedule": "constant", "optim.warmup_steps": 0, "eval.interval": 1000, "checkpoint.interval": 0}
+    config_file = tmp_path / "long.yaml"
+    run = tmp_path / "busy"
+    save_config(tiny_config(data_dir, run, **common, **{"optim.max_steps": 100000}), config_file)
+    first = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "pretrain", "--config", str(config_file)],
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=subprocess_env())
+    metrics_file = run / "metrics.jsonl"
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and first.poll() is None:
+            if metrics_file.is_file() and '"step": 2,' in metrics_file.read_text():
+                break
+            time.sleep(0.05)
+        assert first.poll() is None, "the first run ended before the test could start the second"
+        for extra in ([], ["--resume"]):
+            assert main(["pretrain", "--config", str(config_file), "optim.max_steps=3", *extra]) == 2
+            err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+            assert len(err) == 1 and f"{run} is in use by another run (process {first.pid})" in err[0], err
+        with pytest.raises(UserError, match="in use by another run"):
+            train(tiny_config(data_dir, run, **common))
+        lines = metrics_file.read_text().splitlines()
+        assert [json.loads(line)["step"] for line in lines] == sorted(json.loads(line)["step"] for line in lines)
+    finally:
+        first.send_signal(signal.SIGTERM)
+        output, _ = first.communicate(timeout=120)
+    assert first.returncode == 0 and "--resume" in output, output  # the first run saved and ended cleanly
+    steps = [json.loads(line)["step"] for line in metrics_file.read_text().splitlines()]
+    assert steps == sorted(steps), "metrics.jsonl holds one run's records, in order"
+    stopped_at = int((run / "checkpoints" / "latest").read_text().strip().split("_")[1])
+    resumed = train(tiny_config(data_dir, run, **common, **{"optim.max_steps": stopped_at + 1}), resume="auto")
+    assert resumed.steps == stopped_at + 1
+
+
+def test_a_run_that_fails_before_writing_leaves_no_folder(tmp_path):
+    """Reference: the demo's and the examples' "already holds a run" check — a failed start (here: no data)
+    must not leave a folder that looks like saved work."""
+    from flash_experts.errors import UserError
+    from flash_experts.training.trainer import train
+
+    with pytest.raises(UserError):
+        train(tiny_config(tmp_path / "no-data", tmp_path / "never"))
+    assert not (tmp_path / "never").exists()

@@ -35,6 +35,7 @@ from flash_experts.training import checkpoint as ckpt
 from flash_experts.training import distributed as dist_utils
 from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.compile import compile_fail_safe
+from flash_experts.training.run_lock import RunFolderLock
 from flash_experts.data.tokens import load_meta, load_split
 from flash_experts.training.data import EvalBatches, TrainBatches
 from flash_experts.training.schedule import lr_at
@@ -214,14 +215,25 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
     """Train as `cfg` says; `resume` = a checkpoint/run folder, or "auto" (latest in cfg.run.out_dir, if any)."""
     info = dist_utils.init_distributed(resolve_device(cfg.run.device))
     try:
-        trainer = Trainer(cfg, info, resume)
-        try:
-            result = trainer.run()
-        finally:
-            trainer.close()
-        del trainer  # free the DDP reducer while the process group it uses is still alive
-        dist_utils.barrier()  # no rank tears down while another still talks to it
-        return result
+        with contextlib.ExitStack() as held:
+            # Rank 0 writes the run folder: it holds the folder's lock before anything reads or writes it
+            # (resume, recovery of interrupted saves, metrics), and every rank learns whether it got it.
+            lock_error = None
+            if info.is_main:
+                try:
+                    held.enter_context(RunFolderLock(cfg.run.out_dir))
+                except UserError as error:
+                    lock_error = error
+            if any(dist_utils.gather_objects(lock_error is not None)):
+                raise lock_error or UserError(f"{cfg.run.out_dir} is in use by another run")
+            trainer = Trainer(cfg, info, resume)
+            try:
+                result = trainer.run()
+            finally:
+                trainer.close()
+            del trainer  # free the DDP reducer while the process group it uses is still alive
+            dist_utils.barrier()  # no rank tears down while another still talks to it
+            return result
     finally:
         dist_utils.teardown()
 

@@ -15,7 +15,7 @@ generation tokens/s, with a Markdown report and PNG charts in models/wikitext-mo
 import argparse
 from pathlib import Path
 
-from common import TINY, WIKITEXT_MODEL, fine_tuned_model, main, run_config, run_folder_of
+from common import WIKITEXT_MODEL, fine_tuned_model, main, run_config, run_folder_of, tiny
 
 PROMPTS = ["The history of the", "In the early twentieth century,"]
 # WikiText's raw text writes "1 @,@ 000" and "well @-@ known": a fine-tuned model learns those markers.
@@ -62,8 +62,8 @@ def combined() -> None:
     parser.add_argument("--model", default=str(WIKITEXT_MODEL), help=f"fine-tuned model or run (default {WIKITEXT_MODEL})")
     parser.add_argument("--base", default=None, help="the pretrained model (default: the base the run started from)")
     parser.add_argument("--prompt", action="append", default=None, help="a prompt (repeat for several)")
-    parser.add_argument("--max-new-tokens", type=int, default=8 if TINY else 40)
-    parser.add_argument("--eval-tokens", type=int, default=256 if TINY else 4096, help="tokens measured (default 4096)")
+    parser.add_argument("--max-new-tokens", type=int, default=8 if tiny() else 40)
+    parser.add_argument("--eval-tokens", type=int, default=256 if tiny() else 4096, help="tokens measured (default 4096)")
     parser.add_argument("--wikitext", default=None, help="WikiText-2 folder or wiki.test.raw (default: found as usual)")
     parser.add_argument("--out", default=None, help="report folder (default MODEL's run folder/comparison)")
     parser.add_argument("--seed", type=int, default=0)
@@ -120,4 +120,5 @@ def combined() -> None:
     print(f"report: {out / 'report.md'}, generations: {out / 'generations.md'}")
 
 
-main(combined)
+if __name__ == "__main__":
+    main(combined)

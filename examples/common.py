@@ -33,7 +33,6 @@ WIKITEXT_DATA = DATA / "wikitext"
 WIKITEXT_MODEL = MODELS / "wikitext-moe"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CARD_NAMES_FILE = "card_names.txt"  # every real name, beside the MTG token files: novelty is judged against it
-TINY = os.environ.get("FLASH_EXPERTS_EXAMPLES_TINY", "") == "1"
 os.environ.setdefault("WANDB_SILENT", "true")  # the scripts print what matters; W&B still writes its files
 
 
@@ -83,11 +82,16 @@ def run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(file.read_text(encoding="utf-8")) or {}
 
 
-def laptop_defaults(laptop: list[str], tiny: list[str], full: bool) -> list[str]:
+def tiny() -> bool:
+    """FLASH_EXPERTS_EXAMPLES_TINY=1: tiny sizes (read when asked, so one process can run the scripts both ways)."""
+    return os.environ.get("FLASH_EXPERTS_EXAMPLES_TINY", "") == "1"
+
+
+def laptop_defaults(laptop: list[str], tiny_sizes: list[str], full: bool) -> list[str]:
     """The script's own sizes for its config: laptop-sized (none with --full), tiny under
     FLASH_EXPERTS_EXAMPLES_TINY=1. They change the config like its file would; the user's overrides win, and
     a max_steps below these warm-up steps shortens the warm-up (training.config.load_config)."""
-    return [*([] if full else laptop), *(tiny if TINY else [])]
+    return [*([] if full else laptop), *(tiny_sizes if tiny() else [])]
 
 
 def run_folder_of(model: Path) -> Path | None:

@@ -20,7 +20,7 @@ import argparse
 import os
 from pathlib import Path
 
-from common import CONFIGS, DATA, TINY, WIKITEXT_MODEL, laptop_defaults, main, pick_base, refuse_to_overwrite
+from common import CONFIGS, DATA, WIKITEXT_MODEL, laptop_defaults, main, pick_base, refuse_to_overwrite, tiny
 
 LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=256", "data.batch_size=2",
           "data.grad_accum=1", "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60", "optim.warmup_steps=6",
@@ -100,7 +100,7 @@ def finetune() -> None:
                         "data/wikipedia when training on the Wikipedia summaries)")
     parser.add_argument("--out", default=str(WIKITEXT_MODEL), help=f"run folder (default {WIKITEXT_MODEL})")
     parser.add_argument("--base", default="auto", help="'auto' (as the demo), 'gpt2', 'smollm2' or a model folder")
-    parser.add_argument("--eval-tokens", type=int, default=256 if TINY else 4096,
+    parser.add_argument("--eval-tokens", type=int, default=256 if tiny() else 4096,
                         help="WikiText-2 test tokens measured before and after (default 4096)")
     parser.add_argument("--full", action="store_true", help="train as configs/wikitext_moe.yaml says")
     parser.add_argument("--resume", action="store_true", help="continue the run in --out")
@@ -143,4 +143,5 @@ def finetune() -> None:
     print(f"model: {out / 'best'}\nnext: python examples/combined_moe_flash.py")
 
 
-main(finetune)
+if __name__ == "__main__":
+    main(finetune)

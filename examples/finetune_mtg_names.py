@@ -22,7 +22,7 @@ from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_t
 LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
           "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=72", "optim.warmup_steps=6",
           "eval.interval=24", "eval.batches=16", "checkpoint.interval=24", "checkpoint.keep_last=1"]
-TINY = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
+TINY_RUN = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
         "data.block_size=16", "checkpoint.interval=0"]
 
 
@@ -48,7 +48,7 @@ def finetune() -> None:
     refuse_to_overwrite(out, args.resume)
     cfg = load_config(CONFIGS / "mtg_moe.yaml", args.overrides,
                       defaults=[f"model.base={base}", f"data.dir={data}", f"run.out_dir={out}",
-                                *laptop_defaults(LAPTOP, TINY, args.full)])
+                                *laptop_defaults(LAPTOP, TINY_RUN, args.full)])
     if args.base:  # the ids must be the base's: another tokenizer's ids would train on noise
         from flash_experts.evaluation.perplexity import check_data_tokenizer
         from flash_experts.model.loading import base_tokenizer
@@ -67,4 +67,5 @@ def finetune() -> None:
     print(f"model: {out / 'best'}\nnext: python examples/generate_mtg_names.py")
 
 
-main(finetune)
+if __name__ == "__main__":
+    main(finetune)

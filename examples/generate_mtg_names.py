@@ -14,7 +14,7 @@ cleaned, marked new (not a real card) or real, and each setting gets validity, u
 import argparse
 from pathlib import Path
 
-from common import MTG_MODEL, TINY, fine_tuned_model, main, mtg_training_data
+from common import MTG_MODEL, fine_tuned_model, main, mtg_training_data, tiny
 
 TYPE_LINES = [("Creature — Elf", "G"), ("Instant", "R"), ("Legendary Creature — Dragon", "BR")]
 
@@ -35,7 +35,7 @@ def sampling_settings() -> dict:
 def generate_names() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=str(MTG_MODEL), help=f"model or run folder (default {MTG_MODEL})")
-    parser.add_argument("--count", type=int, default=3 if TINY else 20, help="distinct names per setting")
+    parser.add_argument("--count", type=int, default=3 if tiny() else 20, help="distinct names per setting")
     parser.add_argument("--type", default=None, help="type line for a conditioned model, e.g. 'Creature — Elf'")
     parser.add_argument("--colors", default=None, help="colours for a conditioned model, e.g. G or BR")
     parser.add_argument("--seed", type=int, default=0)
@@ -70,4 +70,5 @@ def generate_names() -> None:
             print(f"    {metrics.summary()}")
 
 
-main(generate_names)
+if __name__ == "__main__":
+    main(generate_names)

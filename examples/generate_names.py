@@ -10,13 +10,13 @@ CLI: `flash-experts generate-names models/mtg-names/best`.)
 
 import argparse
 
-from common import MTG_MODEL, TINY, fine_tuned_model, main, mtg_training_data
+from common import MTG_MODEL, fine_tuned_model, main, mtg_training_data, tiny
 
 
 def quick_names() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("model", nargs="?", default=str(MTG_MODEL), help=f"model or run folder (default {MTG_MODEL})")
-    parser.add_argument("-n", "--count", type=int, default=3 if TINY else 20)
+    parser.add_argument("-n", "--count", type=int, default=3 if tiny() else 20)
     args = parser.parse_args()
 
     from flash_experts.errors import UserError
@@ -34,4 +34,5 @@ def quick_names() -> None:
     print(metrics.summary())
 
 
-main(quick_names)
+if __name__ == "__main__":
+    main(quick_names)

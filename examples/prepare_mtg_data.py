@@ -60,4 +60,5 @@ def prepare() -> None:
     print("next: python examples/finetune_mtg_names.py")
 
 
-main(prepare)
+if __name__ == "__main__":
+    main(prepare)

@@ -8,7 +8,8 @@
 
 The base is the one examples/prepare_mtg_data.py tokenised the names for (recorded in data/mtg/meta.json).
 By default the run is sized for a laptop CPU: 4 experts (top-2) on every other layer, experts and routers
-trained, 72 steps of 8 x 64 tokens, the whole validation split evaluated every 24; `--full` trains the config's 8 experts, all weights, 2,000 steps.
+trained, 60 steps of 8 x 64 tokens, the whole validation split evaluated every 20 (a checkpoint at the end;
+Ctrl-C saves one too); `--full` trains the config's 8 experts, all weights, 2,000 steps.
 Metrics go to models/mtg-names/metrics.jsonl, TensorBoard and Weights & Biases (offline files without an
 API key; `flash-experts plot models/mtg-names` draws them). The CLI equivalent: `flash-experts finetune
 --config configs/mtg_moe.yaml data.dir=data/mtg run.out_dir=models/mtg-names`.
@@ -20,8 +21,8 @@ from pathlib import Path
 from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_to_overwrite
 
 LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
-          "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=72", "optim.warmup_steps=6",
-          "eval.interval=24", "eval.batches=16", "checkpoint.interval=24", "checkpoint.keep_last=1"]
+          "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60", "optim.warmup_steps=5",
+          "eval.interval=20", "eval.batches=16", "checkpoint.interval=0", "checkpoint.keep_last=1"]
 TINY_RUN = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
         "data.block_size=16", "checkpoint.interval=0"]
 

@@ -43,7 +43,7 @@ QUICK_SEQS = [128, 256]
 
 def eager(q, k, v):
     """Materialised softmax (the project's textbook reference): the (T, T) matrices live in memory."""
-    from flash_experts.attention.dispatch import eager_attention
+    from flash_experts.attention.contract import eager_attention
 
     return eager_attention(q, k, v, causal=True)
 

@@ -22,7 +22,6 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker  # noqa: E402
-
 from flash_experts.model.moe import MoELayer  # noqa: E402
 
 

@@ -44,7 +44,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker, time_call  # noqa: E402
 
-
 # ------------------------------------------------------------------------------------------------ data
 
 def load_token_stream() -> tuple[torch.Tensor, str]:

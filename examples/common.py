@@ -106,8 +106,8 @@ def run_folder_of(model: Path) -> Path | None:
 def mtg_training_data(model: Path) -> tuple[bool, list[str]]:
     """(conditioned, real card names) for a model of the MTG chain: read from the data folder its run trained
     on. A model from elsewhere: plain names, judged against the offline card data."""
-    from flash_experts.data.mtg import load_mtg_records
     from flash_experts.data.tokens import load_meta
+    from flash_experts.mtg.cards import load_mtg_records
 
     run = run_folder_of(model)
     data_dir = (run_config(run).get("data") or {}).get("dir") if run is not None else None

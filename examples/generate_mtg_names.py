@@ -12,7 +12,6 @@ cleaned, marked new (not a real card) or real, and each setting gets validity, u
 """
 
 import argparse
-from pathlib import Path
 
 from common import MTG_MODEL, fine_tuned_model, main, mtg_training_data, tiny
 
@@ -22,7 +21,7 @@ TYPE_LINES = [("Creature — Elf", "G"), ("Instant", "R"), ("Legendary Creature 
 def sampling_settings() -> dict:
     """Three ways to sample, from careful to adventurous; every one keeps to name characters."""
     from flash_experts.generation import SamplingConfig
-    from flash_experts.generation.generate import CARD_NAME_REGEX
+    from flash_experts.mtg.names import CARD_NAME_REGEX
 
     return {
         "careful (T=0.7, top-p 0.9)": SamplingConfig(temperature=0.7, top_p=0.9, allowed_regex=CARD_NAME_REGEX),
@@ -42,8 +41,8 @@ def generate_names() -> None:
     args = parser.parse_args()
 
     from flash_experts.errors import UserError
-    from flash_experts.generation import generate_card_names
     from flash_experts.model.loading import load_model
+    from flash_experts.mtg import generate_card_names
 
     if args.count < 1:
         raise UserError(f"--count must be >= 1, got {args.count}")

@@ -20,8 +20,8 @@ def quick_names() -> None:
     args = parser.parse_args()
 
     from flash_experts.errors import UserError
-    from flash_experts.generation import generate_card_names
     from flash_experts.model.loading import load_model
+    from flash_experts.mtg import generate_card_names
 
     if args.count < 1:
         raise UserError(f"--count must be >= 1, got {args.count}")

@@ -24,15 +24,9 @@ def prepare() -> None:
 
     from pathlib import Path
 
-    from flash_experts.data import (
-        conditioning_prefix,
-        format_card,
-        load_mtg_records,
-        load_split,
-        prepare_token_splits,
-        split_records,
-    )
+    from flash_experts.data import load_split, prepare_token_splits
     from flash_experts.model.loading import base_tokenizer
+    from flash_experts.mtg import conditioning_prefix, format_card, load_mtg_records, split_records
 
     # 1. Card records: one per unique name (tokens, un-sets, planes, schemes, ... removed; "Fire // Ice" kept whole).
     records = load_mtg_records(args.source)

@@ -36,7 +36,7 @@ def tiny_gpt2_dir(tmp_path_factory):
     model = GPT2LMHeadModel(tiny_gpt2_config()).eval()
     # Larger-than-init weights so that every layer matters to the logits (a stronger parity check).
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() == 2:
                 param.mul_(3.0)
     path = tmp_path_factory.mktemp("tiny_gpt2")

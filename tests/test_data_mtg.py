@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from flash_experts.data import mtg
-from flash_experts.data.mtg import CardRecord
 from flash_experts.errors import UserError
+from flash_experts.mtg import cards as mtg
+from flash_experts.mtg.cards import CardRecord
 
 FIXTURES = Path(__file__).parent / "fixtures" / "mtg"
 # Read before the autouse fixture points FLASH_EXPERTS_CACHE at a temporary folder.

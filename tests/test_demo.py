@@ -12,6 +12,7 @@ import pytest
 
 from flash_experts.cli.main import main
 
+
 @pytest.mark.slow
 def test_demo_quick_improves_validation_perplexity(tmp_path, capsys, monkeypatch):
     pytest.importorskip("gguf", reason="the offline SmolLM2 base needs gguf")

@@ -64,7 +64,7 @@ def assert_matches_reference(q, k, v, causal, key_padding_mask=None, atol=2e-5, 
     for name, a, b in zip(("out", "dq", "dk", "dv"), (ours, *our_grads), (ref, *ref_grads)):
         assert torch.isfinite(a).all(), f"{name} has NaN/inf"
         assert a.dtype == q.dtype, name
-        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m, name=name: f"{name}: {m}")
 
 
 @pytest.mark.parametrize(

@@ -267,7 +267,7 @@ def test_card_name_allow_list_every_token_matches_plain_regex(model, tokenizer):
     token excepted), over 16 hot samples that would otherwise wander over the whole vocabulary."""
     import re
 
-    from flash_experts.generation.generate import CARD_NAME_REGEX
+    from flash_experts.mtg.names import CARD_NAME_REGEX
 
     config = SamplingConfig(temperature=2.0, allowed_regex=CARD_NAME_REGEX)
     result = generate(model, tokenizer, ["the"] * 16, config, max_new_tokens=12, seed=0, stop_strings=["\n"])

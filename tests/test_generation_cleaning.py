@@ -5,15 +5,13 @@ from __future__ import annotations
 import pytest
 
 from flash_experts.generation.cleaning import (
-    clean_card_name,
     clean_text,
     cut_at_sentence_end,
     cut_at_stop,
-    is_valid_card_name,
     normalize_whitespace,
     strip_special_tokens,
-    title_case_card_name,
 )
+from flash_experts.mtg.cleaning import clean_card_name, is_valid_card_name, title_case_card_name
 
 
 def test_clean_text_hand_made():

@@ -7,10 +7,11 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from flash_experts.cli.main import main
-from flash_experts.generation.cleaning import is_valid_card_name
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
+from flash_experts.mtg.cleaning import is_valid_card_name
 from tiny_tokenizer import make_tokenizer  # noqa: E402
+
 
 def make_hf_model(vocab_size: int) -> GPT2LMHeadModel:
     torch.manual_seed(0)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from flash_experts.errors import UserError
-from flash_experts.evaluation.names import evaluate_names, novelty, read_reference_names, uniqueness
+from flash_experts.mtg.names import evaluate_names, novelty, read_reference_names, uniqueness
 
 REAL = ["Llanowar Elves", "Sword of Fire and Ice", "Séance", "Jace, the Mind Sculptor"]
 

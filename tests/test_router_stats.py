@@ -12,13 +12,14 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from flash_experts.evaluation.perplexity import collect_router_stats  # noqa: E402
 from flash_experts.evaluation.router_stats import (  # noqa: E402
     RouterStatsAccumulator,
-    collect_router_stats,
     router_stats_markdown,
     router_stats_table,
 )
 from flash_experts.model.moe import MoELayer, RouterStats  # noqa: E402
+
 
 def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
     zero = torch.tensor(0.0)

@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from flash_experts.attention.dispatch import check_attention_inputs
+from flash_experts.attention.contract import check_attention_inputs
 
 
 def _block_visibility(

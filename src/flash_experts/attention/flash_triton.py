@@ -26,10 +26,10 @@ import math
 import os
 
 import torch
-from torch import Tensor
 import torch.nn.functional as F
+from torch import Tensor
 
-from flash_experts.attention.dispatch import check_attention_inputs
+from flash_experts.attention.contract import check_attention_inputs
 from flash_experts.errors import UserError
 
 try:

@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
         eval_text = wikitext_test_text(None if args.wikitext is True else args.wikitext)
         eval_source = "WikiText-2 raw test split"
     elif args.data is not None:
-        from flash_experts.evaluation.perplexity import as_token_tensor
         from flash_experts.data.tokens import load_split
+        from flash_experts.evaluation.perplexity import as_token_tensor
 
         eval_tokens = as_token_tensor(load_split(args.data, args.split), args.max_tokens)
         eval_source = f"{args.data} ({args.split} split)"

@@ -103,8 +103,8 @@ def run(args: argparse.Namespace) -> int:
 
 def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str]]:
     """Tokenise the card names (names-only format) into `data_dir`; returns it and every real name."""
-    from flash_experts.data.mtg import load_mtg_records, mtg_documents
     from flash_experts.data.tokens import prepare_token_splits
+    from flash_experts.mtg.cards import load_mtg_records, mtg_documents
 
     records = load_mtg_records()
     documents = mtg_documents(records, conditioned=False)
@@ -142,8 +142,8 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path)
 
 def generate_names(result: Any, args: argparse.Namespace, reference_names: list[str]) -> tuple[list, Any]:
     """Sample card names from the best checkpoint, each marked new or real."""
-    from flash_experts.generation.generate import generate_card_names
     from flash_experts.model.loading import load_model
+    from flash_experts.mtg.names import generate_card_names
 
     best = Path(result.run_dir) / "best"
     model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))

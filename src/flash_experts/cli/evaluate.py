@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
 
     from flash_experts.cli.generate import load_for_generation
     from flash_experts.errors import UserError
-    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens, model_max_positions
-    from flash_experts.evaluation.router_stats import RouterStatsAccumulator, collect_router_stats, router_stats_table
+    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens, perplexity_with_routing
+    from flash_experts.evaluation.router_stats import router_stats_table
 
     if args.wikitext is None and args.data is None and args.text is None:
         raise UserError("choose the evaluation data: --wikitext [PATH], --data DIR (with --split) or --text FILE")
@@ -74,18 +74,16 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.model, args.device, quantize=args.quantize)
     tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
                               text_file=args.text, max_tokens=args.max_tokens)
-    # Overlapping windows route most tokens several times; routing is then measured in a separate
-    # non-overlapping pass so that every token of the evaluation set counts exactly once.
-    overlapping = args.stride is not None and args.stride < (args.context or model_max_positions(model) or 0)
-    accumulator = RouterStatsAccumulator() if args.router_stats and not overlapping else None
-    result = evaluate_perplexity(model, tokens, context=args.context, stride=args.stride, batch_size=args.batch_size,
-                                 bf16=args.bf16, quiet=args.quiet, router_stats=accumulator)
+    measure = dict(context=args.context, stride=args.stride, batch_size=args.batch_size, bf16=args.bf16,
+                   quiet=args.quiet)
+    if args.router_stats:
+        result, routing = perplexity_with_routing(model, tokens, **measure)
+    else:
+        result = evaluate_perplexity(model, tokens, **measure)
     weights = " (int8 weights)" if args.quantize == "int8" else ""
     console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
     numbers = {"model": args.model, "quantize": args.quantize, **result.as_dict()}
     if args.router_stats:
-        routing = accumulator.result() if accumulator is not None else collect_router_stats(
-            model, tokens, context=result.context, batch_size=args.batch_size, bf16=args.bf16, quiet=args.quiet)
         if routing.is_empty:
             console.print("dense model: no router statistics")
         else:

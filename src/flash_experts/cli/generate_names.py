@@ -38,9 +38,9 @@ def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
-    from flash_experts.data.mtg import conditioning_prefix
     from flash_experts.errors import UserError
-    from flash_experts.generation.generate import CARD_NAME_REGEX, generate_card_names
+    from flash_experts.mtg.cards import conditioning_prefix
+    from flash_experts.mtg.names import CARD_NAME_REGEX, generate_card_names
 
     if args.num_names < 1:
         raise UserError(f"-n/--num-names must be >= 1, got {args.num_names}")
@@ -71,13 +71,13 @@ def run(args: argparse.Namespace) -> int:
 def _reference_names(path: str | None) -> tuple[list[str] | None, str]:
     """(names, where they came from): the given file, else the cached offline MTG data, else none."""
     from flash_experts.errors import UserError
-    from flash_experts.evaluation.names import read_reference_names
+    from flash_experts.mtg.names import read_reference_names
 
     if path is not None:
         names = read_reference_names(path)
         return names, f"{len(names)} names from {path}"
     try:
-        from flash_experts.data.mtg import load_mtg_records
+        from flash_experts.mtg.cards import load_mtg_records
 
         records = load_mtg_records(fetch=False)  # only what is already cached: no downloads here
     except (UserError, ImportError, OSError):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import json
 import os
 import sys
@@ -65,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
     subparsers = parser.add_subparsers(dest="verb", metavar="VERB")
     for name in VERB_MODULES:
-        module_name = f"flash_experts.cli.{name}"
-        if importlib.util.find_spec(module_name) is None:  # verb not built yet
-            continue
-        importlib.import_module(module_name).register(subparsers)
+        importlib.import_module(f"flash_experts.cli.{name}").register(subparsers)
     return parser
 
 

@@ -67,7 +67,7 @@ def _documents(args: argparse.Namespace) -> tuple[dict[str, list[str]], str, str
     from flash_experts.errors import UserError
 
     if args.dataset == "mtg":
-        from flash_experts.data.mtg import load_mtg_records, mtg_documents
+        from flash_experts.mtg.cards import load_mtg_records, mtg_documents
 
         records = load_mtg_records(args.source, online=args.online, fetch=not args.no_fetch)
         documents = mtg_documents(records, args.conditioned)

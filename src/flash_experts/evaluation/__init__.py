@@ -1,8 +1,14 @@
 """Honest evaluation: sliding-window perplexity, router statistics, side-by-side model comparison."""
 
 from flash_experts.evaluation.compare import ComparisonResult, ModelEntry, compare_models, count_parameters
-from flash_experts.evaluation.perplexity import PerplexityResult, evaluate_perplexity, load_eval_tokens
-from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult, collect_router_stats
+from flash_experts.evaluation.perplexity import (
+    PerplexityResult,
+    collect_router_stats,
+    evaluate_perplexity,
+    load_eval_tokens,
+    perplexity_with_routing,
+)
+from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult
 
 __all__ = [
     "ComparisonResult",
@@ -15,4 +21,5 @@ __all__ = [
     "count_parameters",
     "evaluate_perplexity",
     "load_eval_tokens",
+    "perplexity_with_routing",
 ]

@@ -26,17 +26,11 @@ import torch
 from flash_experts.errors import UserError
 from flash_experts.evaluation.perplexity import (
     PerplexityResult,
-    evaluate_perplexity,
-    model_device,
-    model_max_positions,
+    perplexity_with_routing,
     tokenize_text,
 )
-from flash_experts.evaluation.router_stats import (
-    RouterStatsAccumulator,
-    RouterStatsResult,
-    collect_router_stats,
-    router_stats_markdown,
-)
+from flash_experts.evaluation.router_stats import RouterStatsResult, router_stats_markdown
+from flash_experts.model.properties import model_device, model_max_positions
 from flash_experts.model.quantize import quantized_weights
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
@@ -255,14 +249,8 @@ def compare_models(
         model = entry.model
         perplexity = routing = None
         if stream is not None:
-            # Overlapping windows route most tokens several times: routing then gets its own non-overlapping
-            # pass, so every evaluation token counts once.
-            overlapping = stride is not None and stride < context
-            accumulator = None if overlapping else RouterStatsAccumulator()
-            perplexity = evaluate_perplexity(model, stream, context=context, stride=stride, batch_size=eval_batch_size,
-                                             quiet=quiet, router_stats=accumulator)
-            routing = accumulator.result() if accumulator is not None else collect_router_stats(
-                model, stream, context=context, batch_size=eval_batch_size, quiet=quiet)
+            perplexity, routing = perplexity_with_routing(model, stream, context=context, stride=stride,
+                                                          batch_size=eval_batch_size, quiet=quiet)
         vocab_size = getattr(getattr(model, "config", None), "vocab_size", None) or 256
         forward_speed = forward_tokens_per_second(model, _speed_batch(stream, vocab_size, speed_batch_size, speed_seq_len),
                                                   speed_iterations)

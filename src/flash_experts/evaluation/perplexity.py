@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 
 from flash_experts.data.text import read_text
 from flash_experts.errors import NonFiniteOutput, UserError
-
-if TYPE_CHECKING:
-    from flash_experts.evaluation.router_stats import RouterStatsAccumulator
+from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult
+from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size
 
 
 @dataclass
@@ -106,16 +105,6 @@ def sliding_windows(num_tokens: int, context: int, stride: int) -> list[Window]:
 # Model helpers
 
 
-def model_max_positions(model: torch.nn.Module) -> int | None:
-    """The longest sequence the model's position embeddings allow, from its config (None if unknown)."""
-    config = getattr(model, "config", None)
-    for field in ("n_positions", "max_position_embeddings", "n_ctx"):
-        value = getattr(config, field, None)
-        if isinstance(value, int) and value > 0:
-            return value
-    return None
-
-
 def resolve_context(model: torch.nn.Module, context: int | None) -> int:
     """`context` checked against the model's maximum; defaults to that maximum."""
     max_positions = model_max_positions(model)
@@ -126,11 +115,6 @@ def resolve_context(model: torch.nn.Module, context: int | None) -> int:
     if max_positions is not None and context > max_positions:
         raise UserError(f"context {context} exceeds the model's maximum of {max_positions} positions")
     return context
-
-
-def model_vocab_size(model: torch.nn.Module) -> int | None:
-    value = getattr(getattr(model, "config", None), "vocab_size", None)
-    return value if isinstance(value, int) else None
 
 
 def as_token_tensor(tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
@@ -145,13 +129,6 @@ def as_token_tensor(tokens: Any, max_tokens: int | None = None) -> torch.Tensor:
             raise UserError(f"max_tokens must be at least 2, got {max_tokens}")
         stream = stream[:max_tokens]
     return stream.long()
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
 
 
 def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> Any:
@@ -238,6 +215,48 @@ def evaluate_perplexity(
         tokens_per_second=scored / seconds if seconds > 0 else float("inf"),
         precision="bf16" if bf16 else "fp32",
     )
+
+
+@torch.inference_mode()
+def collect_router_stats(
+    model: torch.nn.Module,
+    tokens: Any,
+    *,
+    context: int | None = None,
+    batch_size: int = 4,
+    bf16: bool = False,
+    max_tokens: int | None = None,
+    quiet: bool = False,
+) -> RouterStatsResult:
+    """Route the stream through `model` in non-overlapping windows (each token once) and aggregate."""
+    accumulator = RouterStatsAccumulator()
+    evaluate_perplexity(
+        model, tokens, context=context, stride=None, batch_size=batch_size, bf16=bf16,
+        max_tokens=max_tokens, quiet=quiet, router_stats=accumulator,
+    )
+    return accumulator.result()
+
+
+def perplexity_with_routing(
+    model: torch.nn.Module,
+    tokens: Any,
+    *,
+    context: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 4,
+    bf16: bool = False,
+    quiet: bool = False,
+) -> tuple[PerplexityResult, RouterStatsResult]:
+    """Perplexity and router statistics of one evaluation stream. Overlapping windows (stride < context)
+    route most tokens several times, so routing then gets its own non-overlapping pass: every token of the
+    evaluation set counts exactly once in the statistics."""
+    overlapping = stride is not None and stride < resolve_context(model, context)
+    accumulator = None if overlapping else RouterStatsAccumulator()
+    result = evaluate_perplexity(model, tokens, context=context, stride=stride, batch_size=batch_size, bf16=bf16,
+                                 quiet=quiet, router_stats=accumulator)
+    routing = accumulator.result() if accumulator is not None else collect_router_stats(
+        model, tokens, context=result.context, batch_size=batch_size, bf16=bf16, quiet=quiet)
+    return result, routing
 
 
 def _batches_of_equal_length(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:

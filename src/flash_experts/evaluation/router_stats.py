@@ -98,28 +98,6 @@ class RouterStatsAccumulator:
         return RouterStatsResult(layers=layers)
 
 
-@torch.inference_mode()
-def collect_router_stats(
-    model: torch.nn.Module,
-    tokens: Any,
-    *,
-    context: int | None = None,
-    batch_size: int = 4,
-    bf16: bool = False,
-    max_tokens: int | None = None,
-    quiet: bool = False,
-) -> RouterStatsResult:
-    """Route the stream through `model` in non-overlapping windows (each token once) and aggregate."""
-    from flash_experts.evaluation.perplexity import evaluate_perplexity
-
-    accumulator = RouterStatsAccumulator()
-    evaluate_perplexity(
-        model, tokens, context=context, stride=None, batch_size=batch_size, bf16=bf16,
-        max_tokens=max_tokens, quiet=quiet, router_stats=accumulator,
-    )
-    return accumulator.result()
-
-
 def router_stats_table(result: RouterStatsResult, title: str = "Routing") -> Any:
     """A rich Table with one row per MoE layer."""
     from rich.table import Table

@@ -8,13 +8,12 @@ each layer listed in `config.moe_layer_indices()` is an `MoELayer` instead.
 from __future__ import annotations
 
 import functools
-
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import PreTrainedModel
-import torch.nn.functional as F
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
@@ -29,7 +28,6 @@ from flash_experts.model.common import (
 from flash_experts.model.config import GPT2MoEConfig
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
-
 
 
 def activation_fn(name: str):

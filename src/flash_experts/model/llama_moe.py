@@ -234,39 +234,3 @@ class LlamaMoEForCausalLM(PreTrainedModel):
             loss=loss, logits=logits, cache=cache if use_cache or past_key_values is not None else None,
             lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
         )
-
-
-# -- upcycling -------------------------------------------------------------------------------------------------
-_CONFIG_FIELDS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype",
-                             "torch_dtype")
-
-
-def upcycle_llama(dense: PreTrainedModel, moe: dict[str, Any]) -> LlamaMoEForCausalLM:
-    """A dense Llama-family model -> `LlamaMoEForCausalLM` with every expert a copy of the dense MLP.
-
-    `moe` holds every MoE field (see `MOE_DEFAULTS`). Called through `flash_experts.model.upcycle`.
-    """
-    from flash_experts.model.upcycle import copy_dense_weights
-
-    fields = dense.config.to_dict()
-    for name in _CONFIG_FIELDS_NOT_COPIED:
-        fields.pop(name, None)
-    if dense.config.model_type == "qwen2":  # biases on q/k/v but not on the output projection
-        fields.update(attention_bias=True, attention_out_bias=False)
-    config = LlamaMoEConfig(**fields, **moe)
-    dtype = next(dense.parameters()).dtype
-    model = LlamaMoEForCausalLM(config).to(dtype)
-
-    # HF Linear weights are (out, in); our experts are (in, out) per expert: transpose the MLP weights of the
-    # layers that become MoE (dense layers keep their Linear layout and copy by name).
-    dense_state = dict(dense.state_dict())
-    for i in config.moe_layer_indices():
-        for proj in ("gate_proj", "up_proj", "down_proj"):
-            name = f"model.layers.{i}.mlp.{proj}.weight"
-            dense_state[name] = dense_state[name].t()
-    copy_dense_weights(dense_state, model, expert_sources={
-        "mlp.experts.w_gate": "mlp.gate_proj.weight",  # (D, F) per expert
-        "mlp.experts.w_up": "mlp.up_proj.weight",  # (D, F)
-        "mlp.experts.w_down": "mlp.down_proj.weight",  # (F, D)
-    })
-    return model.to(next(dense.parameters()).device).train(dense.training)

@@ -64,9 +64,9 @@ def load_model(source: str, dtype: torch.dtype | None = None, with_tokenizer: bo
     """Load (model, tokenizer) from a local folder, a hub id, or "smollm2" (offline GGUF base).
 
     Our own checkpoints (model_type gpt2_moe / llama_moe) load through the same path: their configs are
-    registered with `AutoModelForCausalLM` when `flash_experts.model` is imported.
+    registered with `AutoModelForCausalLM` by `flash_experts.model.registry` (imported here).
     """
-    import flash_experts.model  # noqa: F401  (registers our model types with the Auto classes)
+    import flash_experts.model.registry  # noqa: F401  (registers our model types with the Auto classes)
 
     with quiet_transformers_progress():  # no bar on stderr before a one-line error, nor inside our own bars
         return _load_model(source, dtype, with_tokenizer)
@@ -85,9 +85,6 @@ def _load_model(source: str, dtype: torch.dtype | None, with_tokenizer: bool
         model = _load_from_hub(source, dtype)
     tokenizer = load_tokenizer_for(source, model) if with_tokenizer else None
     return model, tokenizer
-
-
-load_base_model = load_model
 
 
 def _load_local(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:

@@ -14,7 +14,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from flash_experts.errors import UserError
-from flash_experts.model.config import MOE_DEFAULTS, GPT2MoEConfig
+from flash_experts.model.config import MOE_DEFAULTS, GPT2MoEConfig, LlamaMoEConfig
+from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
+from flash_experts.model.llama_moe import LlamaMoEForCausalLM
 
 GPT2_FAMILY = ("gpt2",)
 LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # same block layout: attention + gated (SwiGLU) MLP + RMSNorm
@@ -41,8 +43,6 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
     if model_type in GPT2_FAMILY:
         model = _upcycle_gpt2(dense, moe)
     elif model_type in LLAMA_FAMILY:
-        from flash_experts.model.llama_moe import upcycle_llama
-
         model = upcycle_llama(dense, moe)
     else:
         raise UserError(
@@ -60,11 +60,14 @@ def upcycle_gpt2(source: PreTrainedModel | str, num_experts: int = 8, top_k: int
     return upcycle(source, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **kwargs)
 
 
-def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> PreTrainedModel:
-    from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
+# Config fields that describe the dense source, not the model it becomes.
+_CONFIG_FIELDS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype",
+                             "torch_dtype")
 
+
+def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> GPT2MoEForCausalLM:
     fields = dense.config.to_dict()
-    for name in ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype", "torch_dtype"):
+    for name in _CONFIG_FIELDS_NOT_COPIED:
         fields.pop(name, None)
     config = GPT2MoEConfig(**fields, **moe)
     dtype = next(dense.parameters()).dtype
@@ -74,6 +77,35 @@ def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> PreTrainedMode
         "mlp.experts.b_up": "mlp.c_fc.bias",
         "mlp.experts.w_down": "mlp.c_proj.weight",
         "mlp.experts.b_down": "mlp.c_proj.bias",
+    })
+    return model.to(next(dense.parameters()).device).train(dense.training)
+
+
+def upcycle_llama(dense: PreTrainedModel, moe: dict[str, Any]) -> LlamaMoEForCausalLM:
+    """A dense Llama-family model -> `LlamaMoEForCausalLM` with every expert a copy of the dense MLP.
+
+    `moe` holds every MoE field (see `MOE_DEFAULTS`). Called through `upcycle`.
+    """
+    fields = dense.config.to_dict()
+    for name in _CONFIG_FIELDS_NOT_COPIED:
+        fields.pop(name, None)
+    if dense.config.model_type == "qwen2":  # biases on q/k/v but not on the output projection
+        fields.update(attention_bias=True, attention_out_bias=False)
+    config = LlamaMoEConfig(**fields, **moe)
+    dtype = next(dense.parameters()).dtype
+    model = LlamaMoEForCausalLM(config).to(dtype)
+
+    # HF Linear weights are (out, in); our experts are (in, out) per expert: transpose the MLP weights of the
+    # layers that become MoE (dense layers keep their Linear layout and copy by name).
+    dense_state = dict(dense.state_dict())
+    for i in config.moe_layer_indices():
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{i}.mlp.{proj}.weight"
+            dense_state[name] = dense_state[name].t()
+    copy_dense_weights(dense_state, model, expert_sources={
+        "mlp.experts.w_gate": "mlp.gate_proj.weight",  # (D, F) per expert
+        "mlp.experts.w_up": "mlp.up_proj.weight",  # (D, F)
+        "mlp.experts.w_down": "mlp.down_proj.weight",  # (F, D)
     })
     return model.to(next(dense.parameters()).device).train(dense.training)
 

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from flash_experts.errors import UserError
-from flash_experts.model.loading import quiet_transformers_progress  # noqa: F401  (public here too)
+from flash_experts.model.loading import quiet_transformers_progress
 
 STATE_FILE = "trainer_state.pt"
 LATEST_FILE = "latest"

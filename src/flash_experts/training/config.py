@@ -26,14 +26,6 @@ import yaml
 
 from flash_experts.errors import UserError
 
-DEVICES = ("auto", "cpu", "cuda")
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-ATTENTIONS = ("auto", "sdpa", "flash", "eager", "triton")
-TRAINABLE = ("all", "moe")
-MOE_LAYER_PRESETS = ("all", "every_other")
-SCHEDULES = ("cosine", "constant")
-WANDB_MODES = ("auto", "online", "offline", "off")
-
 
 @dataclass
 class RunConfig:

@@ -21,6 +21,7 @@ import torch
 
 from flash_experts.errors import UserError
 
+
 def _windows(tokens: np.ndarray, offsets: np.ndarray, length: int) -> torch.Tensor:
     """(len(offsets), length) int64 tensor of the token windows starting at `offsets`."""
     rows = np.stack([np.asarray(tokens[o : o + length]) for o in offsets])

@@ -30,14 +30,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from flash_experts.data.tokens import load_meta, load_split
 from flash_experts.errors import UserError
 from flash_experts.training import checkpoint as ckpt
 from flash_experts.training import distributed as dist_utils
-from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.compile import compile_fail_safe
-from flash_experts.training.run_lock import RunFolderLock
-from flash_experts.data.tokens import load_meta, load_split
+from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.data import EvalBatches, TrainBatches
+from flash_experts.training.run_lock import RunFolderLock
 from flash_experts.training.schedule import lr_at
 
 
@@ -83,7 +83,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     dense run converts GPT-2/Llama bases to our code with no MoE layers, so attention runs through our kernels.
     """
     from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM, upcycle
-    from flash_experts.model.loading import load_base_model
+    from flash_experts.model.loading import load_model
 
     moe = cfg.moe
     moe_fields: dict[str, Any] = {"attention_implementation": cfg.model.attention}
@@ -108,8 +108,7 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
         )
         return GPT2MoEForCausalLM(config), _data_tokenizer(cfg.data.dir)
 
-    with ckpt.quiet_transformers_progress():  # the trainer draws its own progress; no bar before a one-line error
-        model, tokenizer = load_base_model(cfg.model.base)
+    model, tokenizer = load_model(cfg.model.base)  # quiet: no transformers bar inside the trainer's own
     already_moe = bool(getattr(model.config, "num_experts", None)) and hasattr(model.config, "moe_layer_indices")
     if already_moe:
         if moe is not None:
@@ -283,10 +282,9 @@ class Trainer:
         self.raw_model = model
         # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
         # dozen, 5-10x faster per step on CPU.
-        fused = {"fused": True}
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(model, cfg.optim.weight_decay), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps, **fused,
+            eps=cfg.optim.eps, fused=True,
         )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)

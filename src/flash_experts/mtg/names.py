@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from flash_experts.data.mtg import name_key
 from flash_experts.errors import UserError
-from flash_experts.generation.cleaning import clean_card_name
+from flash_experts.generation.generate import generate
+from flash_experts.generation.sampling import SamplingConfig
+from flash_experts.mtg.cards import conditioning_prefix, name_key
+from flash_experts.mtg.cleaning import clean_card_name
 
 
 @dataclass
@@ -116,3 +118,48 @@ def read_reference_names(path: str | Path) -> list[str]:
     if not names:
         raise UserError(f"reference names file has no names: {path}")
     return names
+
+
+# ----------------------------------------------------------------------------- generating names
+
+# Token filter for names: letters, spaces, apostrophes, commas and hyphens (EOS and stop tokens stay allowed).
+CARD_NAME_REGEX = r"[A-Za-z ',\-]+"
+
+
+def generate_card_names(
+    model,
+    tokenizer,
+    count: int = 20,
+    *,
+    type_line: str | None = None,
+    colors: str | None = None,
+    config: SamplingConfig | None = None,
+    reference_names=None,
+    seed: int | None = None,
+    max_new_tokens: int = 16,
+    max_rounds: int = 5,
+    batch_size: int | None = None,
+):
+    """Sample MTG card names until `count` distinct valid ones exist (or `max_rounds` batches ran).
+
+    The prompt is the conditioned format's prefix ("Creature — Elf | G |") when a type line is given,
+    else empty (the model starts from EOS, as at every document start in training). Returns the
+    `NameMetrics` over every raw sample, with each valid name marked new or real when `reference_names`
+    is given."""
+    if not isinstance(count, int) or count < 1:
+        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+    if not isinstance(max_rounds, int) or max_rounds < 1:
+        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+    prompt = conditioning_prefix(type_line, colors)
+    config = config or SamplingConfig(temperature=0.9, top_p=0.95, allowed_regex=CARD_NAME_REGEX)
+    batch_size = batch_size or min(2 * count, 256)
+    reference = list(reference_names) if reference_names is not None else None
+    raw: list[str] = []
+    for round_index in range(max_rounds):
+        result = generate(model, tokenizer, [prompt] * batch_size, config, max_new_tokens, stop_strings=["\n"],
+                          seed=None if seed is None else seed + round_index)
+        raw.extend(result.texts)
+        metrics = evaluate_names(raw, reference)
+        if metrics.distinct >= count:
+            break
+    return metrics

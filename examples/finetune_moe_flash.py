@@ -49,26 +49,38 @@ def training_text(wikitext: str | None) -> tuple[str, dict[str, list[str]]]:
 
 
 def prepared_data(data_dir: Path | None, wikitext: str | None, tokenizer) -> Path:
-    """The token files for training, prepared once with the base's tokenizer (rank 0 only under torchrun)."""
-    from flash_experts.data import load_meta, prepare_token_splits
+    """The token files for training, prepared once with the base's tokenizer (rank 0 only under torchrun;
+    the other ranks take the folder rank 0 prepared)."""
+    from flash_experts.data import prepare_token_splits
     from flash_experts.errors import UserError
-    from flash_experts.evaluation.perplexity import check_data_tokenizer
 
-    if data_dir is not None and (data_dir / "meta.json").is_file():
-        check_data_tokenizer(data_dir, tokenizer)
-        print(f"training text: {data_dir} ({load_meta(data_dir).get('source')}, prepared earlier)", flush=True)
-        return data_dir
+    defaults = [DATA / "wikitext", DATA / "wikipedia"]
+    if data_dir is not None:
+        candidates = [data_dir]
+    else:  # rank 0 picks the corpus below; the others only look for what it prepared
+        candidates = [] if IS_MAIN else defaults
+    for folder in candidates:
+        if (folder / "meta.json").is_file():
+            return prepared_earlier(folder, tokenizer)
     if not IS_MAIN:
         raise UserError("run once without torchrun to prepare the data, then launch the data-parallel run")
     source, documents = training_text(wikitext)
-    data_dir = data_dir or DATA / ("wikitext" if source.startswith("wikitext") else "wikipedia")
+    data_dir = data_dir or defaults[0 if source.startswith("wikitext") else 1]
     if (data_dir / "meta.json").is_file():
-        check_data_tokenizer(data_dir, tokenizer)
-        print(f"training text: {data_dir} ({source}, prepared earlier)", flush=True)
-        return data_dir
+        return prepared_earlier(data_dir, tokenizer)
     meta = prepare_token_splits(documents, tokenizer, data_dir, source=source, data_format="articles")
     print(f"training text: {source} -> {data_dir} (" + ", ".join(
         f"{split} {info['tokens']:,} tokens" for split, info in meta["splits"].items()) + ")", flush=True)
+    return data_dir
+
+
+def prepared_earlier(data_dir: Path, tokenizer) -> Path:
+    """A folder prepared by an earlier run, used when its ids are the base's."""
+    from flash_experts.data import load_meta
+    from flash_experts.evaluation.perplexity import check_data_tokenizer
+
+    check_data_tokenizer(data_dir, tokenizer)
+    print(f"training text: {data_dir} ({load_meta(data_dir).get('source')}, prepared earlier)", flush=True)
     return data_dir
 
 

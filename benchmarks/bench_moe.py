@@ -101,15 +101,16 @@ def contender_names() -> list[str]:
     return [OURS, OURS_GROUPED_MM, *(f"HF MixtralSparseMoeBlock [{i}]" for i in HF_OPTIONS), DENSE, HF_DENSE]
 
 
-def sizes(quick: bool, tokens: int) -> tuple[int, int, int, int, int, int]:
+def sizes(quick: bool, tokens: int, experts: int = 8, top_k: int = 2) -> tuple[int, int, int, int, int, int]:
     """(d, f, f_swiglu, experts, top_k, tokens)"""
-    return (64, 256, 168, 8, 2, 128) if quick else (768, 3072, 2048, 8, 2, tokens)
+    return (64, 256, 168, experts, top_k, 128) if quick else (768, 3072, 2048, experts, top_k, tokens)
 
 
-def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str, device: str = "cpu") -> dict:
+def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str, device: str = "cpu", experts: int = 8,
+                  top_k: int = 2) -> dict:
     """Growth of peak memory over one forward+backward (after a small warm-up): peak RSS in this fresh
     process on CPU, torch.cuda.max_memory_allocated on CUDA."""
-    d, f, f_swiglu, experts, top_k, tokens = sizes(quick, tokens)
+    d, f, f_swiglu, experts, top_k, tokens = sizes(quick, tokens, experts, top_k)
     dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
     module = build(name, d, f, f_swiglu, experts, top_k).to(device)
     fwd_bwd(module, torch.randn(1, 16, d, device=device), dtype)()  # allocator, thread pool, kernels
@@ -122,7 +123,7 @@ def memory_worker(name: str, quick: bool, tokens: int, dtype_name: str, device: 
 def cuda_memory(name: str, args) -> dict:
     """memory_worker in this process (CUDA peaks are per allocator, not per process), errors as a result."""
     try:
-        return memory_worker(name, args.quick, args.tokens, args.dtype, "cuda")
+        return memory_worker(name, args.quick, args.tokens, args.dtype, "cuda", args.experts, args.top_k)
     except Exception as error:  # noqa: BLE001 - e.g. batched_mm running out of memory: reported, not fatal
         return {"error": f"{type(error).__name__}: {error}"[:120]}
     finally:
@@ -133,20 +134,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=2048)
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5, help="interleaved rounds (median reported)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for a smoke test")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(memory_worker(args.worker, args.quick, args.tokens, args.dtype)))
+        print(json.dumps(memory_worker(args.worker, args.quick, args.tokens, args.dtype, "cpu", args.experts,
+                                       args.top_k)))
         return
-    d, f, f_swiglu, experts, top_k, tokens = sizes(args.quick, args.tokens)
+    d, f, f_swiglu, experts, top_k, tokens = sizes(args.quick, args.tokens, args.experts, args.top_k)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
 
     # Peak memory first, each contender in a fresh process; one that cannot run at all (HF's batched_mm
     # materialises a weight matrix per token: 2048 x 2 x 768 x 2048 floats) is reported and left out.
-    worker_flags = ["--tokens", str(args.tokens), "--dtype", args.dtype] + (["--quick"] if args.quick else [])
+    worker_flags = ["--tokens", str(args.tokens), "--dtype", args.dtype, "--experts", str(experts),
+                    "--top-k", str(top_k)] + (["--quick"] if args.quick else [])
     memory, failed = {}, {}
     for name in contender_names():
         result = cuda_memory(name, args) if args.device == "cuda" else run_worker(__file__, [name, *worker_flags])

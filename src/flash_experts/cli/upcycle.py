@@ -25,6 +25,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
     parser.add_argument("--layers", default="every_other",
                         help="'all', 'every_other' or comma-separated layer indices (default every_other)")
+    parser.add_argument("--drop-ratio", type=float, default=0.0,
+                        help="Drop-Upcycling: share of each expert's hidden units re-initialised, in [0, 1] "
+                             "(default 0: exact copies; > 0 gives up parity with the dense model)")
+    parser.add_argument("--expert-noise", type=float, default=0.0,
+                        help="relative Gaussian noise on each expert copy (default 0; > 0 gives up parity)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Drop-Upcycling draw and the noise")
     parser.add_argument("--capacity-factor", type=float, default=0.0, help="0 = dropless (default)")
     parser.add_argument("--attention", default="auto", help="attention implementation: auto|sdpa|flash|eager|triton")
     parser.set_defaults(func=run)
@@ -43,9 +49,16 @@ def run(args: argparse.Namespace) -> int:
             layers = [int(part) for part in args.layers.split(",") if part.strip()]
         except ValueError:
             raise UserError(f"--layers must be 'all', 'every_other' or indices like 0,2,4 (got {args.layers!r})") from None
+    if not 1 <= args.top_k <= args.experts:
+        raise UserError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
+    if not 0.0 <= args.drop_ratio <= 1.0:
+        raise UserError(f"--drop-ratio must be in [0, 1], got {args.drop_ratio}")
+    if args.expert_noise < 0:
+        raise UserError(f"--expert-noise must be >= 0, got {args.expert_noise}")
     dense, tokenizer = load_model(args.source)
     model = upcycle(dense, num_experts=args.experts, top_k=args.top_k, moe_layers=layers,
-                    capacity_factor=args.capacity_factor, attention_implementation=args.attention)
+                    capacity_factor=args.capacity_factor, attention_implementation=args.attention,
+                    drop_ratio=args.drop_ratio, expert_noise=args.expert_noise, seed=args.seed)
 
     dense.eval(), model.eval()
     generator = torch.Generator().manual_seed(0)
@@ -59,5 +72,7 @@ def run(args: argparse.Namespace) -> int:
     total = sum(p.numel() for p in model.parameters())
     print(f"{args.source} -> {args.out}: {model.config.num_experts} experts, top-{model.config.num_experts_per_tok}, "
           f"MoE layers {model.config.moe_layer_indices()}, {total:,} parameters")
-    print(f"parity with the dense model: max |logit difference| {difference:.2e} on 2 x 32 random tokens")
+    exact = args.drop_ratio == 0 and args.expert_noise == 0
+    print(f"{'parity with' if exact else 'distance from (symmetry broken on purpose)'} the dense model: "
+          f"max |logit difference| {difference:.2e} on 2 x 32 random tokens")
     return 0

@@ -1,8 +1,13 @@
 """Sparse upcycling: a dense model becomes an MoE model whose experts all start as copies of its MLPs.
 
-Invariant: with `normalize_top_k=True` (the default) and no expert noise, every token's top-k weights sum
-to 1 over identical experts, so right after upcycling the MoE model computes the dense model's function.
-The router is new (random); it learns to specialise the experts during fine-tuning.
+Invariant: with `normalize_top_k=True` (the default), no expert noise and no Drop-Upcycling, every token's
+top-k weights sum to 1 over identical experts, so right after upcycling the MoE model computes the dense
+model's function. The router is new (random); it learns to specialise the experts during fine-tuning.
+
+Identical experts are also the weakness of upcycling: their gradients differ only through the router, so at
+fine-tuning learning rates they stay near-copies (He et al., 2024). Two ways to break the symmetry, both
+giving up exactness at step 0: `expert_noise` (small Gaussian noise on every copy) and `drop_ratio`
+(Drop-Upcycling, Nakamura et al., ICLR 2025: each expert re-draws a random share of its hidden units).
 """
 
 from __future__ import annotations
@@ -24,16 +29,21 @@ LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # same block layout: attention + g
 
 def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
             moe_layers: str | list[int] = "every_other", expert_noise: float = 0.0, seed: int | None = None,
-            **moe_overrides: Any) -> PreTrainedModel:
+            drop_ratio: float = 0.0, **moe_overrides: Any) -> PreTrainedModel:
     """Upcycle a dense GPT-2 or Llama-family model (a module, a hub id or a local folder) into our MoE form.
 
     `moe_overrides` are the other MoE fields (see `MOE_DEFAULTS`: router_aux_loss_coef, capacity_factor,
-    attention_implementation, ...). `expert_noise` > 0 perturbs each expert copy by that relative std to
-    break symmetry (the model then no longer equals the dense one exactly). `moe_layers=[]` converts the
-    dense model to our code without experts (dense baselines).
+    attention_implementation, ...). `expert_noise` > 0 perturbs each expert copy by that relative std;
+    `drop_ratio` in (0, 1] re-initialises that share of each expert's hidden units (`drop_upcycle`). Either
+    breaks the experts' symmetry and the model then no longer equals the dense one exactly. `moe_layers=[]`
+    converts the dense model to our code without experts (dense baselines).
     """
     from flash_experts.model.loading import load_dense_model
 
+    if not 0.0 <= drop_ratio <= 1.0:
+        raise UserError(f"drop_ratio must be in [0, 1], got {drop_ratio}")
+    if expert_noise < 0:
+        raise UserError(f"expert_noise must be >= 0, got {expert_noise}")
     dense = load_dense_model(source) if isinstance(source, str) else source
     unknown = set(moe_overrides) - set(MOE_DEFAULTS)
     if unknown:
@@ -49,6 +59,8 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
             f"cannot upcycle a model of type {model_type!r}: supported are GPT-2 and the Llama family "
             f"({', '.join(GPT2_FAMILY + LLAMA_FAMILY)})"
         )
+    if drop_ratio > 0:
+        drop_upcycle(model, drop_ratio, seed)
     if expert_noise > 0:
         add_expert_noise(model, expert_noise, seed)
     return model
@@ -144,3 +156,41 @@ def add_expert_noise(model: nn.Module, relative_std: float, seed: int | None = N
             if ".mlp.experts.w_" in name:
                 noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
                 param.add_((noise * relative_std * param.float().std()).to(param.dtype).to(param.device))
+
+
+def drop_upcycle(model: nn.Module, ratio: float, seed: int | None = None) -> None:
+    """Drop-Upcycling (Nakamura et al., ICLR 2025): in every expert, re-initialise a random `ratio` of the hidden
+    units, each expert drawing its own units.
+
+    A hidden unit j is column j of the input projections (w_up, w_gate: (D, F)), entry j of b_up and row j of
+    w_down (F, D); its new values are drawn from a normal distribution with the mean and standard deviation
+    of the copied tensor they replace, so the expert keeps the scale of the dense MLP while (1 - ratio) of it
+    stays the pretrained one. round(ratio * F) units per expert; b_down (shared output) is kept.
+    """
+    from flash_experts.model.moe import GroupedExperts
+
+    generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+    with torch.no_grad():
+        for experts in (m for m in model.modules() if isinstance(m, GroupedExperts)):
+            num_experts, _, hidden = experts.w_up.shape
+            dropped = round(ratio * hidden)
+            if dropped == 0:
+                continue
+            # (tensor, the dimension of the hidden unit within one expert's slice)
+            unit_tensors = [(experts.w_up, 1), (experts.w_down, 0)]
+            unit_tensors += [(t, 1) for t in (experts.w_gate,) if t is not None]
+            unit_tensors += [(t, 0) for t in (experts.b_up,) if t is not None]
+            for e in range(num_experts):
+                units = torch.randperm(hidden, generator=generator)[:dropped]
+                for tensor, dim in unit_tensors:
+                    _redraw_units(tensor[e], units, dim, generator)
+
+
+def _redraw_units(weight: torch.Tensor, units: torch.Tensor, dim: int, generator: torch.Generator) -> None:
+    """weight.index_select(dim, units) <- N(mean(weight), std(weight)), the statistics taken before the draw."""
+    source = weight.float()
+    mean, std = source.mean(), source.std() if source.numel() > 1 else torch.zeros(())
+    shape = list(weight.shape)
+    shape[dim] = len(units)
+    fresh = torch.randn(shape, generator=generator, dtype=torch.float32) * std + mean
+    weight.index_copy_(dim, units.to(weight.device), fresh.to(device=weight.device, dtype=weight.dtype))

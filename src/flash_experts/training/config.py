@@ -64,6 +64,7 @@ class MoEConfig:
     capacity_factor: float = 0.0  # 0 = dropless
     normalize_top_k: bool = True
     expert_noise: float = 0.0  # relative noise added to the upcycled expert copies to break their symmetry
+    drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's hidden units re-initialised (0 = exact copies)
 
 
 @dataclass
@@ -85,6 +86,9 @@ class OptimConfig:
     warmup_steps: int = 100
     max_steps: int = 2000
     schedule: Literal["cosine", "constant"] = "cosine"
+    # Experts and routers warm up to this peak instead of `lr` (re-warming towards the base's pretraining peak,
+    # He et al. 2024), the rest of the model keeps `lr`; both follow the same warm-up and decay shape. None = lr.
+    rewarm_peak: float | None = None
 
 
 @dataclass
@@ -484,6 +488,11 @@ def _validate(cfg: TrainConfig) -> None:
         for name in ("aux_loss_coef", "z_loss_coef", "capacity_factor", "expert_noise"):
             require(getattr(moe, name) >= 0, f"moe.{name}", "must be >= 0", getattr(moe, name))
         require(0.0 <= moe.jitter < 1.0, "moe.jitter", "must be in [0, 1)", moe.jitter)
+        require(0.0 <= moe.drop_ratio <= 1.0, "moe.drop_ratio", "must be in [0, 1]", moe.drop_ratio)
+        for name in ("drop_ratio", "expert_noise"):
+            require(not (scratch and getattr(moe, name) > 0), f"moe.{name}",
+                    "applies to experts upcycled from a pretrained base; with model.base=scratch they start random (set 0)",
+                    getattr(moe, name))
 
     require(data.dir is None or bool(data.dir.strip()), "data.dir", "must not be empty", data.dir)
     for name in ("block_size", "batch_size", "grad_accum"):
@@ -495,6 +504,9 @@ def _validate(cfg: TrainConfig) -> None:
     if optim.min_lr is None:
         optim.min_lr = optim.lr / 10
     require(0 <= optim.min_lr <= optim.lr, "optim.min_lr", f"must be in [0, optim.lr={optim.lr}]", optim.min_lr)
+    if optim.rewarm_peak is not None:
+        require(optim.rewarm_peak > 0, "optim.rewarm_peak", "must be > 0 (or null: experts follow optim.lr)", optim.rewarm_peak)
+        require(moe is not None, "optim.rewarm_peak", "needs an moe section (the model is dense)", optim.rewarm_peak)
     require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", optim.weight_decay)
     require(all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas", "must both be in [0, 1)", list(optim.betas))
     require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)

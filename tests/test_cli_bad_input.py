@@ -354,3 +354,21 @@ def test_nan_weights_are_one_error_line_naming_the_model(verb, w, nan_model, cap
     errors = [line for line in err if line.startswith("error:")]
     assert code == 2 and len(errors) == 1, err
     assert "non-finite logits" in errors[0] and "nan_model" in errors[0]
+
+
+def test_a_value_error_from_inside_a_library_is_an_internal_error_not_the_users(capsys):
+    """A bare ValueError raised inside torch or transformers is a bug: exit 1 naming its type, while the
+    library's own ConfigError (a user's bad value) stays exit 2. Reference: the two errors raised by hand."""
+    from flash_experts.cli.main import report_errors
+    from flash_experts.errors import ConfigError
+
+    def raising(error: BaseException):
+        def func():
+            raise error
+        return func
+
+    for error, code, start in ((ValueError("inside torch"), 1, "error: ValueError: inside torch"),
+                               (ConfigError("optim.lr must be > 0"), 2, "error: optim.lr must be > 0")):
+        assert report_errors(raising(error)) == code
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(start), lines

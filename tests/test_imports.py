@@ -126,3 +126,14 @@ def test_the_checker_finds_a_planted_circle_and_an_upward_import(tmp_path):
     graph = import_graph(tmp_path)
     assert circles(graph) == [["pkg.data.a", "pkg.data.b"]]
     assert upward_imports(graph, ["data", "cli"]) == ["pkg.data.b -> pkg.cli.verb"]
+
+
+def test_cli_verbs_do_not_import_each_other():
+    """Shared options and helpers live in cli/common.py; cli/main.py registers the verbs (and its error path
+    is imported by the example scripts), so those two are the only CLI modules a verb may import."""
+    graph = import_graph(SRC)
+    shared = {"flash_experts.cli.common", "flash_experts.cli.main", "flash_experts.cli"}
+    verbs = [m for m in graph if m.startswith("flash_experts.cli.") and m not in shared]
+    crossing = sorted(f"{m} -> {t}" for m in verbs for t in graph[m] if t.startswith("flash_experts.cli.")
+                      and t not in shared)
+    assert crossing == []

@@ -1,12 +1,18 @@
-"""One error type for everything a user can get wrong.
+"""The error types for everything a user can get wrong.
 
-Library code raises `UserError` (or `ValueError` for invalid configuration values) with a message that
-makes sense on its own; the CLI turns either into one line on stderr and a non-zero exit.
+Library code raises `UserError` (or its `ConfigError` for an invalid setting or argument value) with a
+message that makes sense on its own; the CLI turns them into one line on stderr and exit code 2. A plain
+`ValueError` is not one of them: raised inside torch or a library it is a bug, and the CLI says so (exit 1).
 """
 
 
 class UserError(Exception):
     """Bad input from the user: missing files, wrong formats, impossible settings."""
+
+
+class ConfigError(UserError, ValueError):
+    """An invalid setting or argument value (a config field, a keyword argument). Also a ValueError, so code
+    that calls the library and catches ValueError for bad values keeps working."""
 
 
 class NonFiniteOutput(UserError):

@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from flash_experts.errors import ConfigError
+
 
 def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool,
                            key_padding_mask: Tensor | None) -> None:
@@ -20,15 +22,15 @@ def check_attention_inputs(q: Tensor, k: Tensor, v: Tensor, causal: bool,
     part is off. Causal q_len > kv_len is allowed: bottom-right alignment puts the first q_len - kv_len
     queries before every key, so they see none and return zeros (as flash-attn does)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        raise ValueError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
+        raise ConfigError(f"q, k, v must be (batch, heads, seq, head_dim); got {tuple(q.shape)}, "
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
-        raise ValueError(f"q, k, v shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, "
+        raise ConfigError(f"q, k, v shapes do not fit together: {tuple(q.shape)}, {tuple(k.shape)}, "
                          f"{tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+        raise ConfigError(f"q, k, v must share one dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
     if key_padding_mask is not None and key_padding_mask.shape != (k.shape[0], k.shape[2]):
-        raise ValueError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
+        raise ConfigError(f"key_padding_mask must be (batch, kv_len) = {(k.shape[0], k.shape[2])}; "
                          f"got {tuple(key_padding_mask.shape)}")
 
 

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flash_experts.attention.contract import eager_attention, visibility_mask
+from flash_experts.errors import ConfigError
 
 ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash", "eager", "triton", "auto")
 
@@ -40,7 +41,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask
         return triton_flash_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if implementation == "eager":
         return eager_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
-    raise ValueError(
+    raise ConfigError(
         f"attention_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} (got {implementation!r})"
     )
 

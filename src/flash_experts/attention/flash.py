@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from flash_experts.attention.contract import check_attention_inputs
+from flash_experts.errors import ConfigError
 
 
 def _block_visibility(
@@ -171,7 +172,7 @@ def flash_attention(
     """
     check_attention_inputs(q, k, v, causal, key_padding_mask)
     if block_size < 1:
-        raise ValueError(f"block_size must be positive; got {block_size}")
+        raise ConfigError(f"block_size must be positive; got {block_size}")
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.bool)
     if scale is None:

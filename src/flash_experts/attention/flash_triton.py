@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flash_experts.attention.contract import check_attention_inputs
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 
 try:
     import triton
@@ -489,14 +489,14 @@ def triton_flash_attention(
                         "'sdpa' instead")
     check_attention_inputs(q, k, v, causal, key_padding_mask)
     if q.dtype not in SUPPORTED_DTYPES:
-        raise ValueError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}")
+        raise ConfigError(f"q, k, v must share one dtype among fp16, bf16, fp32; got {q.dtype}")
     if not (q.device == k.device == v.device) or (not q.is_cuda and not _BUILT_FOR_INTERPRETER):
-        raise ValueError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
+        raise ConfigError(f"q, k, v must be on one CUDA device; got {q.device}, {k.device}, {v.device}")
     head_dim = q.shape[3]
     if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel; got {head_dim}")
+        raise ConfigError(f"head_dim must be at most {MAX_HEAD_DIM} for the Triton kernel; got {head_dim}")
     if q.shape[0] * q.shape[1] > 65535:
-        raise ValueError(f"batch * heads must be at most 65535 (a CUDA grid limit); "
+        raise ConfigError(f"batch * heads must be at most 65535 (a CUDA grid limit); "
                          f"got {q.shape[0] * q.shape[1]}")
     if key_padding_mask is not None:
         key_padding_mask = key_padding_mask.to(device=q.device, dtype=torch.int8).contiguous()

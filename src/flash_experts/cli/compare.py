@@ -8,8 +8,7 @@ DEFAULT_PROMPTS = ["The history of the city begins", "In the first half of the s
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from flash_experts.cli.evaluate import add_source_arguments
-    from flash_experts.cli.generate import QUANTIZATIONS, add_sampling_arguments
+    from flash_experts.cli.common import QUANTIZATIONS, add_sampling_arguments, add_source_arguments
 
     parser = subparsers.add_parser(
         "compare",
@@ -41,8 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from flash_experts.cli.evaluate import check_source_arguments
-    from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
+    from flash_experts.cli.common import check_source_arguments, load_for_generation, sampling_config_from_args
     from flash_experts.errors import UserError
     from flash_experts.evaluation.compare import ModelEntry, compare_models, comparison_table
     from flash_experts.evaluation.perplexity import check_data_tokenizer, read_text_file, wikitext_test_text

@@ -4,39 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-
-def add_source_arguments(parser: argparse.ArgumentParser) -> None:
-    """The evaluation-data options shared by `evaluate` and `compare`."""
-    source = parser.add_argument_group("evaluation data (choose one)").add_mutually_exclusive_group()
-    source.add_argument("--wikitext", nargs="?", const=True, default=None, metavar="PATH",
-                        help="WikiText-2 raw test split: wiki.test.raw or its folder (no PATH: find it via "
-                             "$FLASH_EXPERTS_WIKITEXT_DIR, the datasets cache or the hub)")
-    source.add_argument("--data", metavar="DIR", help="a folder made by `flash-experts prepare-data` (see --split)")
-    source.add_argument("--text", metavar="FILE", help="any UTF-8 text file, tokenised as one stream")
-    parser.add_argument("--split", default="val", help="split of --data to evaluate: train, val or test (default val)")
-    parser.add_argument("--context", type=int, default=None, metavar="N",
-                        help="window length in tokens (default: the model's maximum positions)")
-    parser.add_argument("--stride", type=int, default=None, metavar="N",
-                        help="tokens between window starts (default: the context, i.e. non-overlapping windows; "
-                             "smaller = more history per scored token, lower perplexity, slower)")
-    parser.add_argument("--max-tokens", type=int, default=None, metavar="N", help="evaluate only the first N tokens")
-    parser.add_argument("--batch-size", type=int, default=4, metavar="N", help="windows per forward pass (default 4)")
-
-
-def check_source_arguments(args: argparse.Namespace) -> None:
-    """Fail on a missing evaluation file before spending time loading models."""
-    from pathlib import Path
-
-    from flash_experts.errors import UserError
-
-    for flag, value in (("--text", args.text), ("--data", args.data), ("--wikitext", args.wikitext)):
-        if isinstance(value, str) and not Path(value).expanduser().exists():
-            raise UserError(f"{flag}: not found: {value}")
+from flash_experts.cli.common import (
+    add_quantize_argument,
+    add_source_arguments,
+    check_source_arguments,
+    load_for_generation,
+)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from flash_experts.cli.generate import add_quantize_argument
-
     parser = subparsers.add_parser(
         "evaluate",
         help="perplexity of a model on WikiText-2, a prepared split or a text file",
@@ -60,7 +36,6 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from flash_experts.cli.generate import load_for_generation
     from flash_experts.errors import UserError
     from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens, perplexity_with_routing
     from flash_experts.evaluation.router_stats import router_stats_table

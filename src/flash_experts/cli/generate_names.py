@@ -10,7 +10,7 @@ import sys
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from flash_experts.cli.generate import add_sampling_arguments
+    from flash_experts.cli.common import add_sampling_arguments
 
     parser = subparsers.add_parser(
         "generate-names",
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from flash_experts.cli.generate import load_for_generation, sampling_config_from_args
+    from flash_experts.cli.common import load_for_generation, sampling_config_from_args
     from flash_experts.errors import UserError
     from flash_experts.mtg.cards import conditioning_prefix
     from flash_experts.mtg.names import CARD_NAME_REGEX, generate_card_names

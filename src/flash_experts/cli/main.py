@@ -37,8 +37,7 @@ VERB_MODULES = [
 
 # Errors that are the user's to fix: shown as one line, exit code 2.
 USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,
-    ValueError,
+    UserError,  # ConfigError included
     FileNotFoundError,
     IsADirectoryError,
     NotADirectoryError,

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from flash_experts.cli.finetune import add_training_arguments, run_training
+from flash_experts.cli.common import add_training_arguments, run_training
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -27,7 +27,7 @@ import zipfile
 from pathlib import Path
 
 from flash_experts.data.packages import hub_reachable, installed_data_file, pip_wheel
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"train": "train", "valid": "val", "val": "val", "validation": "val", "test": "test"}
@@ -180,7 +180,7 @@ def text_documents(paths: list[str | os.PathLike],
                    fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> dict[str, list[str]]:
     """Plain text files / folders -> documents per split (see the module docstring for the rules)."""
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     files = _collect_text_files(paths)
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     unmarked: list[str] = []

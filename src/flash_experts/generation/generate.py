@@ -20,7 +20,7 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from flash_experts.errors import NonFiniteOutput, UserError
+from flash_experts.errors import ConfigError, NonFiniteOutput, UserError
 from flash_experts.generation.sampling import SamplingConfig, apply_processors, build_processors, choose_next_tokens
 from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size
 
@@ -62,10 +62,10 @@ def generate(
     """
     config = config or SamplingConfig()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        raise ConfigError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
     stop_strings = [stop_strings] if isinstance(stop_strings, str) else list(stop_strings)
     if any(not s for s in stop_strings):
-        raise ValueError("stop strings must be non-empty")
+        raise ConfigError("stop strings must be non-empty")
     if (stop_strings or stream is not None) and tokenizer is None:
         raise UserError("stop strings and streaming need a tokenizer")
     device = model_device(model)
@@ -265,17 +265,17 @@ def _prompt_rows(tokenizer, prompts, attention_mask: Tensor | None) -> list[list
         ids = prompts if prompts.dim() == 2 else prompts.unsqueeze(0)
         mask = attention_mask if attention_mask is not None else torch.ones_like(ids)
         if mask.shape != ids.shape:
-            raise ValueError(f"attention_mask shape {tuple(mask.shape)} does not match prompts {tuple(ids.shape)}")
+            raise ConfigError(f"attention_mask shape {tuple(mask.shape)} does not match prompts {tuple(ids.shape)}")
         rows = [row[m.bool()].tolist() for row, m in zip(ids.cpu(), mask.cpu(), strict=True)]
     else:
         texts = [prompts] if isinstance(prompts, str) else list(prompts)
         if not texts:
-            raise ValueError("no prompts given")
+            raise ConfigError("no prompts given")
         if tokenizer is None:
             raise UserError("text prompts need a tokenizer")
         rows = [tokenizer.encode(t, add_special_tokens=True) for t in texts]
     if not rows:
-        raise ValueError("no prompts given")
+        raise ConfigError("no prompts given")
     start = None
     if tokenizer is not None:
         start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id

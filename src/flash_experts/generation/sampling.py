@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 
 LogitsProcessor = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -82,7 +82,7 @@ class SamplingConfig:
             try:
                 re.compile(self.allowed_regex)
             except re.error as error:
-                raise ValueError(f"allowed_regex must be a valid regular expression, got {self.allowed_regex!r}: "
+                raise ConfigError(f"allowed_regex must be a valid regular expression, got {self.allowed_regex!r}: "
                                  f"{error}") from None
 
     @property
@@ -92,7 +92,7 @@ class SamplingConfig:
 
 def _check(ok: bool, name: str, rule: str, value: object) -> None:
     if not ok:
-        raise ValueError(f"{name} must be {rule}, got {value!r}")
+        raise ConfigError(f"{name} must be {rule}, got {value!r}")
 
 
 def _is_count(value: object) -> bool:

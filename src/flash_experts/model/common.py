@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.utils import ModelOutput
 
+from flash_experts.errors import ConfigError
 from flash_experts.model.moe import RouterStats
 
 
@@ -55,7 +56,7 @@ def positions_and_padding(attention_mask: Tensor | None, position_ids: Tensor | 
     key_padding_mask = None
     if attention_mask is not None:
         if attention_mask.shape[-1] != past_length + seq_len:
-            raise ValueError(
+            raise ConfigError(
                 f"attention_mask covers {attention_mask.shape[-1]} positions but the cache holds {past_length} "
                 f"and the input {seq_len}"
             )

@@ -11,6 +11,7 @@ from typing import Any
 from transformers import PretrainedConfig
 
 from flash_experts.attention.dispatch import ATTENTION_IMPLEMENTATIONS
+from flash_experts.errors import ConfigError
 
 MOE_DEFAULTS: dict[str, Any] = {
     "num_experts": 8,
@@ -44,16 +45,16 @@ def resolve_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers
             return list(range(num_layers))
         if moe_layers == "every_other":
             return list(range(1, num_layers, 2))
-        raise ValueError(f"moe_layers must be 'all', 'every_other' or a list of layer indices (got {moe_layers!r})")
+        raise ConfigError(f"moe_layers must be 'all', 'every_other' or a list of layer indices (got {moe_layers!r})")
     if not isinstance(moe_layers, (list, tuple)) or not all(
         isinstance(i, int) and not isinstance(i, bool) for i in moe_layers
     ):
-        raise ValueError(f"moe_layers must be 'all', 'every_other' or a list of layer indices (got {moe_layers!r})")
+        raise ConfigError(f"moe_layers must be 'all', 'every_other' or a list of layer indices (got {moe_layers!r})")
     for index in moe_layers:
         if not 0 <= index < num_layers:
-            raise ValueError(f"moe_layers index {index} is out of range for a model of {num_layers} layers")
+            raise ConfigError(f"moe_layers index {index} is out of range for a model of {num_layers} layers")
     if len(set(moe_layers)) != len(moe_layers):
-        raise ValueError(f"moe_layers has repeated indices: {list(moe_layers)}")
+        raise ConfigError(f"moe_layers has repeated indices: {list(moe_layers)}")
     return sorted(moe_layers)
 
 
@@ -64,22 +65,22 @@ def validate_moe_fields(config: PretrainedConfig, num_layers: int) -> None:
         return isinstance(value, int) and not isinstance(value, bool)
 
     if not is_int(config.num_experts) or config.num_experts < 1:
-        raise ValueError(f"num_experts must be an integer >= 1 (got {config.num_experts!r})")
+        raise ConfigError(f"num_experts must be an integer >= 1 (got {config.num_experts!r})")
     top_k = config.num_experts_per_tok
     if not is_int(top_k) or top_k < 1:
-        raise ValueError(f"num_experts_per_tok (top_k) must be an integer >= 1 (got {top_k!r})")
+        raise ConfigError(f"num_experts_per_tok (top_k) must be an integer >= 1 (got {top_k!r})")
     if top_k > config.num_experts:
-        raise ValueError(f"num_experts_per_tok (top_k) = {top_k} must be <= num_experts ({config.num_experts})")
+        raise ConfigError(f"num_experts_per_tok (top_k) = {top_k} must be <= num_experts ({config.num_experts})")
     for name in ("router_aux_loss_coef", "router_z_loss_coef", "router_jitter", "capacity_factor"):
         value = getattr(config, name)
         if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0 or value != value:
-            raise ValueError(f"{name} must be a number >= 0 (got {value!r})")
+            raise ConfigError(f"{name} must be a number >= 0 (got {value!r})")
     if config.router_jitter >= 1:
-        raise ValueError(f"router_jitter must be < 1 (got {config.router_jitter!r})")
+        raise ConfigError(f"router_jitter must be < 1 (got {config.router_jitter!r})")
     if not isinstance(config.normalize_top_k, bool):
-        raise ValueError(f"normalize_top_k must be true or false (got {config.normalize_top_k!r})")
+        raise ConfigError(f"normalize_top_k must be true or false (got {config.normalize_top_k!r})")
     if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
-        raise ValueError(
+        raise ConfigError(
             f"attention_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
             f"(got {config.attention_implementation!r})"
         )
@@ -158,9 +159,9 @@ class GPT2MoEConfig(MoEConfigMixin, PretrainedConfig):
         )
         for name, value in (("n_layer", n_layer), ("n_embd", n_embd), ("n_head", n_head), ("vocab_size", vocab_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+                raise ConfigError(f"{name} must be an integer >= 1 (got {value!r})")
         if n_embd % n_head:
-            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+            raise ConfigError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         validate_moe_fields(self, n_layer)
 
     @property
@@ -226,15 +227,15 @@ class LlamaMoEConfig(MoEConfigMixin, PretrainedConfig):
         for name, value in (("num_hidden_layers", num_hidden_layers), ("hidden_size", hidden_size),
                             ("num_attention_heads", num_attention_heads), ("vocab_size", vocab_size)):
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1 (got {value!r})")
+                raise ConfigError(f"{name} must be an integer >= 1 (got {value!r})")
         if num_attention_heads % self.num_key_value_heads:
-            raise ValueError(
+            raise ConfigError(
                 f"num_attention_heads ({num_attention_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         validate_moe_fields(self, num_hidden_layers)
         if mlp_bias and self.moe_layer_indices():
-            raise ValueError("mlp_bias: SwiGLU experts have no biases, so a model with MLP biases cannot have MoE layers")
+            raise ConfigError("mlp_bias: SwiGLU experts have no biases, so a model with MLP biases cannot have MoE layers")
 
     @property
     def o_proj_bias(self) -> bool:
@@ -250,7 +251,7 @@ def _standard_rope_parameters(rope_parameters: dict[str, Any] | None, rope_scali
     rope.setdefault("rope_type", rope.pop("type", "default"))
     rope.setdefault("rope_theta", rope_theta if rope_theta is not None else 10000.0)
     if rope["rope_type"] != "default" and rope["rope_type"] not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(
+        raise ConfigError(
             f"rope_parameters: unknown rope_type {rope['rope_type']!r} "
             f"(known: default, {', '.join(sorted(ROPE_INIT_FUNCTIONS))})"
         )

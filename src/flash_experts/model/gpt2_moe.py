@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
 from flash_experts.attention import attention
+from flash_experts.errors import ConfigError
 from flash_experts.model.common import (
     MoECausalLMOutput,
     VocabProjection,
@@ -202,7 +203,7 @@ class GPT2MoEForCausalLM(PreTrainedModel):
             cache = self.make_cache(B, self.config.n_positions)
         past = cache.get_seq_length() if cache is not None else 0
         if past + T > self.config.n_positions:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions"
             )
         position_ids, key_padding_mask = positions_and_padding(

@@ -25,6 +25,7 @@ from transformers.models.llama.modeling_llama import (
 )
 
 from flash_experts.attention import attention
+from flash_experts.errors import ConfigError
 from flash_experts.model.common import (
     MoECausalLMOutput,
     VocabProjection,
@@ -205,7 +206,7 @@ class LlamaMoEForCausalLM(PreTrainedModel):
         past = cache.get_seq_length() if cache is not None else 0
         window = self.config.sliding_window
         if window is not None and past + T > window:
-            raise ValueError(
+            raise ConfigError(
                 f"sequence of {past + T} tokens is longer than the model's sliding attention window ({window}), "
                 f"which is not implemented here"
             )

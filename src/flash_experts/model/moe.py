@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flash_experts.errors import ConfigError
+
 
 @dataclass
 class RouterStats:
@@ -110,7 +112,7 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
                                             output_size=x_ND.shape[0])
         return y_NF + b_EF.index_select(0, experts_N)
     if backend != "loop":
-        raise ValueError(f"unknown grouped backend {backend!r}; choose from {GROUPED_BACKENDS}")
+        raise ConfigError(f"unknown grouped backend {backend!r}; choose from {GROUPED_BACKENDS}")
     return _LoopGroupedLinear.apply(x_ND, w_EDF, b_EF, counts_E.tolist())
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
+from flash_experts.errors import ConfigError
 from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype, expert_feed_forward
 
 # The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
@@ -181,6 +182,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
                 continue
             replaced += 1
     if replaced == 0:
-        raise ValueError("nothing to quantize: the model has no Linear, Conv1D or MoE expert layers")
+        raise ConfigError("nothing to quantize: the model has no Linear, Conv1D or MoE expert layers")
     model.requires_grad_(False)
     return model

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 from flash_experts.model.config import MOE_DEFAULTS, GPT2MoEConfig, LlamaMoEConfig
 from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
 from flash_experts.model.llama_moe import LlamaMoEForCausalLM
@@ -47,7 +47,7 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
     dense = load_dense_model(source) if isinstance(source, str) else source
     unknown = set(moe_overrides) - set(MOE_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
+        raise ConfigError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
     moe = dict(MOE_DEFAULTS, **moe_overrides, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers)
     model_type = dense.config.model_type
     if model_type in GPT2_FAMILY:

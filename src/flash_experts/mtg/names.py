@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
 from flash_experts.mtg.cards import conditioning_prefix, name_key
@@ -147,9 +147,9 @@ def generate_card_names(
     `NameMetrics` over every raw sample, with each valid name marked new or real when `reference_names`
     is given."""
     if not isinstance(count, int) or count < 1:
-        raise ValueError(f"count must be an integer >= 1, got {count!r}")
+        raise ConfigError(f"count must be an integer >= 1, got {count!r}")
     if not isinstance(max_rounds, int) or max_rounds < 1:
-        raise ValueError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
+        raise ConfigError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
     prompt = conditioning_prefix(type_line, colors)
     config = config or SamplingConfig(temperature=0.9, top_p=0.95, allowed_regex=CARD_NAME_REGEX)
     batch_size = batch_size or min(2 * count, 256)

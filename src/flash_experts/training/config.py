@@ -24,7 +24,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 
 
 @dataclass
@@ -187,7 +187,7 @@ def config_from_dict(raw: Any) -> TrainConfig:
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ValueError(f"a training config must be a mapping of sections, got {type(raw).__name__}")
+        raise ConfigError(f"a training config must be a mapping of sections, got {type(raw).__name__}")
     sections: dict[str, Any] = {}
     for key, value in raw.items():
         name = _check_key(key, SECTIONS, prefix="")
@@ -233,9 +233,9 @@ def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
             dotted, text = body, str(items[i + 1])
             i += 1
         else:
-            raise ValueError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
+            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
         if not dotted.strip():
-            raise ValueError(f"override {item!r} names no key")
+            raise ConfigError(f"override {item!r} names no key")
         pairs.append((dotted.strip(), text))
         i += 1
     return pairs
@@ -303,7 +303,7 @@ def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
         raw[section] = value
         return
     if len(parts) != 2:
-        raise ValueError(f"override key {dotted!r} must be section.key (e.g. optim.lr)")
+        raise ConfigError(f"override key {dotted!r} must be section.key (e.g. optim.lr)")
     key = _check_key(parts[1], _field_types(SECTIONS[section]), prefix=f"{section}.")
     annotation = _field_types(SECTIONS[section])[key]
     if str in (annotation, *typing.get_args(annotation)) and value is not None:
@@ -328,19 +328,19 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _check_key(key: Any, valid: dict[str, Any], prefix: str) -> str:
     if not isinstance(key, str):
-        raise ValueError(f"config key {prefix}{key!r} must be a string")
+        raise ConfigError(f"config key {prefix}{key!r} must be a string")
     if key in valid:
         return key
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else f"valid keys: {', '.join(prefix + v for v in valid)}"
-    raise ValueError(f"unknown config key {prefix + key!r}; {hint}")
+    raise ConfigError(f"unknown config key {prefix + key!r}; {hint}")
 
 
 def _build_section(name: str, cls: type, value: Any) -> Any:
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        raise ValueError(f"config section {name!r} must be a mapping of keys, got {type(value).__name__}")
+        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {type(value).__name__}")
     types_ = _field_types(cls)
     kwargs = {}
     for key, item in value.items():
@@ -363,20 +363,20 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 return _coerce(value, option, where)
             except ValueError:
                 pass
-        raise ValueError(f"{where} must be {_describe(annotation)}, got {value!r}")
+        raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
     if origin is Literal:
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
         if isinstance(value, str) and value.lower() in args:
             return value.lower()
-        raise ValueError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
+        raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
-            raise ValueError(f"{where} must be a list, got {value!r}")
+            raise ConfigError(f"{where} must be a list, got {value!r}")
         return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ValueError(f"{where} must be a list of {len(args)} values, got {value!r}")
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
         return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
     if annotation is bool:
         return _to_bool(value, where)
@@ -389,7 +389,7 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
             return value
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return str(value)
-        raise ValueError(f"{where} must be a string, got {value!r}")
+        raise ConfigError(f"{where} must be a string, got {value!r}")
     raise TypeError(f"internal: no coercion for {annotation!r} at {where}")  # a schema bug, not user input
 
 
@@ -418,23 +418,23 @@ def _to_bool(value: Any, where: str) -> bool:
             return True
         if word in ("false", "no", "off", "0"):
             return False
-    raise ValueError(f"{where} must be true or false, got {value!r}")
+    raise ConfigError(f"{where} must be true or false, got {value!r}")
 
 
 def _to_float(value: Any, where: str) -> float:
     if isinstance(value, bool):
-        raise ValueError(f"{where} must be a number, got {value!r}")
+        raise ConfigError(f"{where} must be a number, got {value!r}")
     try:
         if isinstance(value, (int, float)):
             number = float(value)
         elif isinstance(value, str):
             number = float(value.strip())
         else:
-            raise ValueError
+            raise ConfigError
     except (ValueError, OverflowError):
-        raise ValueError(f"{where} must be a number, got {value!r}") from None
+        raise ConfigError(f"{where} must be a number, got {value!r}") from None
     if not math.isfinite(number):
-        raise ValueError(f"{where} must be a finite number, got {value!r}")
+        raise ConfigError(f"{where} must be a finite number, got {value!r}")
     return number
 
 
@@ -450,7 +450,7 @@ def _to_int(value: Any, where: str) -> int:
         number = _to_float(value, where)  # "1e3" and 2000.0 are fine, 2.5 is not
         if number.is_integer():
             return int(number)
-    raise ValueError(f"{where} must be an integer, got {value!r}")
+    raise ConfigError(f"{where} must be an integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -461,7 +461,7 @@ def _validate(cfg: TrainConfig) -> None:
 
     def require(ok: bool, where: str, rule: str, value: Any) -> None:
         if not ok:
-            raise ValueError(f"{where} {rule}, got {value!r}")
+            raise ConfigError(f"{where} {rule}, got {value!r}")
 
     require(bool(run.name.strip()), "run.name", "must not be empty", run.name)
     require(run.seed >= 0, "run.seed", "must be >= 0", run.seed)

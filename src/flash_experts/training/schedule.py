@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import math
 
+from flash_experts.errors import ConfigError
+
 SCHEDULES = ("cosine", "constant")
 
 
@@ -19,7 +21,7 @@ def lr_at(step: int, *, lr: float, min_lr: float, warmup_steps: int, max_steps: 
     `max_steps`, and stays there for any step beyond.
     """
     if schedule not in SCHEDULES:
-        raise ValueError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+        raise ConfigError(f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
     if step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "constant":

@@ -28,6 +28,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from flash_experts.errors import ConfigError
+
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 WANDB_ID_FILE = "wandb_id.txt"
@@ -36,7 +38,7 @@ WANDB_ID_FILE = "wandb_id.txt"
 def resolve_wandb_mode(mode: str) -> str:
     """"auto" -> "online" when WANDB_API_KEY is set, else "offline". Also honours WANDB_MODE=disabled."""
     if mode not in ("auto", "online", "offline", "off"):
-        raise ValueError(f"tracking.wandb must be one of auto, online, offline, off, got {mode!r}")
+        raise ConfigError(f"tracking.wandb must be one of auto, online, offline, off, got {mode!r}")
     if os.environ.get("WANDB_MODE", "").lower() in ("disabled", "off") or os.environ.get("WANDB_DISABLED", "").lower() in ("true", "1"):
         return "off"
     if mode == "auto":

@@ -4,7 +4,10 @@ Equal FLOPs: a GPT-2 expert (768 -> 3072 -> 768, two matmuls) costs what a SwiGL
 size 2048 costs (three matmuls 768 x 2048). 8 experts, top-2, 2048 tokens by default. Every contender gets
 the same routing work (its own router) and the same input.
 
-    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--repeats 5] [--quick] [--device cuda]
+    python benchmarks/bench_moe.py [--tokens 2048] [--dtype fp32|bf16] [--experts 8] [--top-k 2] [--repeats 5]
+                                   [--quick] [--device cuda]
+
+Issue 11's targets: top-1 over 8 experts <= 1.15x the dense MLP, top-2 <= 2.15x (`--top-k 1`, `--top-k 2`).
 
 On CUDA (`--device cuda`; bf16 there takes `torch._grouped_mm`'s fused kernel on Hopper) peak memory is
 torch.cuda.max_memory_allocated over one forward+backward, measured in this process.
@@ -182,9 +185,10 @@ def main() -> None:
     print(f"\nTarget: ours >= 1.5x faster than HF's fastest option ({hf_best_name}): {speedup:.2f}x, "
           f"{'met' if speedup >= 1.5 else 'NOT met'}")
     dense_ratio = ours_s / seconds[DENSE]
-    print(f"Target: ours <= 2.3x the dense MLP's time (arithmetic floor 2.0x): {dense_ratio:.2f}x, "
-          f"{'met' if dense_ratio <= 2.3 else 'NOT met'}")
-
+    # The arithmetic: top-k experts per token do k dense MLPs' FLOPs; the router and the dispatch may add 15%.
+    allowed = top_k + 0.15
+    print(f"Target: ours <= {allowed:.2f}x the dense MLP's time (top-{top_k}: {top_k}x the FLOPs): "
+          f"{dense_ratio:.2f}x, {'met' if dense_ratio <= allowed else 'NOT met'}")
 
 if __name__ == "__main__":
     main()

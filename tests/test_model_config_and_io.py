@@ -62,30 +62,55 @@ def test_tied_embeddings_stay_tied():
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
-def test_vocab_projection_equals_linear_and_follows_weight_changes():
-    """Reference: F.linear with the same weight. The decode-time transposed copy must give the same logits,
-    and must never go stale: in-place updates (an optimizer step), a dtype change and reloading all show."""
+def test_transposed_lm_head_equals_linear_and_leaves_the_model_as_it_was():
+    """Reference: F.linear with the same weight. Inside `transposed_lm_head` the head's decode-sized calls take
+    the transposed copy and give the same logits; training-sized calls and gradients take
+    nn.Linear's path; afterwards the model holds no copy and its head is a plain nn.Linear again."""
     import torch.nn.functional as F
 
-    from flash_experts.model.common import VocabProjection
+    from flash_experts.generation.decode_head import transposed_lm_head
 
     torch.manual_seed(0)
-    head = VocabProjection(24, 50, bias=False)
-    one_row, many_rows = torch.randn(1, 1, 24), torch.randn(2, 20, 24)
-    decode_batch, last_positions = torch.randn(3, 1, 24), torch.randn(3, 5, 24)[:, -1:]  # copy path, 3 rows
-    with torch.no_grad():
-        for x in (one_row, many_rows, decode_batch, last_positions):
-            torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
-        assert hasattr(head, "_weight_t")  # the one-row call took the copy path
-        head.weight.add_(1.0)  # what an optimizer step does
-        torch.testing.assert_close(head(one_row), F.linear(one_row, head.weight), rtol=1e-5, atol=1e-6)
-        head.load_state_dict({"weight": torch.randn(50, 24)})
-        torch.testing.assert_close(head(one_row), F.linear(one_row, head.weight), rtol=1e-5, atol=1e-6)
-        head.to(torch.bfloat16)
-        out = head(one_row.bfloat16())
-        assert out.dtype == torch.bfloat16
-        torch.testing.assert_close(out, F.linear(one_row.bfloat16(), head.weight), rtol=1e-2, atol=1e-2)
-    # with gradients it is a plain nn.Linear (the copy would cut the graph)
-    x = one_row.bfloat16().requires_grad_()
-    head(x).sum().backward()
-    assert head.weight.grad is not None and x.grad is not None
+    model = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0)).eval()
+    head = model.lm_head
+    assert type(head) is torch.nn.Linear  # the model file keeps the plain layer
+    width = head.in_features
+    one_row, many_rows = torch.randn(1, 1, width), torch.randn(2, 20, width)
+    decode_batch, last_positions = torch.randn(3, 1, width), torch.randn(3, 5, width)[:, -1:]
+    with transposed_lm_head(model):
+        assert "forward" in vars(head)
+        with torch.no_grad():
+            for x in (one_row, many_rows, decode_batch, last_positions):
+                torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
+        x = one_row.clone().requires_grad_()
+        head(x).sum().backward()  # with gradients it is nn.Linear (the copy would cut the graph)
+        assert head.weight.grad is not None and x.grad is not None
+    assert "forward" not in vars(head)  # nothing left behind: no second copy of the head
+
+
+def test_generate_uses_the_transposed_head_and_gives_the_plain_heads_tokens(monkeypatch):
+    """Reference: greedy decoding with the plain nn.Linear head (the context manager replaced by a no-op)."""
+    import contextlib
+    import importlib
+
+    from flash_experts.generation.sampling import SamplingConfig
+
+    generate_module = importlib.import_module("flash_experts.generation.generate")  # the package exports the function
+
+    torch.manual_seed(0)
+    model = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0)).eval()
+    used = []
+    real = generate_module.transposed_lm_head
+
+    def recording(m):
+        used.append(m)
+        return real(m)
+
+    prompt = torch.tensor([[3, 5, 7], [2, 4, 6]])
+    greedy = SamplingConfig(temperature=0.0)
+    monkeypatch.setattr(generate_module, "transposed_lm_head", recording)
+    fast = generate_module.generate(model, None, prompt, greedy, max_new_tokens=12).token_ids
+    assert used == [model]
+    monkeypatch.setattr(generate_module, "transposed_lm_head", lambda m: contextlib.nullcontext())
+    plain = generate_module.generate(model, None, prompt, greedy, max_new_tokens=12).token_ids
+    assert fast == plain

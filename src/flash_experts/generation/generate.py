@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from flash_experts.errors import ConfigError, NonFiniteOutput, UserError
+from flash_experts.generation.decode_head import transposed_lm_head
 from flash_experts.generation.sampling import SamplingConfig, apply_processors, build_processors, choose_next_tokens
 from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size
 
@@ -115,7 +116,7 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), transposed_lm_head(model):
             cache = model.make_cache(batch, total_length) if hasattr(model, "make_cache") else _dynamic_cache()
             extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
             # transformers >= 5.24 renamed the cache argument `past_key_values` -> `cache`.

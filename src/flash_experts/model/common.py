@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from transformers.utils import ModelOutput
 
 from flash_experts.errors import ConfigError
@@ -70,30 +70,3 @@ def positions_and_padding(attention_mask: Tensor | None, position_ids: Tensor | 
             position_ids = torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
     return position_ids.to(device), key_padding_mask
 
-
-class VocabProjection(nn.Linear):
-    """The LM head: an `nn.Linear` (same parameter, same state dict, tied as usual), faster when decoding on CPU.
-
-    Decoding asks for the logits of a few rows at a time. On CPU, `x @ W.T` with W stored (vocab, width) as
-    nn.Linear keeps it runs about 2x slower than `x @ W_t` with a contiguous (width, vocab) copy: 11.1 vs 5.6 ms
-    for GPT-2's 50257 x 768 head at one row, a sixth of a decode step (torch 2.13, 2-core AVX-512 CPU). So
-    without gradients or autocast, for at most `max_rows_for_copy` rows, the head uses such a copy, made on
-    first use and made again whenever the weight changes (in-place updates bump its version counter).
-    The copy costs one more head's worth of memory while the model lives.
-    """
-
-    max_rows_for_copy = 16
-
-    def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (x.device.type != "cpu" or self.bias is not None or torch.is_grad_enabled()
-                or torch.is_autocast_enabled("cpu") or rows > self.max_rows_for_copy):
-            return super().forward(x)
-        weight = self.weight
-        key = (weight.data_ptr(), weight._version, weight.dtype, tuple(weight.shape))
-        if getattr(self, "_copy_key", None) != key:
-            self._weight_t = weight.detach().t().contiguous()
-            self._copy_key = key
-        # As one (rows, width) @ (width, vocab) product: `matmul` on (B, 1, width) would broadcast the weight
-        # and copy it once per row (measured: 16 copies of the head at batch 16).
-        return (x.reshape(rows, x.shape[-1]) @ self._weight_t).view(*x.shape[:-1], self._weight_t.shape[1])

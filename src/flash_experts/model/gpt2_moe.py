@@ -21,7 +21,6 @@ from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
 from flash_experts.model.common import (
     MoECausalLMOutput,
-    VocabProjection,
     causal_lm_loss,
     positions_and_padding,
     weighted_router_loss,
@@ -129,7 +128,7 @@ class GPT2MoEForCausalLM(PreTrainedModel):
     def __init__(self, config: GPT2MoEConfig):
         super().__init__(config)
         self.transformer = GPT2MoEModel(config)
-        self.lm_head = VocabProjection(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.post_init()
 
     # -- HF plumbing ---------------------------------------------------------------------------------------

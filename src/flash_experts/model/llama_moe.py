@@ -28,7 +28,6 @@ from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
 from flash_experts.model.common import (
     MoECausalLMOutput,
-    VocabProjection,
     causal_lm_loss,
     positions_and_padding,
     weighted_router_loss,
@@ -135,7 +134,7 @@ class LlamaMoEForCausalLM(PreTrainedModel):
     def __init__(self, config: LlamaMoEConfig):
         super().__init__(config)
         self.model = LlamaMoEModel(config)
-        self.lm_head = VocabProjection(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
     # -- HF plumbing ---------------------------------------------------------------------------------------

@@ -71,8 +71,8 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, causal: bool, key_padding_mask: Tenso
     q_len, kv_len = q.shape[-2], k.shape[-2]
     if q_len == 1 and q.device.type == "cpu" and (q.dtype != torch.float32 or q.shape[0] > 1):
         # Decoding on CPU: for one query per row SDPA's CPU kernels are slower than the plain fp32 math
-        # (two small matmuls and a softmax), which is also what they compute: measured 1.3-4x faster in
-        # bf16 (batch 1-16, 64-1024 keys) and 1.2-1.5x in fp32 from batch 2 up; SDPA stays for one fp32 row.
+        # (two small matmuls and a softmax), which is also what they compute: faster in bf16 and in fp32
+        # from batch 2 up (BENCHMARKS.md, bench_generate); SDPA stays for one fp32 row, where it is not slower.
         return eager_attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if key_padding_mask is None and (not causal or q_len == kv_len or q_len == 1):
         # The fused kernels' own causal mask is aligned top-left, which is right only when q_len == kv_len.

@@ -96,8 +96,8 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
       expert's weight at a time: on CPU a cast of the whole stack (tens of MB, freshly allocated in forward
       and again for the gradient in backward) cost more than the bf16 matmuls it enabled saved.
     "auto" takes `_grouped_mm` where it is one fused kernel (CUDA, bf16, Hopper or newer), else the loop. On
-    CPU `_grouped_mm` is itself a loop of per-expert matmuls, and ours measured 0-5% faster with ~20% less
-    peak memory (benchmarks/bench_moe.py prints both rows).
+    CPU `_grouped_mm` is itself a loop of per-expert matmuls, and ours is at least as fast with less peak
+    memory (benchmarks/bench_moe.py prints both rows).
     """
     if backend == "auto":
         backend = "grouped_mm" if _fused_grouped_mm(x_ND, w_EDF) else "loop"

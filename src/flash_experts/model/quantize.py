@@ -7,8 +7,8 @@ activations, embeddings, norms, routers and the KV cache keep the model's dtype.
 
 The product y = (x @ w_int8.T) * scale + bias runs as
 - `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight
-  directly (x in bf16). Measured on a 2-core AVX-512 CPU for GPT-2 small's block matrices: 7 ms per token
-  against 20 ms for the fp32 GEMVs. It is only correct for an inner size that is a multiple of 16 (other
+  directly (x in bf16), so a decoded token reads a quarter of the fp32 bytes (BENCHMARKS.md has the measured
+  speed-up). It is only correct for an inner size that is a multiple of 16 (other
   sizes gave wrong results or crashed, torch 2.13), so it is used for those only, and only after a check of
   its product on this machine for that size; and it does no blocking over rows, so
 - otherwise (many rows, other inner sizes, other devices): the weight is dequantized to the compute dtype
@@ -34,7 +34,7 @@ from flash_experts.errors import ConfigError
 from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype, expert_feed_forward
 
 # The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
-# running one bf16 matmul is faster (measured: equal at 16 rows for a 768 x 2304 matrix, 2.7x slower at 512).
+# running one bf16 matmul is faster (the two break even at about this many rows on the CPUs measured).
 INT8_KERNEL_MAX_ROWS = 16
 
 
@@ -77,7 +77,7 @@ def int8_linear(x: Tensor, w_int8_OI: Tensor, scales_O: Tensor, bias_O: Tensor |
                                       scales_O.to(torch.bfloat16)).to(dtype)
     else:
         # bf16 on CPU even for an fp32 model: the kernel path rounds x to bf16 too (the two paths agree), and
-        # the bf16 product of the dequantized weight measured 2.2x faster than fp32 at 512 rows.
+        # the bf16 product of the dequantized weight is faster than fp32 where the CPU computes bf16 natively.
         compute = torch.bfloat16 if dtype == torch.float32 and x.device.type == "cpu" else dtype
         y = (F.linear(x_RI.to(compute), w_int8_OI.to(compute)) * scales_O.to(compute)).to(dtype)
     if bias_O is not None:

@@ -289,7 +289,7 @@ class Trainer:
             raise UserError("model.train=moe but the model has no expert or router parameters (is moe.layers empty?)")
         self.raw_model = model
         # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
-        # dozen, 5-10x faster per step on CPU.
+        # dozen per step, several times faster on CPU.
         self.optimizer = torch.optim.AdamW(
             optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
                              else cfg.optim.rewarm_peak / cfg.optim.lr), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),

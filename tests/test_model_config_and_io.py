@@ -114,3 +114,23 @@ def test_generate_uses_the_transposed_head_and_gives_the_plain_heads_tokens(monk
     monkeypatch.setattr(generate_module, "transposed_lm_head", lambda m: contextlib.nullcontext())
     plain = generate_module.generate(model, None, prompt, greedy, max_new_tokens=12).token_ids
     assert fast == plain
+
+
+def test_forward_refuses_a_misspelled_keyword_and_accepts_transformers_own():
+    """Reference: the forward without the ignored arguments. A misspelled `attention_mask` used to vanish into
+    **unused and run unmasked; now it is a TypeError naming it, in both families (one shared forward)."""
+    from flash_experts.model import LlamaMoEConfig, LlamaMoEForCausalLM
+
+    torch.manual_seed(0)
+    gpt2 = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0)).eval()
+    llama = LlamaMoEForCausalLM(LlamaMoEConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                               num_experts=2, num_experts_per_tok=1, moe_layers=[1])).eval()
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for model in (gpt2, llama):
+        with pytest.raises(TypeError, match="attenton_mask"):
+            model(input_ids=ids, attenton_mask=torch.ones_like(ids))
+        with torch.no_grad():
+            plain = model(input_ids=ids).logits
+            with_hf = model(input_ids=ids, return_dict=True, output_attentions=False, cache_position=None).logits
+        assert torch.equal(plain, with_hf)

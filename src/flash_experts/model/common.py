@@ -10,7 +10,13 @@ from torch import Tensor
 from transformers.utils import ModelOutput
 
 from flash_experts.errors import ConfigError
+from flash_experts.model.kv_cache import LayerCache
 from flash_experts.model.moe import RouterStats
+
+# Arguments transformers' own callers pass to a causal LM that change nothing here; any other unknown keyword
+# is a TypeError (a misspelled `attention_mask` must not be swallowed).
+IGNORED_HF_ARGUMENTS = frozenset({"return_dict", "output_attentions", "output_hidden_states", "cache_position",
+                                  "num_items_in_batch"})
 
 
 @dataclass
@@ -19,14 +25,14 @@ class MoECausalLMOutput(ModelOutput):
 
     loss: Tensor | None = None  # lm_loss + aux_loss: the training objective
     logits: Tensor | None = None
-    cache: object | None = None  # the KVCache (transformers >= 5.24 names this field `cache`)
+    cache: LayerCache | None = None  # the KV cache (transformers >= 5.24 names this field `cache`)
     lm_loss: Tensor | None = None  # mean next-token cross entropy (what perplexity is made of)
     aux_loss: Tensor | None = None  # weighted load-balancing + z-losses, summed over MoE layers
     router_stats: list[RouterStats] | None = None
     hidden_states: Tensor | None = None  # the final hidden states (after the last norm)
 
     @property
-    def past_key_values(self) -> object | None:
+    def past_key_values(self) -> LayerCache | None:
         """The older name of `cache`, which most callers (and transformers < 5.24) still use."""
         return self.cache
 
@@ -70,3 +76,64 @@ def positions_and_padding(attention_mask: Tensor | None, position_ids: Tensor | 
             position_ids = torch.arange(past_length, past_length + seq_len, device=device).expand(batch_size, -1)
     return position_ids.to(device), key_padding_mask
 
+
+
+class MoECausalLMMixin:
+    """The causal-LM forward both families share: cache arguments, positions and padding, the decoder (the
+    family's own), the LM head with `logits_to_keep`, router losses and the output. A family provides
+    `_default_cache`, `_check_length` and `_decode` (embeddings -> blocks -> final norm)."""
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+        labels: Tensor | None = None,
+        past_key_values: LayerCache | None = None,
+        use_cache: bool = False,
+        logits_to_keep: int = 0,
+        cache: LayerCache | None = None,
+        **hf_arguments: object,
+    ) -> MoECausalLMOutput:
+        """input_ids (B, T); attention_mask (B, past + T), 1 = real token; labels (B, T), -100 = ignore.
+
+        `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
+        The cache comes as `past_key_values` or (transformers >= 5.24) `cache`; with `use_cache` and none
+        given, the family's default cache is made.
+        """
+        unknown = set(hf_arguments) - IGNORED_HF_ARGUMENTS
+        if unknown:
+            raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s): "
+                            f"{', '.join(sorted(unknown))}")
+        B, T = input_ids.shape
+        given = past_key_values if past_key_values is not None else cache
+        cache = given if given is not None or not use_cache else self._default_cache(B)
+        past = cache.get_seq_length() if cache is not None else 0
+        self._check_length(past + T)
+        position_ids, key_padding_mask = positions_and_padding(
+            attention_mask, position_ids, past, B, T, input_ids.device
+        )
+        x, router_stats = self._decode(input_ids, position_ids, key_padding_mask, cache)
+        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
+
+        aux_loss = weighted_router_loss(
+            router_stats, self.config.router_aux_loss_coef, self.config.router_z_loss_coef, x.device
+        )
+        lm_loss = loss = None
+        if labels is not None:
+            lm_loss = causal_lm_loss(logits, labels)
+            loss = lm_loss + aux_loss
+        return MoECausalLMOutput(
+            loss=loss, logits=logits, cache=cache if use_cache or given is not None else None,
+            lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
+        )
+
+    def _default_cache(self, batch_size: int) -> LayerCache:
+        raise NotImplementedError
+
+    def _check_length(self, total_length: int) -> None:
+        raise NotImplementedError
+
+    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+        raise NotImplementedError

@@ -19,14 +19,9 @@ from transformers.pytorch_utils import Conv1D
 
 from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
-from flash_experts.model.common import (
-    MoECausalLMOutput,
-    causal_lm_loss,
-    positions_and_padding,
-    weighted_router_loss,
-)
+from flash_experts.model.common import MoECausalLMMixin
 from flash_experts.model.config import GPT2MoEConfig
-from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.kv_cache import KVCache, LayerCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
 
 
@@ -53,7 +48,7 @@ class GPT2Attention(nn.Module):
         self.config = config
         # Attention dropout is not applied (no implementation here supports it); resid/embd dropout are.
 
-    def forward(self, x_BTD: Tensor, key_padding_mask: Tensor | None, cache: object | None) -> Tensor:
+    def forward(self, x_BTD: Tensor, key_padding_mask: Tensor | None, cache: LayerCache | None) -> Tensor:
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
@@ -87,17 +82,15 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.is_moe = is_moe
         if is_moe:
-            self.mlp = MoELayer(
-                config.n_embd, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
+            self.mlp = MoELayer.from_config(
+                config, hidden_size=config.n_embd, ffn_size=config.intermediate_size,
                 activation=activation_fn(config.activation_function), gated=False, bias=True, layer_index=layer_index,
-                capacity_factor=config.capacity_factor, jitter=config.router_jitter,
-                normalize_top_k=config.normalize_top_k,
             )
             self.mlp_dropout = nn.Dropout(config.resid_pdrop)
         else:
             self.mlp = GPT2MLP(config)
 
-    def forward(self, x: Tensor, key_padding_mask: Tensor | None, cache: object | None
+    def forward(self, x: Tensor, key_padding_mask: Tensor | None, cache: LayerCache | None
                 ) -> tuple[Tensor, RouterStats | None]:
         x = x + self.attn(self.ln_1(x), key_padding_mask, cache)
         if not self.is_moe:
@@ -117,7 +110,7 @@ class GPT2MoEModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2MoEForCausalLM(PreTrainedModel):
+class GPT2MoEForCausalLM(MoECausalLMMixin, PreTrainedModel):
     config_class = GPT2MoEConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
@@ -178,36 +171,18 @@ class GPT2MoEForCausalLM(PreTrainedModel):
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_length,
                        self.config.n_embd // self.config.n_head, param.dtype, param.device)
 
-    # -- forward -----------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: object | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int = 0,
-        **unused: object,
-    ) -> MoECausalLMOutput:
-        """input_ids (B, T); attention_mask (B, past + T), 1 = real token; labels (B, T), -100 = ignore.
+    # -- forward (the shared tail is MoECausalLMMixin.forward) ---------------------------------------------
+    def _default_cache(self, batch_size: int) -> KVCache:
+        return self.make_cache(batch_size, self.config.n_positions)
 
-        `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
-        """
-        B, T = input_ids.shape
-        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
-            past_key_values = unused.get("cache")
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = self.make_cache(B, self.config.n_positions)
-        past = cache.get_seq_length() if cache is not None else 0
-        if past + T > self.config.n_positions:
+    def _check_length(self, total_length: int) -> None:
+        if total_length > self.config.n_positions:
             raise ConfigError(
-                f"sequence of {past + T} tokens is longer than the model's {self.config.n_positions} positions"
+                f"sequence of {total_length} tokens is longer than the model's {self.config.n_positions} positions"
             )
-        position_ids, key_padding_mask = positions_and_padding(
-            attention_mask, position_ids, past, B, T, input_ids.device
-        )
+
+    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         t = self.transformer
         x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
         router_stats: list[RouterStats] = []
@@ -215,17 +190,4 @@ class GPT2MoEForCausalLM(PreTrainedModel):
             x, stats = block(x, key_padding_mask, cache)
             if stats is not None:
                 router_stats.append(stats)
-        x = t.ln_f(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-
-        aux_loss = weighted_router_loss(
-            router_stats, self.config.router_aux_loss_coef, self.config.router_z_loss_coef, x.device
-        )
-        lm_loss = loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels)
-            loss = lm_loss + aux_loss
-        return MoECausalLMOutput(
-            loss=loss, logits=logits, cache=cache if use_cache or past_key_values is not None else None,
-            lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
-        )
+        return t.ln_f(x), router_stats

@@ -8,10 +8,24 @@ transformers `Cache` interface our models and `generate` use: `update(key, value
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 from torch import Tensor
 
 from flash_experts.errors import UserError
+
+
+class LayerCache(Protocol):
+    """What the attention layers need of a cache: ours (`KVCache`) and transformers' `DynamicCache` both fit."""
+
+    def update(self, key: Tensor, value: Tensor, layer_idx: int) -> tuple[Tensor, Tensor]:
+        """Append one layer's (B, Hkv, T, Dh) keys and values; return all that layer holds."""
+        ...
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        """Positions already cached."""
+        ...
 
 
 class KVCache:

@@ -9,8 +9,6 @@ with it; attention goes through our dispatch (`flash_experts.attention`).
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor, nn
 from transformers import PreTrainedModel
@@ -26,14 +24,9 @@ from transformers.models.llama.modeling_llama import (
 
 from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
-from flash_experts.model.common import (
-    MoECausalLMOutput,
-    causal_lm_loss,
-    positions_and_padding,
-    weighted_router_loss,
-)
+from flash_experts.model.common import MoECausalLMMixin
 from flash_experts.model.config import LlamaMoEConfig
-from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.kv_cache import KVCache, LayerCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
 
 
@@ -55,7 +48,7 @@ class LlamaAttention(nn.Module):
         # Attention dropout is not applied (no implementation here supports it); Llama models train without it.
 
     def forward(self, x_BTD: Tensor, cos_sin: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
-                cache: Any | None) -> Tensor:
+                cache: LayerCache | None) -> Tensor:
         B, T, _ = x_BTD.shape
         q = self.q_proj(x_BTD).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x_BTD).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
@@ -93,17 +86,15 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.is_moe = is_moe
         if is_moe:
-            self.mlp = MoELayer(
-                config.hidden_size, config.intermediate_size, config.num_experts, config.num_experts_per_tok,
+            self.mlp = MoELayer.from_config(
+                config, hidden_size=config.hidden_size, ffn_size=config.intermediate_size,
                 activation=ACT2FN[config.hidden_act], gated=True, bias=False, layer_index=layer_index,
-                capacity_factor=config.capacity_factor, jitter=config.router_jitter,
-                normalize_top_k=config.normalize_top_k,
             )
         else:
             self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos_sin: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
-                cache: Any | None) -> tuple[Tensor, RouterStats | None]:
+                cache: LayerCache | None) -> tuple[Tensor, RouterStats | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, key_padding_mask, cache)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
@@ -123,7 +114,7 @@ class LlamaMoEModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)  # inv_freq is a non-persistent buffer: not in checkpoints
 
 
-class LlamaMoEForCausalLM(PreTrainedModel):
+class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel):
     config_class = LlamaMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -177,41 +168,22 @@ class LlamaMoEForCausalLM(PreTrainedModel):
         return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_length,
                        self.config.head_dim, param.dtype, param.device)
 
-    # -- forward -----------------------------------------------------------------------------------------------
-    def forward(
-        self,
-        input_ids: Tensor,
-        attention_mask: Tensor | None = None,
-        position_ids: Tensor | None = None,
-        labels: Tensor | None = None,
-        past_key_values: Any | None = None,
-        use_cache: bool = False,
-        logits_to_keep: int = 0,
-        **unused: object,
-    ) -> MoECausalLMOutput:
-        """input_ids (B, T); attention_mask (B, past + T), 1 = real token; labels (B, T), -100 = ignore.
+    # -- forward (the shared tail is MoECausalLMMixin.forward) ---------------------------------------------
+    def _default_cache(self, batch_size: int) -> LayerCache:
+        # A growing transformers DynamicCache: a static cache sized for the whole context of a long-context
+        # model would waste memory; pass `make_cache(...)` for the preallocated one.
+        return DynamicCache()
 
-        `logits_to_keep` > 0 computes logits only for the last that many positions (decoding needs one).
-        With `use_cache` and no cache given, a growing transformers `DynamicCache` is used (a static cache
-        sized for the whole context of a long-context model would waste memory); pass `make_cache(...)` for
-        the preallocated one.
-        """
-        B, T = input_ids.shape
-        if past_key_values is None:  # transformers >= 5.24 passes the cache as `cache`
-            past_key_values = unused.get("cache")
-        cache = past_key_values
-        if cache is None and use_cache:
-            cache = DynamicCache()
-        past = cache.get_seq_length() if cache is not None else 0
+    def _check_length(self, total_length: int) -> None:
         window = self.config.sliding_window
-        if window is not None and past + T > window:
+        if window is not None and total_length > window:
             raise ConfigError(
-                f"sequence of {past + T} tokens is longer than the model's sliding attention window ({window}), "
-                f"which is not implemented here"
+                f"sequence of {total_length} tokens is longer than the model's sliding attention window "
+                f"({window}), which is not implemented here"
             )
-        position_ids, key_padding_mask = positions_and_padding(
-            attention_mask, position_ids, past, B, T, input_ids.device
-        )
+
+    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         m = self.model
         x = m.embed_tokens(input_ids)
         cos_sin = m.rotary_emb(x, position_ids)  # each (B, T, Dh), computed once for all layers
@@ -220,17 +192,4 @@ class LlamaMoEForCausalLM(PreTrainedModel):
             x, stats = layer(x, cos_sin, key_padding_mask, cache)
             if stats is not None:
                 router_stats.append(stats)
-        x = m.norm(x)
-        logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
-
-        aux_loss = weighted_router_loss(
-            router_stats, self.config.router_aux_loss_coef, self.config.router_z_loss_coef, x.device
-        )
-        lm_loss = loss = None
-        if labels is not None:
-            lm_loss = causal_lm_loss(logits, labels)
-            loss = lm_loss + aux_loss
-        return MoECausalLMOutput(
-            loss=loss, logits=logits, cache=cache if use_cache or past_key_values is not None else None,
-            lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
-        )
+        return m.norm(x), router_stats

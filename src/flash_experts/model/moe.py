@@ -251,6 +251,15 @@ class MoELayer(nn.Module):
         self.router = Router(hidden_size, num_experts, top_k, jitter, normalize_top_k)
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_size, activation, gated, bias)
 
+    @classmethod
+    def from_config(cls, config, *, hidden_size: int, ffn_size: int, activation: Callable[[Tensor], Tensor],
+                    gated: bool, bias: bool, layer_index: int) -> "MoELayer":
+        """The layer a model config's MoE fields describe (num_experts, num_experts_per_tok, capacity_factor,
+        router_jitter, normalize_top_k: the same names for every family); the rest is the family's MLP shape."""
+        return cls(hidden_size, ffn_size, config.num_experts, config.num_experts_per_tok, activation=activation,
+                   gated=gated, bias=bias, layer_index=layer_index, capacity_factor=config.capacity_factor,
+                   jitter=config.router_jitter, normalize_top_k=config.normalize_top_k)
+
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take, or None when dropless."""
         if self.capacity_factor <= 0:

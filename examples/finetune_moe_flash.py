@@ -22,7 +22,7 @@ from pathlib import Path
 
 from common import CONFIGS, DATA, WIKITEXT_MODEL, laptop_defaults, main, pick_base, refuse_to_overwrite, tiny
 
-LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=256", "data.batch_size=2",
+LAPTOP = ["moe.num_experts=4", "moe.num_experts_per_tok=2", "model.train=moe", "data.block_size=256", "data.batch_size=2",
           "data.grad_accum=1", "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=48", "optim.warmup_steps=4",
           "eval.interval=24", "eval.batches=8", "checkpoint.interval=0", "checkpoint.keep_last=1"]
 TINY_RUN = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",

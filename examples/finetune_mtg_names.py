@@ -20,7 +20,7 @@ from pathlib import Path
 
 from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_to_overwrite
 
-LAPTOP = ["moe.num_experts=4", "moe.top_k=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
+LAPTOP = ["moe.num_experts=4", "moe.num_experts_per_tok=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
           "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60", "optim.warmup_steps=5",
           "eval.interval=20", "eval.batches=16", "checkpoint.interval=0", "checkpoint.keep_last=1"]
 TINY_RUN = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
@@ -55,7 +55,7 @@ def finetune() -> None:
         from flash_experts.model.loading import base_tokenizer
 
         check_data_tokenizer(data, base_tokenizer(base))
-    moe = "dense" if cfg.moe is None else f"{cfg.moe.num_experts} experts, top-{cfg.moe.top_k}, {cfg.moe.layers} layers"
+    moe = "dense" if cfg.moe is None else f"{cfg.moe.num_experts} experts, top-{cfg.moe.num_experts_per_tok}, {cfg.moe.moe_layers} layers"
     print(f"fine-tuning {base} ({moe}; trained: {cfg.model.train}) for {cfg.optim.max_steps} steps -> {out}",
           flush=True)
 

@@ -54,7 +54,7 @@ def w(tmp_path_factory) -> dict[str, Path]:
     save_config(load_config(None, [
         f"run.out_dir={root / 'run'}", "run.device=cpu", "run.quiet=true", "run.precision=fp32",
         "model.base=scratch", "model.n_layer=1", "model.n_embd=32", "model.n_head=4", "model.n_positions=64",
-        "moe.num_experts=4", "moe.top_k=2", "moe.layers=all",
+        "moe.num_experts=4", "moe.num_experts_per_tok=2", "moe.moe_layers=all",
         f"data.dir={data}", "data.block_size=16", "data.batch_size=2", "optim.max_steps=1", "optim.warmup_steps=0",
         "eval.interval=1", "eval.batches=1", "tracking.wandb=off", "tracking.tensorboard=false",
     ]), config)
@@ -170,7 +170,7 @@ TRAINING_CASES = {
     "override without =": (lambda w: _train(w, "optim.lr"), "section.key=value"),
     "negative lr": (lambda w: _train(w, "optim.lr=-1"), "optim.lr must be > 0"),
     "block size 0": (lambda w: _train(w, "data.block_size=0"), "data.block_size must be >= 1"),
-    "top_k > experts": (lambda w: _train(w, "moe.top_k=9"), "moe.top_k"),
+    "top_k > experts": (lambda w: _train(w, "moe.num_experts_per_tok=9"), "moe.num_experts_per_tok"),
     "batch size not a number": (lambda w: _train(w, "data.batch_size=abc"), "data.batch_size must be a number"),
     # data folders: missing, wrong JSON layout, empty, damaged
     "data dir not set": (lambda w: _train(w, "data.dir=null"), "data.dir is not set"),

@@ -208,7 +208,7 @@ def test_scripts_bad_input_is_one_error_line(run_here, tiny_base, card_file, tmp
     assert_one_error(run_here("finetune_mtg_names", "optim.lr=-1"), "optim.lr must be > 0")
     assert_one_error(run_here("finetune_mtg_names", "optim.max_steps=4", "optim.warmup_steps=9"),
                      "optim.warmup_steps must be <= optim.max_steps=4")
-    assert_one_error(run_here("finetune_moe_flash", "--base", tiny_base, "moe.top_k=9"), "moe.top_k")
+    assert_one_error(run_here("finetune_moe_flash", "--base", tiny_base, "moe.num_experts_per_tok=9"), "moe.num_experts_per_tok")
     assert_one_error(run_here("finetune_mtg_names", "--base", "not-a-model/x/y"), "model folder not found")
     assert_one_error(run_here("generate_names", tmp_path / "no-model"), "no fine-tuned model in")
     assert_one_error(run_here("generate_mtg_names", "--count", "0"), "--count must be >= 1")

@@ -48,7 +48,7 @@ def tiny_overrides(data_dir: Path, out_dir: Path, **extra: object) -> list[str]:
         "run.name": out_dir.name, "run.out_dir": str(out_dir), "run.device": "cpu", "run.quiet": True,
         "run.precision": "fp32", "run.seed": 7,
         "model.base": "scratch", "model.n_layer": 2, "model.n_embd": 32, "model.n_head": 4, "model.n_positions": 64,
-        "moe.num_experts": 4, "moe.top_k": 2, "moe.layers": "all",
+        "moe.num_experts": 4, "moe.num_experts_per_tok": 2, "moe.moe_layers": "all",
         "data.dir": str(data_dir), "data.block_size": 16, "data.batch_size": 4, "data.grad_accum": 1,
         "optim.lr": 3e-3, "optim.min_lr": 3e-4, "optim.warmup_steps": 2, "optim.max_steps": 6,
         "eval.interval": 3, "eval.batches": 2, "checkpoint.interval": 3, "checkpoint.keep_last": 5,
@@ -119,7 +119,7 @@ def test_finetune_upcycled_local_gpt2_starts_at_the_dense_models_validation_loss
     from flash_experts.training.trainer import train
 
     cfg = tiny_config(data_dir, tmp_path / "ft", **{
-        "model.base": str(tiny_gpt2_dir), "moe.layers": "every_other", "moe.expert_noise": 0.0,
+        "model.base": str(tiny_gpt2_dir), "moe.moe_layers": "every_other", "moe.expert_noise": 0.0,
         "model.attention": "sdpa", "optim.max_steps": 2, "eval.interval": 2, "optim.lr": 1e-4, "optim.min_lr": 1e-5,
     })
     result = train(cfg)
@@ -174,7 +174,7 @@ def test_train_moe_only_changes_experts_and_routers(data_dir, tmp_path):
 
     cfg = tiny_config(data_dir, tmp_path / "moe_only", **{
         "model.train": "moe", "optim.max_steps": 3, "checkpoint.interval": 0, "eval.interval": 100,
-        "moe.layers": "[1]",
+        "moe.moe_layers": "[1]",
     })
     seed_everything(cfg.run.seed)  # the trainer seeds the same way before building: same initial weights
     initial, _ = build_model(cfg)
@@ -210,7 +210,7 @@ def test_resume_from_checkpoint_equals_uninterrupted_run_exactly(data_dir, tmp_p
 
     from flash_experts.training.trainer import train
 
-    noisy = {"model.dropout": 0.1, "moe.jitter": 0.1, "data.grad_accum": 2}
+    noisy = {"model.dropout": 0.1, "moe.router_jitter": 0.1, "data.grad_accum": 2}
     full = train(tiny_config(data_dir, tmp_path / "full", **noisy))
     step3 = tmp_path / "full" / "checkpoints" / "step_00000003"
     assert step3.is_dir()

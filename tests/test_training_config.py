@@ -55,7 +55,7 @@ def test_every_config_loads_and_matches_its_yaml(path: Path):
 def test_config_family_details():
     """Reference: the documented intent of each config (hand-written)."""
     moe = load_config(CONFIG_DIR / "mtg_moe.yaml", [])
-    assert (moe.moe.num_experts, moe.moe.top_k, moe.moe.layers) == (8, 2, "every_other")
+    assert (moe.moe.num_experts, moe.moe.num_experts_per_tok, moe.moe.moe_layers) == (8, 2, "every_other")
     assert load_config(CONFIG_DIR / "mtg_dense.yaml", []).moe is None
     assert load_config(CONFIG_DIR / "wikitext_dense.yaml", []).moe is None
     tiny = load_config(CONFIG_DIR / "tiny.yaml", [])
@@ -69,14 +69,14 @@ def test_overrides_apply_with_type_coercion():
     cfg = load_config(
         CONFIG_DIR / "mtg_moe.yaml",
         ["optim.lr=1e-4", "moe.num_experts=4", "--data.batch_size", "16", "--run.compile=yes",
-         "optim.betas=[0.8, 0.99]", "moe.layers=[1, 3]", "optim.max_steps=3e3", "run.name=1e3", "model.base=smollm2"],
+         "optim.betas=[0.8, 0.99]", "moe.moe_layers=[1, 3]", "optim.max_steps=3e3", "run.name=1e3", "model.base=smollm2"],
     )
     assert cfg.optim.lr == 1e-4 and type(cfg.optim.lr) is float
     assert cfg.moe.num_experts == 4 and type(cfg.moe.num_experts) is int
     assert cfg.data.batch_size == 16 and type(cfg.data.batch_size) is int
     assert cfg.run.compile is True
     assert cfg.optim.betas == (0.8, 0.99)
-    assert cfg.moe.layers == [1, 3]
+    assert cfg.moe.moe_layers == [1, 3]
     assert cfg.optim.max_steps == 3000 and type(cfg.optim.max_steps) is int
     assert cfg.run.name == "1e3" and cfg.run.out_dir == "runs/1e3"  # names stay verbatim
     assert cfg.model.base == "smollm2"
@@ -85,18 +85,18 @@ def test_overrides_apply_with_type_coercion():
 def test_yaml_strings_become_numbers(tmp_path: Path):
     """Reference: float("3e-4") -- PyYAML reads `3e-4` (no dot) as a string."""
     path = tmp_path / "c.yaml"
-    path.write_text("optim:\n  lr: 3e-4\n  warmup_steps: '10'\nmoe:\n  jitter: '0.01'\n")
+    path.write_text("optim:\n  lr: 3e-4\n  warmup_steps: '10'\nmoe:\n  router_jitter: '0.01'\n")
     assert yaml.safe_load(path.read_text())["optim"]["lr"] == "3e-4"
     cfg = load_config(path, [])
-    assert cfg.optim.lr == float("3e-4") and cfg.optim.warmup_steps == 10 and cfg.moe.jitter == 0.01
+    assert cfg.optim.lr == float("3e-4") and cfg.optim.warmup_steps == 10 and cfg.moe.router_jitter == 0.01
     assert cfg.optim.min_lr == pytest.approx(3e-5)  # default: lr / 10
 
 
 def test_moe_null_makes_a_dense_model_and_keys_reenable_it():
     """Reference: the documented meaning of `moe: null` (dense) and the MoEConfig defaults."""
     assert load_config(CONFIG_DIR / "mtg_moe.yaml", ["moe=null"]).moe is None
-    back = load_config(CONFIG_DIR / "mtg_dense.yaml", ["moe.top_k=1"])
-    assert back.moe is not None and back.moe.top_k == 1 and back.moe.num_experts == 8
+    back = load_config(CONFIG_DIR / "mtg_dense.yaml", ["moe.num_experts_per_tok=1"])
+    assert back.moe is not None and back.moe.num_experts_per_tok == 1 and back.moe.num_experts == 8
 
 
 def test_parse_overrides_styles():
@@ -110,7 +110,7 @@ def test_parse_overrides_styles():
 
 @pytest.mark.parametrize(
     "override, named, suggestion",
-    [("optim.lrr=1", "optim.lrr", "optim.lr"), ("optm.lr=1", "optm", "optim"), ("moe.topk=1", "moe.topk", "moe.top_k"),
+    [("optim.lrr=1", "optim.lrr", "optim.lr"), ("optm.lr=1", "optm", "optim"), ("moe.num_expert=1", "moe.num_expert", "moe.num_experts"),
      ("data.batchsize=2", "data.batchsize", "data.batch_size")],
 )
 def test_unknown_keys_name_the_key_and_suggest(override: str, named: str, suggestion: str):
@@ -140,7 +140,7 @@ def test_unknown_key_in_yaml(tmp_path: Path):
         (["data.batch_size=2.5"], "data.batch_size"),
         (["optim.warmup_steps=200", "optim.max_steps=100"], "optim.warmup_steps"),
         (["eval.interval=0"], "eval.interval"),
-        (["moe.top_k=9", "moe.num_experts=8"], "moe.top_k"),
+        (["moe.num_experts_per_tok=9", "moe.num_experts=8"], "moe.num_experts_per_tok"),
         (["optim.grad_clip=-1"], "optim.grad_clip"),
         (["run.precision=fp8"], "run.precision"),
         (["run.device=tpu"], "run.device"),
@@ -149,14 +149,14 @@ def test_unknown_key_in_yaml(tmp_path: Path):
         (["optim.betas=[0.9]"], "optim.betas"),
         (["optim.betas=[0.9, 1.0]"], "optim.betas"),
         (["optim.min_lr=1", "optim.lr=1e-3"], "optim.min_lr"),
-        (["moe.layers=sometimes"], "moe.layers"),
-        (["moe.layers=[1, 1]"], "moe.layers"),
-        (["model.base=scratch", "model.n_layer=2", "moe.layers=[5]"], "moe.layers"),
+        (["moe.moe_layers=sometimes"], "moe.moe_layers"),
+        (["moe.moe_layers=[1, 1]"], "moe.moe_layers"),
+        (["model.base=scratch", "model.n_layer=2", "moe.moe_layers=[5]"], "moe.moe_layers"),
         (["model.n_embd=100", "model.n_head=12"], "model.n_embd"),
         (["model.base=scratch", "model.n_positions=64", "data.block_size=128"], "data.block_size"),
         (["moe=null", "model.train=moe"], "model.train"),
         (["run.compile=perhaps"], "run.compile"),
-        (["moe.jitter=1.5"], "moe.jitter"),
+        (["moe.router_jitter=1.5"], "moe.router_jitter"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
     ],
 )
@@ -168,7 +168,7 @@ def test_bad_values_raise_value_error_naming_the_field(overrides: list[str], fie
 
 def test_save_and_reload_round_trip(tmp_path: Path):
     """Reference: the config before saving (equality of dataclasses), and the YAML parsed by PyYAML."""
-    cfg = load_config(CONFIG_DIR / "wikitext_moe.yaml", ["moe.layers=[0, 2]", "optim.lr=5e-5"])
+    cfg = load_config(CONFIG_DIR / "wikitext_moe.yaml", ["moe.moe_layers=[0, 2]", "optim.lr=5e-5"])
     save_config(cfg, tmp_path / "sub" / "config.yaml")
     assert load_config(tmp_path / "sub" / "config.yaml", []) == cfg
     assert yaml.safe_load((tmp_path / "sub" / "config.yaml").read_text()) == config_to_dict(cfg)
@@ -245,7 +245,7 @@ def test_schema_shaped_input_loads_or_raises_value_error(raw):
     except ValueError:
         return
     assert cfg.optim.warmup_steps <= cfg.optim.max_steps and 0 <= cfg.optim.min_lr <= cfg.optim.lr
-    assert cfg.moe is None or 1 <= cfg.moe.top_k <= cfg.moe.num_experts
+    assert cfg.moe is None or 1 <= cfg.moe.num_experts_per_tok <= cfg.moe.num_experts
     assert cfg.data.batch_size >= 1 and cfg.eval.interval >= 1
     assert config_from_dict(config_to_dict(cfg)) == cfg
 
@@ -271,3 +271,16 @@ def test_resolve_device_and_precision():
     else:
         with pytest.raises(UserError, match="run.device=cuda"):
             resolve_device("cuda")
+
+
+@pytest.mark.parametrize("old,new", [("top_k", "num_experts_per_tok"), ("layers", "moe_layers"),
+                                     ("aux_loss_coef", "router_aux_loss_coef"), ("jitter", "router_jitter")])
+def test_the_trainers_old_moe_keys_name_their_new_name(old, new):
+    """One MoE schema: the trainer's section uses the model config's names (model/config.py MOE_DEFAULTS), and
+    a config written with the old short names gets the new one in its error."""
+    from flash_experts.model.config import MOE_DEFAULTS
+    from flash_experts.training.config import MoEConfig
+
+    assert set(MoEConfig().model_fields()) == set(MOE_DEFAULTS) - {"attention_implementation"}
+    with pytest.raises(ValueError, match=f"'moe.{old}' is now 'moe.{new}'"):
+        load_config(None, [f"moe.{old}=1"])

@@ -144,7 +144,7 @@ def test_rewarm_peak_gives_experts_and_routers_their_own_schedule(tmp_path):
     lr, peak, min_lr, warmup, max_steps = 1e-3, 4e-3, 1e-4, 2, 6
     cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "rewarm", **{
         "optim.lr": lr, "optim.min_lr": min_lr, "optim.rewarm_peak": peak, "optim.warmup_steps": warmup,
-        "optim.max_steps": max_steps, "checkpoint.interval": 0, "eval.interval": 6, "moe.layers": [1]})
+        "optim.max_steps": max_steps, "checkpoint.interval": 0, "eval.interval": 6, "moe.moe_layers": [1]})
     trainer = Trainer(cfg, dist_utils.init_distributed("cpu"), resume=None)
     try:
         names = {id(p): n for n, p in trainer.raw_model.named_parameters()}
@@ -182,7 +182,7 @@ def test_rewarm_peak_run_resumes_exactly(tmp_path):
     ("moe.drop_ratio=-0.5", "moe.drop_ratio must be in [0, 1]"),
     ("optim.rewarm_peak=0", "optim.rewarm_peak must be > 0"),
     ("optim.rewarm_peak=-1e-3", "optim.rewarm_peak must be > 0"),
-    ("moe.top_k=5", "moe.top_k must be in [1, moe.num_experts=4]"),
+    ("moe.num_experts_per_tok=5", "moe.num_experts_per_tok (top_k) = 5 must be <= num_experts (4)"),
     ("moe.drop_ratio=0.5", "moe.drop_ratio applies to experts upcycled from a pretrained base"),  # model.base=scratch here
 ])
 def test_absurd_recipe_values_are_one_error_line_and_exit_2(tmp_path, capsys, override, message):

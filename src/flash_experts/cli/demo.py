@@ -129,7 +129,8 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path)
     cfg = config_from_dict({
         "run": {"name": "demo", "out_dir": str(run_dir), "seed": args.seed},
         "model": {"base": base, "attention": "auto", "train": args.train},
-        "moe": {"num_experts": args.experts, "top_k": args.top_k, "layers": "every_other", "expert_noise": 0.01},
+        "moe": {"num_experts": args.experts, "num_experts_per_tok": args.top_k, "moe_layers": "every_other",
+                "expert_noise": 0.01},
         "data": {"dir": data_dir, "block_size": args.block_size, "batch_size": args.batch_size},
         "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, args.steps // 12),
                   "max_steps": args.steps},

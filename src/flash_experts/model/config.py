@@ -38,9 +38,12 @@ def _moe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     return {name: kwargs.pop(name, default) for name, default in MOE_DEFAULTS.items()}
 
 
-def resolve_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int) -> list[int]:
-    """Turn the `moe_layers` setting into a sorted list of layer indices, or raise ValueError."""
+def resolve_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int | None) -> list[int]:
+    """Turn the `moe_layers` setting into a sorted list of layer indices, or raise ConfigError.
+    `num_layers=None` (the depth not known yet): the indices are checked, a preset resolves to []."""
     if isinstance(moe_layers, str):
+        if moe_layers in ("all", "every_other") and num_layers is None:
+            return []
         if moe_layers == "all":
             return list(range(num_layers))
         if moe_layers == "every_other":
@@ -51,15 +54,17 @@ def resolve_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers
     ):
         raise ConfigError(f"moe_layers must be 'all', 'every_other' or a list of layer indices (got {moe_layers!r})")
     for index in moe_layers:
-        if not 0 <= index < num_layers:
+        if index < 0 or (num_layers is not None and index >= num_layers):
             raise ConfigError(f"moe_layers index {index} is out of range for a model of {num_layers} layers")
     if len(set(moe_layers)) != len(moe_layers):
         raise ConfigError(f"moe_layers has repeated indices: {list(moe_layers)}")
     return sorted(moe_layers)
 
 
-def validate_moe_fields(config: PretrainedConfig, num_layers: int) -> None:
-    """Check every MoE field of `config`; raise a ValueError naming the first bad one."""
+def validate_moe_fields(config: Any, num_layers: int | None) -> None:
+    """Check every MoE field of `config` (a model config, or the trainer's moe section, which uses the same
+    names); raise a ConfigError naming the first bad one. `num_layers=None`: layer indices are checked
+    against the depth later, when the base is loaded."""
 
     def is_int(value: Any) -> bool:
         return isinstance(value, int) and not isinstance(value, bool)
@@ -79,10 +84,10 @@ def validate_moe_fields(config: PretrainedConfig, num_layers: int) -> None:
         raise ConfigError(f"router_jitter must be < 1 (got {config.router_jitter!r})")
     if not isinstance(config.normalize_top_k, bool):
         raise ConfigError(f"normalize_top_k must be true or false (got {config.normalize_top_k!r})")
-    if config.attention_implementation not in ATTENTION_IMPLEMENTATIONS:
+    attention = getattr(config, "attention_implementation", "auto")  # the trainer keeps it in model.attention
+    if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(
-            f"attention_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} "
-            f"(got {config.attention_implementation!r})"
+            f"attention_implementation must be one of {', '.join(ATTENTION_IMPLEMENTATIONS)} (got {attention!r})"
         )
     resolve_moe_layers(config.moe_layers, num_layers)
 

@@ -25,6 +25,7 @@ from typing import Any, Literal, Union
 import yaml
 
 from flash_experts.errors import ConfigError, UserError
+from flash_experts.model.config import MOE_DEFAULTS, validate_moe_fields
 
 
 @dataclass
@@ -55,16 +56,28 @@ class ModelConfig:
 
 @dataclass
 class MoEConfig:
+    """The model config's MoE fields under the model config's names (model/config.py MOE_DEFAULTS: one schema,
+    one validation), plus the two that only say how upcycled experts start."""
+
     num_experts: int = 8
-    top_k: int = 2
-    layers: Union[Literal["all", "every_other"], list[int]] = "every_other"
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 0.001
-    jitter: float = 0.0  # multiplicative router-input noise in [1 - jitter, 1 + jitter] while training
+    num_experts_per_tok: int = 2  # top-k: experts per token
+    moe_layers: Union[Literal["all", "every_other"], list[int]] = "every_other"
+    router_aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.001
+    router_jitter: float = 0.0  # multiplicative router-input noise in [1 - jitter, 1 + jitter] while training
     capacity_factor: float = 0.0  # 0 = dropless
     normalize_top_k: bool = True
     expert_noise: float = 0.0  # relative noise added to the upcycled expert copies to break their symmetry
     drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's hidden units re-initialised (0 = exact copies)
+
+    def model_fields(self) -> dict[str, Any]:
+        """The fields the model config holds (everything but the upcycling-only ones)."""
+        return {name: getattr(self, name) for name in MOE_DEFAULTS if hasattr(self, name)}
+
+
+# The trainer's MoE keys before they took the model config's names: an old config gets the new name.
+RENAMED_MOE_KEYS = {"top_k": "num_experts_per_tok", "layers": "moe_layers", "aux_loss_coef": "router_aux_loss_coef",
+                    "z_loss_coef": "router_z_loss_coef", "jitter": "router_jitter"}
 
 
 @dataclass
@@ -309,7 +322,7 @@ def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
     if str in (annotation, *typing.get_args(annotation)) and value is not None:
         value = text  # keep names verbatim: "run.name=1e3" stays "1e3", not 1000.0
     target = raw.get(section)
-    if not isinstance(target, dict):  # absent, or `moe: null` being re-enabled by "moe.top_k=1"
+    if not isinstance(target, dict):  # absent, or `moe: null` being re-enabled by "moe.num_experts_per_tok=1"
         target = {}
         raw[section] = target
     target[key] = value
@@ -331,6 +344,8 @@ def _check_key(key: Any, valid: dict[str, Any], prefix: str) -> str:
         raise ConfigError(f"config key {prefix}{key!r} must be a string")
     if key in valid:
         return key
+    if prefix == "moe." and key in RENAMED_MOE_KEYS:
+        raise ConfigError(f"config key 'moe.{key}' is now 'moe.{RENAMED_MOE_KEYS[key]}' (the model config's name)")
     close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
     hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else f"valid keys: {', '.join(prefix + v for v in valid)}"
     raise ConfigError(f"unknown config key {prefix + key!r}; {hint}")
@@ -478,16 +493,13 @@ def _validate(cfg: TrainConfig) -> None:
     scratch = model.base == "scratch"
 
     if moe is not None:
-        require(moe.num_experts >= 1, "moe.num_experts", "must be >= 1", moe.num_experts)
-        require(1 <= moe.top_k <= moe.num_experts, "moe.top_k", f"must be in [1, moe.num_experts={moe.num_experts}]", moe.top_k)
-        if isinstance(moe.layers, list):
-            require(all(i >= 0 for i in moe.layers), "moe.layers", "must hold layer indices >= 0", moe.layers)
-            require(len(set(moe.layers)) == len(moe.layers), "moe.layers", "must not repeat a layer", moe.layers)
-            if scratch:
-                require(all(i < model.n_layer for i in moe.layers), "moe.layers", f"must be < model.n_layer={model.n_layer}", moe.layers)
-        for name in ("aux_loss_coef", "z_loss_coef", "capacity_factor", "expert_noise"):
-            require(getattr(moe, name) >= 0, f"moe.{name}", "must be >= 0", getattr(moe, name))
-        require(0.0 <= moe.jitter < 1.0, "moe.jitter", "must be in [0, 1)", moe.jitter)
+        # The model config's own check (one validation for both); layer indices are checked against the
+        # base's depth once it is loaded, or here against model.n_layer for a model trained from scratch.
+        try:
+            validate_moe_fields(moe, num_layers=model.n_layer if scratch else None)
+        except ConfigError as error:
+            raise ConfigError(f"moe.{error}") from None
+        require(moe.expert_noise >= 0, "moe.expert_noise", "must be >= 0", moe.expert_noise)
         require(0.0 <= moe.drop_ratio <= 1.0, "moe.drop_ratio", "must be in [0, 1]", moe.drop_ratio)
         for name in ("drop_ratio", "expert_noise"):
             require(not (scratch and getattr(moe, name) > 0), f"moe.{name}",

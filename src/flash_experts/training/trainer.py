@@ -86,15 +86,10 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     from flash_experts.model.loading import load_model
 
     moe = cfg.moe
-    moe_fields: dict[str, Any] = {"attention_implementation": cfg.model.attention}
-    if moe is not None:
-        moe_fields.update(
-            num_experts=moe.num_experts, top_k=moe.top_k, moe_layers=moe.layers, router_aux_loss_coef=moe.aux_loss_coef,
-            router_z_loss_coef=moe.z_loss_coef, router_jitter=moe.jitter, capacity_factor=moe.capacity_factor,
-            normalize_top_k=moe.normalize_top_k,
-        )
-    else:
-        moe_fields.update(num_experts=1, top_k=1, moe_layers=[])
+    # The trainer's moe section uses the model config's names: its model fields go to the config as they are.
+    moe_fields: dict[str, Any] = moe.model_fields() if moe is not None else {
+        "num_experts": 1, "num_experts_per_tok": 1, "moe_layers": []}
+    moe_fields["attention_implementation"] = cfg.model.attention
 
     if cfg.model.base == "scratch":
         meta = read_meta(cfg.data.dir)
@@ -114,8 +109,10 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
         if moe is not None:
             warnings.warn(f"{cfg.model.base} is already an MoE model; the moe section is ignored", stacklevel=2)
     elif moe is not None or model.config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
-        model = upcycle(model, expert_noise=moe.expert_noise if moe else 0.0, drop_ratio=moe.drop_ratio if moe else 0.0,
-                        seed=cfg.run.seed, **moe_fields)
+        fields = dict(moe_fields)
+        model = upcycle(model, num_experts=fields.pop("num_experts"), top_k=fields.pop("num_experts_per_tok"),
+                        moe_layers=fields.pop("moe_layers"), expert_noise=moe.expert_noise if moe else 0.0,
+                        drop_ratio=moe.drop_ratio if moe else 0.0, seed=cfg.run.seed, **fields)
     set_dropout(model, cfg.model.dropout)
     return model, tokenizer
 
@@ -286,7 +283,7 @@ class Trainer:
                 param.requires_grad_(is_moe_parameter(name))
         self.params = [p for p in model.parameters() if p.requires_grad]
         if not self.params:
-            raise UserError("model.train=moe but the model has no expert or router parameters (is moe.layers empty?)")
+            raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
         self.raw_model = model
         # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
         # dozen per step, several times faster on CPU.

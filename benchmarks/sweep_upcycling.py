@@ -1,0 +1,301 @@
+"""Upcycled MoE vs the dense model at equal compute: a recipe sweep on the MTG card names.
+
+    python benchmarks/sweep_upcycling.py --budget 240 --out runs/sweep          # the recorded sweep
+    python benchmarks/sweep_upcycling.py --quick --out /tmp/sweep                # two tiny recipes, a smoke test
+    python benchmarks/sweep_upcycling.py --recipes dense-lr1e-3,moe-e4k1-drop0.5  # a subset
+
+Equal compute: every recipe gets `--budget` seconds of training on this machine. Each recipe's step time is
+measured first, all recipes interleaved in one process (the machine drifts; only side-by-side timings
+compare), and its step count is budget / step time, so a recipe whose step costs 1.2x trains 1/1.2 of the
+steps. The runs themselves then go one after the other with the library's trainer; their own wall time is
+reported too (it includes the evaluations and whatever else ran on the machine).
+
+Selection is on validation only: the table's validation perplexity is the best evaluation of each run
+(the same validation windows for every run). The test split is scored once, for the best dense and the
+best MoE recipe, as bits per character of the card-name text. Name metrics: --names names sampled from
+each run's best weights (temperature 0.9, top-p 0.95, card-name characters only).
+Writes <out>/results.json, <out>/table.md and <out>/val_loss_vs_compute.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_description, markdown_table  # noqa: E402
+
+
+@dataclass
+class Recipe:
+    name: str
+    moe: dict[str, Any] | None  # MoEConfig fields; None = the dense model (our code, no experts)
+    lr: float
+    train: str = "all"  # "all" or "moe" (experts and routers only)
+    rewarm_peak: float | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_moe(self) -> bool:
+        return self.moe is not None
+
+
+def recipes() -> list[Recipe]:
+    """The dense model with its own learning-rate sweep, and the upcycling recipes worth trying (issue 11)."""
+    every_other = {"moe_layers": "every_other", "router_aux_loss_coef": 0.01}
+    e4k1 = dict(every_other, num_experts=4, num_experts_per_tok=1)
+    e4k2 = dict(every_other, num_experts=4, num_experts_per_tok=2)
+    return [
+        Recipe("dense-lr1e-4", None, 1e-4),
+        Recipe("dense-lr3e-4", None, 3e-4),
+        Recipe("dense-lr1e-3", None, 1e-3),
+        Recipe("moe-e4k2-copy", e4k2, 3e-4),
+        Recipe("moe-e4k1-copy", e4k1, 3e-4),
+        # the experts re-warm to a higher peak than the rest of the model, so that they can move apart
+        Recipe("moe-e4k1-copy-rewarm1e-3", e4k1, 3e-4, rewarm_peak=1e-3),
+        Recipe("moe-e4k1-drop0.1-rewarm1e-3", dict(e4k1, drop_ratio=0.1), 3e-4, rewarm_peak=1e-3),
+        # the demo's recipe before this sweep: experts and routers only, copies + 1% noise
+        Recipe("moe-e4k2-noise-trainmoe", dict(e4k2, expert_noise=0.01), 3e-4, train="moe"),
+    ]
+
+
+def quick_recipes() -> list[Recipe]:
+    return [Recipe("dense-lr1e-3", None, 1e-3),
+            Recipe("moe-e2k1-drop0.5", {"num_experts": 2, "num_experts_per_tok": 1, "moe_layers": "every_other", "drop_ratio": 0.5}, 1e-3)]
+
+
+def run_config(recipe: Recipe, args, data_dir: str, steps: int, out_dir: Path):
+    from flash_experts.training.config import config_from_dict
+
+    warmup = max(1, steps // 10)
+    return config_from_dict({
+        "run": {"name": recipe.name, "out_dir": str(out_dir), "seed": args.seed, "precision": args.precision,
+                "quiet": True},
+        "model": {"base": args.base, "attention": "auto", "train": recipe.train},
+        "moe": recipe.moe,
+        "data": {"dir": data_dir, "block_size": args.block_size, "batch_size": args.batch_size},
+        "optim": {"lr": recipe.lr, "min_lr": recipe.lr / 10, "warmup_steps": warmup, "max_steps": steps,
+                  "rewarm_peak": recipe.rewarm_peak, **recipe.extra},
+        "eval": {"interval": max(1, steps // args.evaluations), "batches": args.val_batches, "keep_best": True},
+        "checkpoint": {"interval": 0, "keep_last": 1},
+        "tracking": {"wandb": "off", "tensorboard": False, "log_interval": max(1, steps // 4)},
+    })
+
+
+def step_seconds(all_recipes: list[Recipe], args, data_dir: str, rounds: int) -> dict[str, float]:
+    """Median seconds of one training step per recipe, all recipes interleaved in this process."""
+    from flash_experts.data.tokens import load_meta, load_split
+    from flash_experts.training.config import resolve_precision
+    from flash_experts.training.trainer import build_model, is_moe_parameter, optimizer_groups
+
+    vocab = load_meta(data_dir)["vocab_size"]
+    stream = torch.from_numpy(load_split(data_dir, "train", vocab)[: args.batch_size * args.block_size].astype("int64"))
+    ids = stream.view(args.batch_size, args.block_size)
+    precision = resolve_precision(args.precision, "cpu")
+    steps = {}
+    for recipe in all_recipes:
+        cfg = run_config(recipe, args, data_dir, 10, Path("unused"))
+        torch.manual_seed(0)
+        model, _ = build_model(cfg)
+        model.float().train()
+        if recipe.train == "moe":
+            for name, param in model.named_parameters():
+                param.requires_grad_(is_moe_parameter(name))
+        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-5, fused=True)
+
+        def step(model=model, optimizer=optimizer):
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+        step()  # warm-up: allocator, thread pool
+        steps[recipe.name] = step
+    seconds: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            started = time.perf_counter()
+            step()
+            seconds[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in seconds.items()}
+
+
+def test_bits_per_character(model, data_dir: str, test_documents: list[str], block_size: int) -> float:
+    """Bits per character of the test split: the model's summed NLL (nats) over every scored test token,
+    scaled to all test tokens, / ln 2 / characters (each name plus its newline, which the EOS token stands
+    for)."""
+    from flash_experts.data.tokens import load_meta, load_split
+    from flash_experts.evaluation.perplexity import evaluate_perplexity
+
+    tokens = load_split(data_dir, "test", load_meta(data_dir)["vocab_size"])
+    result = evaluate_perplexity(model, tokens, context=block_size, stride=block_size, quiet=True)
+    total_nats = result.nll * len(tokens)
+    characters = sum(len(doc) + 1 for doc in test_documents)
+    return total_nats / math.log(2) / characters
+
+
+def name_metrics(model, tokenizer, reference: list[str], count: int, seed: int) -> dict[str, float]:
+    from flash_experts.mtg.names import generate_card_names
+
+    metrics = generate_card_names(model, tokenizer, count, reference_names=reference, seed=seed, max_rounds=1,
+                                  batch_size=count)
+    return {"validity": metrics.validity, "uniqueness": metrics.uniqueness, "novelty": metrics.novelty,
+            "samples": metrics.total}
+
+
+def best_weights(run_dir: Path, result: Any) -> str:
+    """The run's best evaluation's weights; the final checkpoint when no evaluation beat step 0."""
+    if (run_dir / "best").exists():
+        return str(run_dir / "best")
+    if result is not None and result.checkpoint:
+        return result.checkpoint
+    return str(sorted((run_dir / "checkpoints").iterdir())[-1])
+
+
+def val_curve(run_dir: Path, seconds_per_step: float) -> list[tuple[float, float]]:
+    """(training compute in seconds = step x measured step time, validation loss) for every evaluation."""
+    points = []
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "val/loss" in record:
+            points.append((record["step"] * seconds_per_step, record["val/loss"]))
+    return points
+
+
+def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in curves.items():
+        xs, ys = zip(*points)
+        ax.plot(xs, [math.exp(y) for y in ys], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute on this CPU, seconds (steps x step time measured side by side)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(f"MTG card names, SmolLM2-135M base, equal budget {budget:.0f} s")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="runs/sweep")
+    parser.add_argument("--base", default="smollm2")
+    parser.add_argument("--budget", type=float, default=240.0, help="training seconds per recipe")
+    parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--block-size", type=int, default=64)
+    parser.add_argument("--evaluations", type=int, default=3)
+    parser.add_argument("--val-batches", type=int, default=12)
+    parser.add_argument("--names", type=int, default=100)
+    parser.add_argument("--timing-rounds", type=int, default=3)
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--quick", action="store_true", help="two recipes, tiny budget: a smoke test")
+    args = parser.parse_args()
+
+    from flash_experts.cli.demo import prepare_mtg_names
+    from flash_experts.model.loading import base_tokenizer, load_model
+    from flash_experts.mtg.cards import load_mtg_records, mtg_documents
+    from flash_experts.training.trainer import train
+
+    all_recipes = quick_recipes() if args.quick else recipes()
+    if args.quick:
+        args.budget, args.names, args.timing_rounds, args.val_batches = min(args.budget, 20), 10, 1, 2
+    if args.recipes:
+        wanted = args.recipes.split(",")
+        unknown = set(wanted) - {r.name for r in all_recipes}
+        if unknown:
+            raise SystemExit(f"error: unknown recipe(s) {', '.join(sorted(unknown))}")
+        all_recipes = [r for r in all_recipes if r.name in wanted]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data_dir, reference = prepare_mtg_names(base_tokenizer(args.base), out / "data")
+    test_documents = mtg_documents(load_mtg_records(), conditioned=False)["test"]
+
+    print(f"timing one step of each recipe ({args.timing_rounds} interleaved rounds)", flush=True)
+    seconds = step_seconds(all_recipes, args, data_dir, args.timing_rounds)
+    dense_step = min(s for r in all_recipes if not r.is_moe for s in [seconds[r.name]]) if any(
+        not r.is_moe for r in all_recipes) else None
+    results = []
+    for recipe in all_recipes:
+        steps = max(1, int(args.budget / seconds[recipe.name]))
+        run_dir = out / recipe.name
+        if (run_dir / "result.json").exists():  # a finished recipe from an earlier invocation
+            results.append(json.loads((run_dir / "result.json").read_text()))
+            print(f"{recipe.name}: done earlier", flush=True)
+            continue
+        print(f"{recipe.name}: {seconds[recipe.name]:.2f} s/step -> {steps} steps", flush=True)
+        started = time.perf_counter()
+        result = train(run_config(recipe, args, data_dir, steps, run_dir), resume=None)
+        wall = time.perf_counter() - started
+        model, tokenizer = load_model(best_weights(run_dir, result))
+        model.eval()
+        names = name_metrics(model, tokenizer, reference, args.names, args.seed)
+        record = {"recipe": asdict(recipe), "name": recipe.name, "moe": recipe.is_moe,
+                  "seconds_per_step": seconds[recipe.name],
+                  "step_cost_vs_dense": seconds[recipe.name] / dense_step if dense_step else None,
+                  "steps": steps, "tokens": result.tokens, "wall_seconds": wall,
+                  "val_ppl_start": result.initial_val_ppl, "val_ppl_best": result.best_val_ppl,
+                  "best_step": result.best_step, "names": names,
+                  "curve": val_curve(run_dir, seconds[recipe.name])}
+        (run_dir / "result.json").write_text(json.dumps(record, indent=1))
+        results.append(record)
+        print(f"  val ppl {result.initial_val_ppl:.2f} -> {result.best_val_ppl:.2f}; names {names}", flush=True)
+
+    # Chosen on validation; test scored once, for the two chosen runs.
+    chosen = {}
+    for kind, is_moe in (("dense", False), ("moe", True)):
+        candidates = [r for r in results if r["moe"] == is_moe]
+        if candidates:
+            best = min(candidates, key=lambda r: r["val_ppl_best"])
+            model, _ = load_model(best_weights(out / best["name"], None))
+            model.eval()
+            best["test_bpc"] = test_bits_per_character(model, data_dir, test_documents, args.block_size)
+            chosen[kind] = best
+    rows = []
+    for r in results:
+        names = r["names"]
+        rows.append([r["name"] + (" **(chosen)**" if r in chosen.values() else ""), f"{r['seconds_per_step']:.2f}",
+                     f"{r['step_cost_vs_dense']:.2f}x" if r["step_cost_vs_dense"] else "", str(r["steps"]),
+                     f"{r['tokens']:,}", f"{r['wall_seconds'] / 60:.1f}", f"{r['val_ppl_start']:.1f}",
+                     f"{r['val_ppl_best']:.2f}", f"{r['test_bpc']:.4f}" if "test_bpc" in r else "",
+                     f"{100 * names['validity']:.0f}/{100 * names['uniqueness']:.0f}/{100 * names['novelty']:.0f}"])
+    table = markdown_table(["recipe", "s/step", "step cost", "steps", "tokens", "wall min", "val ppl step 0",
+                            "val ppl best", "test bpc", "names valid/unique/novel %"], rows)
+    header = (f"- machine: {machine_description('cpu')}\n- base {args.base}, batch {args.batch_size} x "
+              f"{args.block_size} tokens, budget {args.budget:.0f} s of training per recipe, "
+              f"{args.val_batches} validation batches, {args.names} names per run\n")
+    verdict = ""
+    if "dense" in chosen and "moe" in chosen:
+        ratio = chosen["moe"]["val_ppl_best"] / chosen["dense"]["val_ppl_best"]
+        verdict = (f"\nBest MoE ({chosen['moe']['name']}) / best dense ({chosen['dense']['name']}) validation "
+                   f"perplexity: {ratio:.3f} (target <= 0.97: {'met' if ratio <= 0.97 else 'NOT met'}); test bpc "
+                   f"{chosen['moe']['test_bpc']:.4f} vs {chosen['dense']['test_bpc']:.4f}\n")
+    text = header + "\n" + table + "\n" + verdict
+    print("\n" + text)
+    (out / "table.md").write_text(text)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    if chosen:
+        plot({f"{kind}: {r['name']}": r["curve"] for kind, r in chosen.items()}, out / "val_loss_vs_compute.png",
+             args.budget)
+
+
+if __name__ == "__main__":
+    main()

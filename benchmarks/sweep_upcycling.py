@@ -14,7 +14,9 @@ Selection is on validation only: the table's validation perplexity is the best e
 (the same validation windows for every run). The test split is scored once, for the best dense and the
 best MoE recipe, as bits per character of the card-name text. Name metrics: --names names sampled from
 each run's best weights (temperature 0.9, top-p 0.95, card-name characters only).
-Writes <out>/results.json, <out>/table.md and <out>/val_loss_vs_compute.png.
+Writes <out>/results.json, <out>/table.md and <out>/val_loss_vs_compute.png; each run keeps its best weights
+(a few GB each for SmolLM2 in fp32, optimizer state included; the final checkpoint is deleted once the best is
+known). Mind the disk: the recorded run needed about 40 GB before that deletion existed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import statistics
 import sys
 import time
@@ -249,6 +252,8 @@ def main() -> None:
         started = time.perf_counter()
         result = train(run_config(recipe, args, data_dir, steps, run_dir), resume=None)
         wall = time.perf_counter() - started
+        if (run_dir / "best").exists():  # the final checkpoint is not needed: a run is judged by its best
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         model, tokenizer = load_model(best_weights(run_dir, result))
         model.eval()
         names = name_metrics(model, tokenizer, reference, args.names, args.seed)

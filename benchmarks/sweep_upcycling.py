@@ -25,7 +25,6 @@ import argparse
 import json
 import math
 import shutil
-import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -35,7 +34,8 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table  # noqa: E402
+from bench_train_step import make_step  # noqa: E402
+from common import interleaved_medians, machine_description, markdown_table  # noqa: E402
 
 
 @dataclass
@@ -103,8 +103,8 @@ def step_seconds(all_recipes: list[Recipe], args, data_dir: str, rounds: int) ->
     vocab = load_meta(data_dir)["vocab_size"]
     stream = torch.from_numpy(load_split(data_dir, "train", vocab)[: args.batch_size * args.block_size].astype("int64"))
     ids = stream.view(args.batch_size, args.block_size)
-    precision = resolve_precision(args.precision, "cpu")
-    steps = {}
+    dtype = torch.bfloat16 if resolve_precision(args.precision, "cpu") == "bf16" else torch.float32
+    calls = {}
     for recipe in all_recipes:
         cfg = run_config(recipe, args, data_dir, 10, Path("unused"))
         torch.manual_seed(0)
@@ -114,24 +114,8 @@ def step_seconds(all_recipes: list[Recipe], args, data_dir: str, rounds: int) ->
             for name, param in model.named_parameters():
                 param.requires_grad_(is_moe_parameter(name))
         optimizer = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-5, fused=True)
-
-        def step(model=model, optimizer=optimizer):
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
-                loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-
-        step()  # warm-up: allocator, thread pool
-        steps[recipe.name] = step
-    seconds: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
-            started = time.perf_counter()
-            step()
-            seconds[name].append(time.perf_counter() - started)
-    return {name: statistics.median(values) for name, values in seconds.items()}
+        calls[recipe.name] = (lambda step: lambda: step(ids))(make_step(model, optimizer, dtype))
+    return interleaved_medians(calls, rounds=rounds)  # one warm-up call each first: allocator, thread pool
 
 
 def test_bits_per_character(model, data_dir: str, test_documents: list[str], block_size: int) -> float:
@@ -238,8 +222,8 @@ def main() -> None:
     print(f"timing one step of each recipe ({args.timing_rounds} interleaved rounds)", flush=True)
     seconds = step_seconds(todo, args, data_dir, args.timing_rounds) if todo else {}
     seconds.update({name: record["seconds_per_step"] for name, record in done.items()})
-    dense_step = min(s for r in all_recipes if not r.is_moe for s in [seconds[r.name]]) if any(
-        not r.is_moe for r in all_recipes) else None
+    dense_steps = [seconds[r.name] for r in all_recipes if not r.is_moe]
+    dense_step = min(dense_steps) if dense_steps else None
     results = []
     for recipe in all_recipes:
         steps = max(1, int(args.budget / seconds[recipe.name]))

@@ -112,7 +112,7 @@ def test_incremental_decoding_with_cache_equals_hf_llama_full_sequence(tiny_llam
     ids, mask = left_pad(rows)
     width = ids.shape[1]
     cache = moe.make_cache(2, width)
-    assert cache.keys[0].shape == (2, 2, width, 16)  # the cache holds the 2 kv heads, not the 4 query heads
+    assert cache.layers[0].keys.shape == (2, 2, width, 16)  # the cache holds the 2 kv heads, not the 4 query heads
     with torch.no_grad():
         steps = [moe(ids[:, :prompt_len], attention_mask=mask[:, :prompt_len], past_key_values=cache,
                      use_cache=True).logits]

@@ -47,18 +47,38 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     add_device_arguments(parser)
 
 
-DTYPES = ("fp32", "bf16", "fp16")
+def dtype_word(text: str) -> str:
+    """argparse type of --dtype: the project's precision words (run.precision's), other spellings named."""
+    from flash_experts.training.config import OTHER_PRECISION_SPELLINGS, PRECISIONS  # no torch: --help stays instant
+
+    if text in PRECISIONS:
+        return text
+    if text.lower() in OTHER_PRECISION_SPELLINGS:
+        raise argparse.ArgumentTypeError(f"{text!r} is spelled {OTHER_PRECISION_SPELLINGS[text.lower()]} here")
+    raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRECISIONS)}")
+
 QUANTIZATIONS = ("none", "int8")  # --quantize: none, or weight-only int8 (flash_experts.model.quantize)
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
     """--device and --dtype, for every verb that runs a model for inference."""
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=DTYPES, default="fp32",
+    parser.add_argument("--dtype", type=dtype_word, default="fp32", metavar="{fp32,bf16,fp16}",
                         help="precision of the weights: bf16 halves the bytes every decoded token reads (faster "
                              "where the CPU or GPU computes bf16 natively; BENCHMARKS.md has the measured speeds), at "
                              "the cost of slightly different logits; fp16 needs CUDA (default fp32)")
     add_quantize_argument(parser)
+
+
+class RenamedOption(argparse.Action):
+    """An option that was renamed: using it is one error line naming the new spelling."""
+
+    def __init__(self, option_strings: list[str], dest: str, new: str = "", **kwargs: Any):
+        super().__init__(option_strings, dest, nargs=0, help=argparse.SUPPRESS, **kwargs)
+        self.new = new
+
+    def __call__(self, parser, namespace, values, option_string=None):  # noqa: ANN001 (argparse's protocol)
+        parser.error(f"{option_string} is now {self.new}")
 
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
@@ -107,8 +127,10 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
         raise UserError(f"unknown device {device_name!r}: use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda was asked for but no CUDA GPU is available")
-    if dtype_name not in DTYPES:
-        raise UserError(f"unknown dtype {dtype_name!r}: use one of {', '.join(DTYPES)}")
+    try:
+        dtype_name = dtype_word(dtype_name)
+    except argparse.ArgumentTypeError as error:
+        raise UserError(f"--dtype: {error}") from None
     if dtype_name == "fp16" and device.type != "cuda":
         raise UserError("--dtype fp16 needs a CUDA device; use bf16 or fp32 on CPU")
     if quantize not in QUANTIZATIONS:

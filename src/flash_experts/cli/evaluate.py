@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 
 from flash_experts.cli.common import (
-    add_quantize_argument,
+    RenamedOption,
+    add_device_arguments,
     add_source_arguments,
     check_source_arguments,
     load_for_generation,
@@ -21,10 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("model", metavar="MODEL", help="checkpoint folder, Hugging Face hub id, or 'smollm2'")
     add_source_arguments(parser)
-    parser.add_argument("--bf16", action="store_true", help="bfloat16 autocast for the forwards (log-softmax stays fp32)")
+    add_device_arguments(parser)  # --device, --dtype (log-softmax stays fp32 whatever the weights), --quantize
+    parser.add_argument("--bf16", action=RenamedOption, new="--dtype bf16")
     parser.add_argument("--router-stats", action="store_true", help="also report per-layer expert load, entropy, drops")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    add_quantize_argument(parser)
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -46,18 +46,18 @@ def run(args: argparse.Namespace) -> int:
     if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
         raise UserError(f"--json: the folder for {args.json} does not exist")
     console = Console()
-    model, tokenizer = load_for_generation(args.model, args.device, quantize=args.quantize)
+    model, tokenizer = load_for_generation(args.model, args.device, args.dtype, quantize=args.quantize)
     tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
                               text_file=args.text, max_tokens=args.max_tokens)
-    measure = dict(context=args.context, stride=args.stride, batch_size=args.batch_size, bf16=args.bf16,
+    measure = dict(context=args.context, stride=args.stride, batch_size=args.batch_size,
                    quiet=args.quiet)
     if args.router_stats:
         result, routing = perplexity_with_routing(model, tokens, **measure)
     else:
         result = evaluate_perplexity(model, tokens, **measure)
-    weights = " (int8 weights)" if args.quantize == "int8" else ""
+    weights = " (int8 weights)" if args.quantize == "int8" else f" ({args.dtype} weights)" if args.dtype != "fp32" else ""
     console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
-    numbers = {"model": args.model, "quantize": args.quantize, **result.as_dict()}
+    numbers = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **result.as_dict()}
     if args.router_stats:
         if routing.is_empty:
             console.print("dense model: no router statistics")

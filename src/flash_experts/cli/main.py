@@ -32,6 +32,7 @@ VERB_MODULES = [
     "generate_names",
     "evaluate",
     "compare",
+    "export",
     "plot",
 ]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,16 @@ class MoECausalLMMixin:
             loss=loss, logits=logits, cache=cache if use_cache or given is not None else None,
             lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
         )
+
+    def save_pretrained(self, save_directory: str | Path, *args: object, **kwargs: object) -> None:
+        """transformers' `save_pretrained`, plus the modeling code and `auto_map` (see `remote_code`), so the
+        folder loads with `trust_remote_code=True` where this package is not installed."""
+        from flash_experts.model.remote_code import write_modeling_code
+
+        folder = Path(save_directory)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.auto_map = write_modeling_code(type(self), type(self.config), folder)
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     def _default_cache(self, batch_size: int) -> LayerCache:
         raise NotImplementedError

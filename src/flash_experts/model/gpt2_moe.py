@@ -13,7 +13,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers.activations import ACT2FN
 from transformers.pytorch_utils import Conv1D
 
@@ -110,7 +110,7 @@ class GPT2MoEModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2MoEForCausalLM(MoECausalLMMixin, PreTrainedModel):
+class GPT2MoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
     config_class = GPT2MoEConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"

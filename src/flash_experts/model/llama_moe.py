@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from transformers import PreTrainedModel
+from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.cache_utils import DynamicCache
@@ -114,7 +114,7 @@ class LlamaMoEModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)  # inv_freq is a non-persistent buffer: not in checkpoints
 
 
-class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel):
+class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
     config_class = LlamaMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"

@@ -265,6 +265,13 @@ def resolve_device(device: str) -> str:
     return device
 
 
+# One vocabulary for precision: run.precision here and every verb's --dtype. Other common spellings are
+# refused with the word to use, never silently mapped.
+PRECISIONS = ("fp32", "bf16", "fp16")
+OTHER_PRECISION_SPELLINGS = {"float32": "fp32", "float": "fp32", "f32": "fp32", "bfloat16": "bf16",
+                             "float16": "fp16", "half": "fp16", "f16": "fp16"}
+
+
 def resolve_precision(precision: str, device: str) -> str:
     """"auto" -> "bf16" where the hardware computes in bf16 natively (a CUDA GPU that supports it; a CPU with
     AVX-512 BF16 or AMX), else "fp32". fp16/bf16 are autocast dtypes only: master weights stay fp32."""
@@ -380,6 +387,9 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
     if origin is Literal:
+        if isinstance(value, str) and value.lower() in OTHER_PRECISION_SPELLINGS and value.lower() not in args:
+            raise ConfigError(f"{where}={value!r} is spelled {OTHER_PRECISION_SPELLINGS[value.lower()]!r} here "
+                              f"(the words of every verb's --dtype: {', '.join(PRECISIONS)})")
         if isinstance(value, bool) and ("on" if value else "off") in args:
             value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
         if isinstance(value, str) and value.lower() in args:

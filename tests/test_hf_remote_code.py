@@ -1,0 +1,117 @@
+"""Checkpoint folders that load anywhere, and a plain `import flash_experts` that registers the Auto classes.
+
+References: the in-process model's own logits and greedy tokens, compared with what a separate Python makes
+of the saved folder: one where `flash_experts` cannot be imported at all (`sys.modules["flash_experts"] =
+None`, so any import of it raises) and only torch and transformers are there, loading with
+`trust_remote_code=True`; and ones that import only the package root.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from conftest import tiny_gpt2_config
+from flash_experts.model import upcycle
+from test_llama_moe import randomize, tiny_llama_config
+
+PROMPT = [[5, 17, 42, 99, 7, 3]]
+
+
+def saved_moe(tmp_path, family: str):
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(tiny_llama_config()) if family == "llama" else GPT2LMHeadModel(tiny_gpt2_config())
+    moe = randomize(upcycle(dense, num_experts=4, top_k=2)).eval()
+    folder = tmp_path / f"{family}-moe"
+    moe.save_pretrained(folder)
+    return moe, folder
+
+
+def run_python(code: str, tmp_path) -> dict:
+    env = dict(os.environ, HF_MODULES_CACHE=str(tmp_path / "hf_modules"), OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300,
+                            cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+REPORT = """
+import json, torch
+ids = torch.tensor({prompt})
+with torch.no_grad():
+    logits = model(ids).logits[0].tolist()
+greedy = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)[0].tolist()
+print(json.dumps(dict(module=type(model).__module__, logits=logits, greedy=greedy, torch_early=torch_early)))
+"""
+
+
+def expected(moe) -> tuple[torch.Tensor, list[int]]:
+    ids = torch.tensor(PROMPT)
+    with torch.no_grad():
+        logits = moe(ids).logits[0]
+    greedy = moe.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)[0].tolist()
+    return logits, greedy
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_folder_loads_with_remote_code_where_flash_experts_cannot_be_imported(tmp_path, family):
+    moe, folder = saved_moe(tmp_path, family)
+    config = json.loads((folder / "config.json").read_text())
+    model_file = config["auto_map"]["AutoModelForCausalLM"].split(".")[0]
+    assert (folder / f"{model_file}.py").is_file()
+    for file in folder.glob("*.py"):  # the bundle names no module of ours: relative imports only
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                assert not (node.module or "").startswith("flash_experts"), (file.name, node.module)
+    code = (
+        "import sys\n"
+        "sys.modules['flash_experts'] = None  # any import of our package now raises ImportError\n"
+        "torch_early = False\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
+    ) + REPORT.format(prompt=PROMPT)
+    report = run_python(code, tmp_path)
+    assert report["module"].startswith("transformers_modules.")
+    logits, greedy = expected(moe)
+    torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
+    assert report["greedy"] == greedy
+
+
+@pytest.mark.parametrize("order", ["flash_experts first", "transformers first"])
+def test_plain_package_import_registers_the_auto_classes(tmp_path, order):
+    moe, folder = saved_moe(tmp_path, "llama")
+    imports = ("import flash_experts, sys\ntorch_early = 'torch' in sys.modules\nimport transformers\n"
+               if order == "flash_experts first" else
+               "import transformers, sys\nimport flash_experts\ntorch_early = False\n")
+    code = imports + (
+        "from transformers import AutoModelForCausalLM\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
+    ) + REPORT.format(prompt=PROMPT)
+    report = run_python(code, tmp_path)
+    assert report["module"] == "flash_experts.model.llama_moe"
+    assert report["torch_early"] is False  # the package root still does not import torch
+    logits, greedy = expected(moe)
+    torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-6, rtol=1e-6)
+    assert report["greedy"] == greedy
+
+
+def test_a_model_loaded_as_remote_code_saves_a_folder_that_loads_again(tmp_path):
+    moe, folder = saved_moe(tmp_path, "llama")
+    code = (
+        "import sys\nsys.modules['flash_experts'] = None\ntorch_early = False\n"
+        "from transformers import AutoModelForCausalLM\n"
+        f"first = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
+        f"first.save_pretrained({str(tmp_path / 'again')!r})\n"
+        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True).eval()\n"
+    ) + REPORT.format(prompt=PROMPT)
+    report = run_python(code, tmp_path)
+    logits, greedy = expected(moe)
+    torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
+    assert sorted(p.name for p in (tmp_path / "again").glob("*.py")) == sorted(p.name for p in folder.glob("*.py"))

@@ -279,6 +279,27 @@ OTHER_VERB_CASES = {
         "the model's vocabulary has 100 entries"),
     "generate temperature not a number": pytest.param(
         lambda w: _generate(w, "--temperature", "abc"), "temperature"),
+    # one precision vocabulary: old or other spellings name the word to use
+    "evaluate --bf16 (renamed)": (lambda w: ["evaluate", w["model"], "--text", w["root"] / "notes.txt", "--bf16"],
+                                  "--bf16 is now --dtype bf16"),
+    "generate --dtype bfloat16": (lambda w: _generate(w, "--dtype", "bfloat16"), "'bfloat16' is spelled bf16 here"),
+    "evaluate --dtype fp16 on cpu": (lambda w: ["evaluate", w["model"], "--text", w["root"] / "notes.txt",
+                                                "--device", "cpu", "--dtype", "fp16"], "fp16 needs a CUDA device"),
+    "training run.precision=float32": (lambda w: _train(w, "run.precision=float32"),
+                                       "run.precision='float32' is spelled 'fp32' here"),
+    # export: models with no such format, damaged folders, an output that exists
+    "export gpt2 moe": (lambda w: ["export", w["checkpoint"], w["root"] / "x", "--format", "mixtral"],
+                        "GPT-2 MoE model has no Mixtral or GGUF form.*trust_remote_code=True"),
+    "export dense model": (lambda w: ["export", w["model"], w["root"] / "x.gguf", "--format", "gguf"],
+                           "model type llama_moe.*'gpt2'"),
+    "export corrupt weights": (lambda w: ["export", checkpoint_variant(w, "weights"), w["root"] / "x",
+                                          "--format", "mixtral"], "cannot load the model"),
+    "export missing model": (lambda w: ["export", w["root"] / "no_model", w["root"] / "x", "--format", "mixtral"],
+                             "model folder not found"),
+    "export output exists": (lambda w: ["export", w["checkpoint"], w["root"] / "notes.txt", "--format", "gguf"],
+                             "notes.txt already exists"),
+    "export unknown format": (lambda w: ["export", w["checkpoint"], w["root"] / "x", "--format", "onnx"],
+                              "invalid choice: 'onnx'"),
 }
 
 

@@ -206,3 +206,27 @@ def test_llama_cpp_greedy_tokens_equal_ours(tmp_path, pattern):
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert eval(result.stdout.strip().splitlines()[-1]) == expected
+
+
+def test_export_command_writes_a_mixtral_folder_and_a_gguf_file(tmp_path, capsys):
+    """The CLI end to end on a saved checkpoint folder with its tokenizer; the Mixtral folder reloaded by
+    transformers' class computes our logits, the GGUF file is read back."""
+    from flash_experts.cli.main import main
+
+    tokenizer = make_tokenizer()
+    moe = trained_like_moe(vocab=len(tokenizer))
+    moe.save_pretrained(tmp_path / "ours")
+    tokenizer.save_pretrained(tmp_path / "ours")
+    assert main(["export", str(tmp_path / "ours"), str(tmp_path / "mixtral"), "--format", "mixtral"]) == 0
+    assert "max |logit difference| from ours" in capsys.readouterr().out
+    mixtral = MixtralForCausalLM.from_pretrained(tmp_path / "mixtral").eval()
+    ids = torch.randint(0, len(tokenizer), (1, 24), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert (mixtral(ids).logits - moe(ids).logits).abs().max().item() < 1e-4
+    assert (tmp_path / "mixtral" / "tokenizer.json").is_file()
+    assert not list((tmp_path / "mixtral").glob("*.py"))  # a vanilla folder: no remote code
+    assert main(["export", str(tmp_path / "ours"), str(tmp_path / "m.gguf"), "--format", "gguf",
+                 "--outtype", "q8_0"]) == 0
+    _, fields, _ = read_gguf(tmp_path / "m.gguf")
+    assert fields["llama.expert_count"] == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.gguf", "mixtral", "ours"]  # no partial left

@@ -115,3 +115,22 @@ def test_a_model_loaded_as_remote_code_saves_a_folder_that_loads_again(tmp_path)
     logits, greedy = expected(moe)
     torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
     assert sorted(p.name for p in (tmp_path / "again").glob("*.py")) == sorted(p.name for p in folder.glob("*.py"))
+
+
+def test_a_source_loaded_from_gguf_leaves_no_quantization_config_in_our_folders(tmp_path):
+    """SmolLM2 comes dequantized from a GGUF file; transformers records that as `quantization_config`. Our
+    float weights must not carry it: transformers would look for that GGUF file when loading the folder."""
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(tiny_llama_config())
+    gguf_record = {"quant_method": "gguf", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf", "dequantize": False}
+    dense.config.quantization_config = dict(gguf_record)
+    moe = upcycle(dense, num_experts=2, top_k=1)
+    assert getattr(moe.config, "quantization_config", None) is None
+    moe.config.quantization_config = dict(gguf_record)  # as in folders upcycled before the fix
+    moe.save_pretrained(tmp_path / "moe")
+    assert "quantization_config" not in json.loads((tmp_path / "moe" / "config.json").read_text())
+    code = ("import sys\nsys.modules['flash_experts'] = None\ntorch_early = False\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'moe')!r}, trust_remote_code=True).eval()\n"
+            ) + REPORT.format(prompt=PROMPT)
+    assert run_python(code, tmp_path)["module"].startswith("transformers_modules.")

@@ -24,6 +24,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_source_arguments(parser)
     add_device_arguments(parser)  # --device, --dtype (log-softmax stays fp32 whatever the weights), --quantize
     parser.add_argument("--bf16", action=RenamedOption, new="--dtype bf16")
+    parser.add_argument("--prefix-bos", action="store_true",
+                        help="score the first token too, predicted from the tokenizer's BOS (else EOS), as "
+                             "lm-evaluation-harness's rolling perplexity does; with --stride one less than --context "
+                             "every token is scored and bits per byte are printed")
+    parser.add_argument("--lm-eval-task", metavar="DIR", default=None,
+                        help="also write the text as a local lm-evaluation-harness task folder (one document), for "
+                             "lm_eval --include_path DIR --tasks flash_experts_text")
     parser.add_argument("--router-stats", action="store_true", help="also report per-layer expert load, entropy, drops")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -49,6 +56,13 @@ def run(args: argparse.Namespace) -> int:
     model, tokenizer = load_for_generation(args.model, args.device, args.dtype, quantize=args.quantize)
     tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
                               text_file=args.text, max_tokens=args.max_tokens)
+    text_tokens = tokens.numel()
+    if args.prefix_bos:
+        import torch
+
+        from flash_experts.evaluation.lm_eval_task import prefix_token_id
+
+        tokens = torch.cat([torch.tensor([prefix_token_id(tokenizer)], dtype=tokens.dtype), tokens])
     measure = dict(context=args.context, stride=args.stride, batch_size=args.batch_size,
                    quiet=args.quiet)
     if args.router_stats:
@@ -58,6 +72,20 @@ def run(args: argparse.Namespace) -> int:
     weights = " (int8 weights)" if args.quantize == "int8" else f" ({args.dtype} weights)" if args.dtype != "fp32" else ""
     console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
     numbers = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **result.as_dict()}
+    text = _evaluated_text(args)
+    text_bytes = None if text is None else len(text.encode("utf-8"))
+    if args.lm_eval_task:
+        from flash_experts.evaluation.lm_eval_task import write_text_task
+
+        if text is None:
+            raise UserError("--lm-eval-task needs the whole text: --text or --wikitext, without --max-tokens")
+        task = write_text_task([text], Path(args.lm_eval_task).expanduser())
+        console.print(f"lm-eval task {task!r} written to {args.lm_eval_task}")
+    if text_bytes is not None and result.tokens_scored == text_tokens:  # every token of the text was scored
+        import math
+
+        numbers["bits_per_byte"] = result.nll * result.tokens_scored / text_bytes / math.log(2)
+        console.print(f"bits per byte {numbers['bits_per_byte']:.5f} ({text_bytes:,} UTF-8 bytes, every token scored)")
     if args.router_stats:
         if routing.is_empty:
             console.print("dense model: no router statistics")
@@ -67,3 +95,14 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(numbers, indent=2) + "\n")
     return 0
+
+
+def _evaluated_text(args: argparse.Namespace) -> str | None:
+    """The evaluated text (None for a prepared token split, or when --max-tokens cut it)."""
+    if args.data is not None or args.max_tokens is not None:
+        return None
+    from flash_experts.evaluation.perplexity import read_text_file, wikitext_test_text
+
+    if args.wikitext is not None:
+        return wikitext_test_text(None if args.wikitext is True else args.wikitext)
+    return read_text_file(args.text)

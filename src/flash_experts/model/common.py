@@ -136,6 +136,11 @@ class MoECausalLMMixin:
 
         folder = Path(save_directory)
         folder.mkdir(parents=True, exist_ok=True)
+        stored_as = getattr(self.config, "quantization_config", None)
+        if isinstance(stored_as, dict) and stored_as.get("quant_method") == "gguf":
+            # A leftover of a GGUF-loaded source (checkpoints upcycled before this was dropped at upcycling):
+            # the weights here are floats, and transformers would look for that GGUF file on loading.
+            del self.config.quantization_config
         self.config.auto_map = write_modeling_code(type(self), type(self.config), folder)
         super().save_pretrained(save_directory, *args, **kwargs)
 

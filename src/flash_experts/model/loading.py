@@ -97,9 +97,11 @@ def _load_local(path: Path, dtype: torch.dtype | None) -> PreTrainedModel:
         json.loads(config_file.read_text())
     except json.JSONDecodeError as error:
         raise UserError(f"corrupt config.json in {path}: {error}") from None
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as error:
         raise UserError(f"cannot load the model in {path}: {' '.join(str(error).split())[:300]}") from None
 
 

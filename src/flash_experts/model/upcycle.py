@@ -72,9 +72,11 @@ def upcycle_gpt2(source: PreTrainedModel | str, num_experts: int = 8, top_k: int
     return upcycle(source, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **kwargs)
 
 
-# Config fields that describe the dense source, not the model it becomes.
+# Config fields that describe the dense source, not the model it becomes. `quantization_config` is how the
+# source was stored (SmolLM2 comes from a Q4_1 GGUF file, dequantized on load): our weights are plain floats,
+# and a folder that carried it would make transformers look for that GGUF file when it loads ours.
 _CONFIG_FIELDS_NOT_COPIED = ("model_type", "architectures", "transformers_version", "_name_or_path", "dtype",
-                             "torch_dtype")
+                             "torch_dtype", "quantization_config")
 
 
 def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> GPT2MoEForCausalLM:

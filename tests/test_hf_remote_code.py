@@ -42,13 +42,14 @@ def run_python(code: str, tmp_path) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-REPORT = """
+REPORT = f"""
 import json, torch
-ids = torch.tensor({prompt})
-with torch.no_grad():
-    logits = model(ids).logits[0].tolist()
-greedy = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)[0].tolist()
-print(json.dumps(dict(module=type(model).__module__, logits=logits, greedy=greedy, torch_early=torch_early)))
+def report(model, torch_early=False):
+    ids = torch.tensor({PROMPT})
+    with torch.no_grad():
+        logits = model(ids).logits[0].tolist()
+    greedy = model.generate(ids, max_new_tokens=8, do_sample=False, eos_token_id=None, pad_token_id=1)[0].tolist()
+    return dict(module=type(model).__module__, logits=logits, greedy=greedy, torch_early=torch_early)
 """
 
 
@@ -60,28 +61,43 @@ def expected(moe) -> tuple[torch.Tensor, list[int]]:
     return logits, greedy
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_folder_loads_with_remote_code_where_flash_experts_cannot_be_imported(tmp_path, family):
-    moe, folder = saved_moe(tmp_path, family)
-    config = json.loads((folder / "config.json").read_text())
-    model_file = config["auto_map"]["AutoModelForCausalLM"].split(".")[0]
-    assert (folder / f"{model_file}.py").is_file()
-    for file in folder.glob("*.py"):  # the bundle names no module of ours: relative imports only
-        for node in ast.walk(ast.parse(file.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0:
-                assert not (node.module or "").startswith("flash_experts"), (file.name, node.module)
+def test_folders_load_with_remote_code_where_flash_experts_cannot_be_imported(tmp_path):
+    """Both families, and a model loaded that way saving a folder of its own that loads again (one
+    subprocess for all three: each costs seconds of imports)."""
+    models, folders = {}, {}
+    for family in ("llama", "gpt2"):
+        models[family], folders[family] = saved_moe(tmp_path, family)
+        config = json.loads((folders[family] / "config.json").read_text())
+        model_file = config["auto_map"]["AutoModelForCausalLM"].split(".")[0]
+        assert (folders[family] / f"{model_file}.py").is_file()
+        for file in folders[family].glob("*.py"):  # the bundle names no module of ours: relative imports only
+            for node in ast.walk(ast.parse(file.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.level == 0:
+                    assert not (node.module or "").startswith("flash_experts"), (file.name, node.module)
+    again = tmp_path / "saved_again"
     code = (
-        "import sys\n"
+        "import sys, json\n"
         "sys.modules['flash_experts'] = None  # any import of our package now raises ImportError\n"
-        "torch_early = False\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()\n"
-    ) + REPORT.format(prompt=PROMPT)
-    report = run_python(code, tmp_path)
-    assert report["module"].startswith("transformers_modules.")
-    logits, greedy = expected(moe)
-    torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
-    assert report["greedy"] == greedy
+        + REPORT +
+        "reports = {}\n"
+        f"folders = {{'llama': {str(folders['llama'])!r}, 'gpt2': {str(folders['gpt2'])!r}, 'again': {str(again)!r}}}\n"
+        "for name in ('llama', 'gpt2', 'again'):\n"
+        "    if name == 'again':\n"
+        "        AutoModelForCausalLM.from_pretrained(folders['llama'], trust_remote_code=True).save_pretrained("
+        "folders['again'])\n"
+        "    model = AutoModelForCausalLM.from_pretrained(folders[name], trust_remote_code=True).eval()\n"
+        "    reports[name] = report(model)\n"
+        "print(json.dumps(reports))\n"
+    )
+    reports = run_python(code, tmp_path)
+    for name, family in (("llama", "llama"), ("gpt2", "gpt2"), ("again", "llama")):
+        report = reports[name]
+        assert report["module"].startswith("transformers_modules."), name
+        logits, greedy = expected(models[family])
+        torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
+        assert report["greedy"] == greedy, name
+    assert sorted(p.name for p in again.glob("*.py")) == sorted(p.name for p in folders["llama"].glob("*.py"))
 
 
 @pytest.mark.parametrize("order", ["flash_experts first", "transformers first"])
@@ -90,31 +106,17 @@ def test_plain_package_import_registers_the_auto_classes(tmp_path, order):
     imports = ("import flash_experts, sys\ntorch_early = 'torch' in sys.modules\nimport transformers\n"
                if order == "flash_experts first" else
                "import transformers, sys\nimport flash_experts\ntorch_early = False\n")
-    code = imports + (
+    code = imports + REPORT + (
         "from transformers import AutoModelForCausalLM\n"
         f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
-    ) + REPORT.format(prompt=PROMPT)
+        "print(json.dumps(report(model, torch_early)))\n"
+    )
     report = run_python(code, tmp_path)
     assert report["module"] == "flash_experts.model.llama_moe"
     assert report["torch_early"] is False  # the package root still does not import torch
     logits, greedy = expected(moe)
     torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-6, rtol=1e-6)
     assert report["greedy"] == greedy
-
-
-def test_a_model_loaded_as_remote_code_saves_a_folder_that_loads_again(tmp_path):
-    moe, folder = saved_moe(tmp_path, "llama")
-    code = (
-        "import sys\nsys.modules['flash_experts'] = None\ntorch_early = False\n"
-        "from transformers import AutoModelForCausalLM\n"
-        f"first = AutoModelForCausalLM.from_pretrained({str(folder)!r}, trust_remote_code=True)\n"
-        f"first.save_pretrained({str(tmp_path / 'again')!r})\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'again')!r}, trust_remote_code=True).eval()\n"
-    ) + REPORT.format(prompt=PROMPT)
-    report = run_python(code, tmp_path)
-    logits, greedy = expected(moe)
-    torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-5, rtol=1e-5)
-    assert sorted(p.name for p in (tmp_path / "again").glob("*.py")) == sorted(p.name for p in folder.glob("*.py"))
 
 
 def test_a_source_loaded_from_gguf_leaves_no_quantization_config_in_our_folders(tmp_path):
@@ -129,8 +131,3 @@ def test_a_source_loaded_from_gguf_leaves_no_quantization_config_in_our_folders(
     moe.config.quantization_config = dict(gguf_record)  # as in folders upcycled before the fix
     moe.save_pretrained(tmp_path / "moe")
     assert "quantization_config" not in json.loads((tmp_path / "moe" / "config.json").read_text())
-    code = ("import sys\nsys.modules['flash_experts'] = None\ntorch_early = False\n"
-            "from transformers import AutoModelForCausalLM\n"
-            f"model = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'moe')!r}, trust_remote_code=True).eval()\n"
-            ) + REPORT.format(prompt=PROMPT)
-    assert run_python(code, tmp_path)["module"].startswith("transformers_modules.")

@@ -47,6 +47,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     add_device_arguments(parser)
 
 
+def training_dtype_word(text: str) -> str:
+    """argparse type of a training verb's --dtype: "auto" (run.precision's default) or a precision word."""
+    return "auto" if text == "auto" else dtype_word(text)
+
+
 def dtype_word(text: str) -> str:
     """argparse type of --dtype: the project's precision words (run.precision's), other spellings named."""
     from flash_experts.training.config import OTHER_PRECISION_SPELLINGS, PRECISIONS  # no torch: --help stays instant

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flash_experts.cli.common import training_dtype_word
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -40,6 +42,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--names", type=int, default=20, help="card names to generate at the end")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--dtype", type=training_dtype_word, default="auto", metavar="{auto,fp32,bf16,fp16}",
+                        help="training precision, as run.precision: auto = bf16 autocast where the hardware computes "
+                             "bf16 natively (CUDA, AVX-512 BF16 or AMX CPUs), else fp32; fp16 needs CUDA")
     parser.add_argument("--wandb", choices=("auto", "online", "offline", "off"), default="auto",
                         help="Weights & Biases: auto = online with WANDB_API_KEY, else offline files")
     parser.add_argument("--resume", action="store_true",
@@ -127,7 +132,7 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path)
     eval_batches = math.ceil(val_tokens / args.block_size / args.batch_size) + 1  # every window, not a sample
     evaluations = 2 if args.quick else 4
     cfg = config_from_dict({
-        "run": {"name": "demo", "out_dir": str(run_dir), "seed": args.seed},
+        "run": {"name": "demo", "out_dir": str(run_dir), "seed": args.seed, "precision": args.dtype},
         "model": {"base": base, "attention": "auto", "train": args.train},
         "moe": {"num_experts": args.experts, "num_experts_per_tok": args.top_k, "moe_layers": "every_other",
                 "expert_noise": 0.01},

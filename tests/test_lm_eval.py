@@ -24,7 +24,6 @@ from test_llama_moe import randomize, tiny_llama_config
 from tiny_tokenizer import CORPUS, make_tokenizer
 
 
-
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
 def test_lm_eval_rolling_perplexity_equals_ours(tmp_path):
     tokenizer = make_tokenizer()

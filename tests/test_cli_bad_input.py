@@ -298,6 +298,9 @@ OTHER_VERB_CASES = {
                              "model folder not found"),
     "export output exists": (lambda w: ["export", w["checkpoint"], w["root"] / "notes.txt", "--format", "gguf"],
                              "notes.txt already exists"),
+    "studio run folder without metrics": (lambda w: ["studio", w["model"], "--run", w["root"] / "no_text_files"],
+                                          "no metrics.jsonl there"),
+    "studio port out of range": (lambda w: ["studio", w["model"], "--port", "70000"], "--port must be between"),
     "export unknown format": (lambda w: ["export", w["checkpoint"], w["root"] / "x", "--format", "onnx"],
                               "invalid choice: 'onnx'"),
 }

@@ -24,15 +24,21 @@ from test_llama_moe import randomize, tiny_llama_config
 from tiny_tokenizer import CORPUS, make_tokenizer
 
 
-@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
-def test_lm_eval_rolling_perplexity_equals_ours(tmp_path):
+def saved_moe(folder):
+    """A random-weight Llama MoE with a BOS-bearing tokenizer, saved to `folder`; returns (model, tokenizer)."""
     tokenizer = make_tokenizer()
     torch.manual_seed(0)
     dense = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
                                                eos_token_id=tokenizer.eos_token_id))
     moe = randomize(upcycle(dense, num_experts=4, top_k=2))
-    moe.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    moe.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return moe, tokenizer
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="lm-eval is not installed")
+def test_lm_eval_rolling_perplexity_equals_ours(tmp_path):
+    moe, tokenizer = saved_moe(tmp_path / "model")
     texts = [CORPUS[2] + ", " + CORPUS[5], CORPUS[1] + ". " + CORPUS[4], " ".join(reversed(CORPUS)) * 2]
     task = write_text_task(texts, tmp_path / "task")
     max_length = 48  # the last text is longer: several windows
@@ -65,13 +71,7 @@ def test_evaluate_prefix_bos_scores_every_token_as_rolling_scores_does(tmp_path)
     windows: the same bits per byte, and the lm-eval task folder holds the text as one document."""
     from flash_experts.cli.main import main
 
-    tokenizer = make_tokenizer()
-    torch.manual_seed(0)
-    dense = LlamaForCausalLM(tiny_llama_config(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                                               eos_token_id=tokenizer.eos_token_id))
-    moe = randomize(upcycle(dense, num_experts=4, top_k=2))
-    moe.save_pretrained(tmp_path / "model")
-    tokenizer.save_pretrained(tmp_path / "model")
+    moe, tokenizer = saved_moe(tmp_path / "model")
     text = " ".join(CORPUS) + "\n" + " ".join(reversed(CORPUS))
     (tmp_path / "text.txt").write_text(text)
     argv = ["evaluate", str(tmp_path / "model"), "--text", str(tmp_path / "text.txt"), "--prefix-bos",

@@ -34,6 +34,7 @@ VERB_MODULES = [
     "compare",
     "export",
     "plot",
+    "studio",
 ]
 
 # Errors that are the user's to fix: shown as one line, exit code 2.

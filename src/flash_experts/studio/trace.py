@@ -1,0 +1,117 @@
+"""What the studio page shows, computed from one forward pass: routing, token log-probabilities, attention.
+
+Everything here reads the model as it runs, with hooks and a swapped attention function that exist only
+inside one call; nothing is approximated. The page draws these numbers and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flash_experts.model.moe import MoELayer
+
+
+@dataclass
+class Trace:
+    """One text through one model. T tokens; per MoE layer (in depth order) the router's view of each token."""
+
+    token_ids: list[int]
+    tokens: list[str]  # each token's text (decoded alone)
+    logprobs: list[float | None]  # log p(token t | tokens < t); None for the first token
+    moe_layers: list[int]  # decoder-layer index of each MoE layer
+    experts: list[list[list[int]]]  # [layer][token] -> the top-k experts, best first
+    weights: list[list[list[float]]]  # [layer][token] -> their combine weights
+    probs: list[list[list[float]]]  # [layer][token] -> the router's softmax over all experts
+
+    def as_dict(self) -> dict:
+        return dict(token_ids=self.token_ids, tokens=self.tokens, logprobs=self.logprobs, moe_layers=self.moe_layers,
+                    experts=self.experts, weights=self.weights, probs=self.probs)
+
+
+def moe_layers_of(model: torch.nn.Module) -> list[MoELayer]:
+    return sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_index)
+
+
+@contextlib.contextmanager
+def recording_routers(model: torch.nn.Module) -> Iterator[dict[int, tuple[Tensor, Tensor, Tensor]]]:
+    """Inside the block, every MoE layer's router output of each forward is kept: layer -> (experts_TK,
+    weights_TK, probs_TE), the router's own tensors (its top-k after any renormalisation, its softmax)."""
+    seen: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+    handles = []
+    for layer in moe_layers_of(model):
+        def keep(module, inputs, output, index=layer.layer_index):  # noqa: ANN001 (torch's hook signature)
+            weights_TK, experts_TK, _logits, probs_TE = output
+            seen[index] = (experts_TK.detach(), weights_TK.detach(), probs_TE.detach())
+
+        handles.append(layer.router.register_forward_hook(keep))
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@torch.inference_mode()
+def trace_text(model: torch.nn.Module, tokenizer, token_ids: list[int]) -> Trace:  # noqa: ANN001
+    """Route and score `token_ids` in one forward pass of `model` (any causal LM; dense ones have no layers)."""
+    if not token_ids:
+        raise ValueError("nothing to trace: no tokens")
+    device = next(model.parameters()).device
+    ids = torch.tensor([token_ids], device=device)
+    with recording_routers(model) as seen:
+        logits = model(input_ids=ids).logits[0].float()
+    logprobs_T = F.log_softmax(logits[:-1], dim=-1).gather(-1, ids[0, 1:, None])[:, 0]
+    layers = sorted(seen)
+    return Trace(
+        token_ids=list(token_ids),
+        tokens=[tokenizer.decode([token]) for token in token_ids],
+        logprobs=[None, *logprobs_T.tolist()],
+        moe_layers=layers,
+        experts=[seen[i][0].tolist() for i in layers],
+        weights=[seen[i][1].tolist() for i in layers],
+        probs=[seen[i][2].tolist() for i in layers],
+    )
+
+
+@torch.inference_mode()
+def attention_maps(model: torch.nn.Module, token_ids: list[int]) -> list[Tensor]:
+    """Every layer's attention probabilities for `token_ids`: a list (one per layer) of (H, T, T) float32.
+
+    Our models compute attention through `flash_experts.attention.attention`, which never forms the
+    probabilities; for this one call each model file's `attention` is swapped for a function that records
+    softmax(q k^T * scale) under the same causal and padding masks, then returns the usual output.
+    """
+    from flash_experts.attention import attention as dispatch
+    from flash_experts.attention.contract import visibility_mask
+    from flash_experts.model import gpt2_moe, llama_moe
+
+    maps: list[Tensor] = []
+
+    def recording(q, k, v, causal=True, key_padding_mask=None, implementation="auto", scale=None):  # noqa: ANN001
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
+        allowed = visibility_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed, -math.inf)
+        maps.append(scores.softmax(dim=-1)[0].cpu())
+        return dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask, implementation=implementation,
+                        scale=scale)
+
+    modules = [m for m in (gpt2_moe, llama_moe) if type(model).__module__ == m.__name__]
+    if not modules:
+        raise ValueError(f"attention maps are drawn for this package's models; {type(model).__name__} is not one")
+    device = next(model.parameters()).device
+    saved = modules[0].attention
+    modules[0].attention = recording
+    try:
+        model(input_ids=torch.tensor([token_ids], device=device))
+    finally:
+        modules[0].attention = saved
+    return maps

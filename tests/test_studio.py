@@ -1,0 +1,247 @@
+"""The studio: what the page shows is what the model computes, and bad input never stops the server.
+
+References: the router's softmax recomputed in float64 from the MoE layer's input (captured with a hook of
+this test's own, not the studio's), float64 log-softmax of the model's logits, and HF's own eager attention
+probabilities (`output_attentions=True`) of the dense source model, which an upcycled model at step 0 shares.
+HTTP behaviour through FastAPI's TestClient; the page itself in headless Chromium where it is installed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from transformers import GPT2LMHeadModel, LlamaForCausalLM
+
+from conftest import tiny_gpt2_config
+from flash_experts.model import upcycle
+from flash_experts.model.moe import MoELayer
+from test_llama_moe import randomize, tiny_llama_config
+from test_plots import _synthetic_records, _write_run
+from tiny_tokenizer import make_tokenizer
+
+fastapi = pytest.importorskip("fastapi", reason="the studio extra is not installed (pip install -e '.[studio]')")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from flash_experts.studio.app import Studio, create_app  # noqa: E402
+from flash_experts.studio.trace import attention_maps, trace_text  # noqa: E402
+
+
+def dense_and_moe(family: str, vocab: int):
+    torch.manual_seed(0)
+    if family == "llama":
+        dense = randomize(LlamaForCausalLM(tiny_llama_config(vocab_size=vocab, attn_implementation="eager")))
+    else:
+        dense = randomize(GPT2LMHeadModel(tiny_gpt2_config(vocab_size=vocab, attn_implementation="eager")))
+    moe = upcycle(dense, num_experts=4, top_k=2).eval()
+    return dense.eval(), moe
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_shown_experts_and_probabilities_are_the_routers_own(family):
+    tokenizer = make_tokenizer()
+    _, moe = dense_and_moe(family, len(tokenizer))
+    with torch.no_grad():  # routers that disagree between tokens (fresh upcycled routers are near-uniform)
+        for layer in moe.modules():
+            if isinstance(layer, MoELayer):
+                layer.router.weight.normal_(0, 1.0)
+        for name, param in moe.named_parameters():  # GPT-2's LayerNorm biases would give every token one offset
+            if ".ln_" in name and name.endswith("bias"):
+                param.zero_()
+    ids = tokenizer("Sword of Fire and Ice, Llanowar Elves")["input_ids"]
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, args: inputs.__setitem__(mod.layer_index, args[0].detach()))
+             for m in moe.modules() if isinstance(m, MoELayer)]
+    trace = trace_text(moe, tokenizer, ids)
+    for hook in hooks:
+        hook.remove()
+    layers = {m.layer_index: m for m in moe.modules() if isinstance(m, MoELayer)}
+    assert trace.moe_layers == sorted(layers)
+    for position, index in enumerate(trace.moe_layers):
+        x = inputs[index].reshape(-1, inputs[index].shape[-1]).double()
+        probs = torch.softmax(x @ layers[index].router.weight.double().T, dim=-1)
+        torch.testing.assert_close(torch.tensor(trace.probs[position], dtype=torch.float64), probs, atol=1e-5, rtol=0)
+        shown_top1 = [experts[0] for experts in trace.experts[position]]
+        assert shown_top1 == probs.argmax(-1).tolist()
+        assert len(set(shown_top1)) > 1  # the check above sees real choices, not one expert everywhere
+    with torch.no_grad():
+        logits = moe(torch.tensor([ids])).logits[0].double()
+    expected = torch.log_softmax(logits, -1)[torch.arange(len(ids) - 1), torch.tensor(ids[1:])]
+    assert trace.logprobs[0] is None
+    torch.testing.assert_close(torch.tensor(trace.logprobs[1:], dtype=torch.float64), expected, atol=1e-4, rtol=0)
+    assert "".join(trace.tokens) == tokenizer.decode(ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_attention_maps_equal_hf_eager_attention_of_the_dense_source(family):
+    tokenizer = make_tokenizer()
+    dense, moe = dense_and_moe(family, len(tokenizer))
+    ids = tokenizer("the quick brown fox jumps over the lazy dog")["input_ids"]
+    with torch.no_grad():
+        reference = dense(torch.tensor([ids]), output_attentions=True).attentions  # per layer (1, H, T, T)
+    maps = attention_maps(moe, ids)
+    assert len(maps) == len(reference)
+    for ours, theirs in zip(maps, reference):
+        torch.testing.assert_close(ours, theirs[0].float(), atol=1e-5, rtol=1e-4)
+
+
+# -- the server ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def studio(tmp_path_factory):
+    root = tmp_path_factory.mktemp("studio")
+    tokenizer = make_tokenizer()
+    _, moe = dense_and_moe("llama", len(tokenizer))
+    moe.save_pretrained(root / "moe")
+    tokenizer.save_pretrained(root / "moe")
+    other_tokenizer = make_tokenizer(["a completely different corpus", "of other words entirely"])
+    torch.manual_seed(1)
+    GPT2LMHeadModel(tiny_gpt2_config(vocab_size=len(other_tokenizer))).save_pretrained(root / "other")
+    other_tokenizer.save_pretrained(root / "other")
+    run = _write_run(root / "run", _synthetic_records())
+    state = Studio([str(root / "moe"), str(root / "other"), str(root / "missing")], [str(run)])
+    state.load_all()
+    return state
+
+
+@pytest.fixture(scope="module")
+def client(studio):
+    return TestClient(create_app(studio))
+
+
+def generate(client, **body):
+    response = client.post("/api/generate", json={"model": 0, "prompt": "Sword of", "max_new_tokens": 8, **body})
+    if response.status_code != 200:
+        return response.status_code, response.json()
+    events = [json.loads(line) for line in response.text.splitlines()]
+    return 200, events
+
+
+def test_generate_streams_text_then_the_trace_of_every_token(client, studio):
+    status, events = generate(client, temperature=0, seed=0)
+    assert status == 200 and events[-1]["type"] == "done"
+    done = events[-1]
+    pieces = "".join(e["text"] for e in events if e["type"] == "piece")
+    assert pieces == done["text"]
+    slot = studio.slots[0]
+    ids = slot.tokenizer("Sword of", add_special_tokens=False)["input_ids"]
+    assert done["trace"]["token_ids"][: len(ids)] == ids and done["prompt_tokens"] == len(ids)
+    expected = trace_text(slot.model, slot.tokenizer, done["trace"]["token_ids"])
+    assert done["trace"]["experts"] == expected.experts  # the same forward pass the test recomputes
+    assert done["tokens_per_second"] > 0
+
+
+@pytest.mark.parametrize("body, message", [
+    (dict(model=7), "there is no model 7"),
+    (dict(model=2), "missing is error"),
+    (dict(temperature=-1), "temperature"),
+    (dict(top_p=2), "top_p"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(prompt="Elves " * 400), "longer than"),
+    (dict(card_type="Creature", card_colors="X"), "unknown colour"),
+    (dict(temperature="hot"), "temperature"),
+])
+def test_bad_requests_get_a_message_and_the_server_keeps_serving(client, body, message):
+    status, answer = generate(client, **body)
+    assert status in (400, 422)
+    assert message in json.dumps(answer)
+    assert client.get("/api/state").status_code == 200
+
+
+def test_compare_models_with_different_tokenizers_says_so(client):
+    response = client.post("/api/compare", json={"models": [0, 1], "prompt": "Sword", "max_new_tokens": 4,
+                                                 "temperature": 0})
+    assert response.status_code == 200
+    data = response.json()
+    assert data["comparable"] is False and "different tokenizers" in data["message"]
+    assert [run["model"] for run in data["runs"]] == ["moe", "other"]
+    same = client.post("/api/compare", json={"models": [0, 0], "prompt": "Sword", "max_new_tokens": 4}).json()
+    assert same["comparable"] is True and same["runs"][0]["text"] == same["runs"][1]["text"]  # same seed
+
+
+def test_attention_and_memory_endpoints(client):
+    data = client.post("/api/attention", json={"model": 0, "prompt": "Sword of Fire", "layer": 1}).json()
+    n = len(data["tokens"])
+    assert data["layers"] == 4 and len(data["maps"]) == 4 and len(data["maps"][0]) == n
+    for row in data["maps"][0]:
+        assert sum(row) == pytest.approx(1.0, abs=1e-3)
+    assert client.post("/api/attention", json={"model": 0, "prompt": "x", "layer": 9}).status_code == 400
+    assert client.post("/api/attention", json={"model": 1, "prompt": "x"}).status_code == 400  # HF GPT-2
+    memory = client.post("/api/attention_memory", json={"model": 0, "length": 2048}).json()
+    assert memory["eager"] > memory["flash"]  # eager holds 4 x 2048 x 2048 fp32 scores (64 MiB), flash none
+    assert client.post("/api/attention_memory", json={"model": 0, "length": 10**6}).status_code == 400
+
+
+def test_no_request_reads_files_it_was_not_given(client):
+    assert client.get("/static/app.js").status_code == 200
+    for path in ("/static/../app.py", "/static/%2e%2e%2fapp.py", "/static/index.html", "/api/runs/0/../../x.png",
+                 "/api/runs/5/loss.png", "/api/runs/0/passwd.png"):
+        assert client.get(path).status_code in (400, 404, 422), path
+    png = client.get("/api/runs/0/loss.png")
+    assert png.status_code == 200 and png.content[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# -- the page in a real browser --------------------------------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+HAS_PLAYWRIGHT = importlib.util.find_spec("playwright") is not None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
+                    reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
+def test_page_generates_and_colours_tokens_in_headless_chromium(studio, tmp_path):
+    """Starts `flash-experts studio` on a free port, lets the page generate (autorun) in headless Chromium
+    driven by Playwright, reads the coloured tokens from the DOM (each the expert the server's trace shows),
+    clicks one for its router probabilities, and checks the screenshot is not blank."""
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    folder = studio.slots[0].source
+    server = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "studio", folder, "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(240):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.25)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/?prompt=Sword%20of&autorun=1&temperature=0&max_new_tokens=6")
+            page.wait_for_selector(".tok[data-expert]", timeout=120_000)
+            shown = page.eval_on_selector_all(".tok", "spans => spans.map(s => [Number(s.dataset.id), "
+                                                      "Number(s.dataset.expert), s.style.background])")
+            page.click(".tok[data-token='1']")
+            probabilities = page.inner_text("#gen-probs")
+            page.screenshot(path=str(tmp_path / "page.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    slot = studio.slots[0]
+    prompt = slot.tokenizer("Sword of", add_special_tokens=False)["input_ids"]
+    token_ids = [token for token, _, _ in shown]
+    assert len(token_ids) > len(prompt) and token_ids[: len(prompt)] == prompt
+    trace = trace_text(slot.model, slot.tokenizer, token_ids)  # the router's top-1 of the first MoE layer
+    assert [expert for _, expert, _ in shown] == [experts[0] for experts in trace.experts[0]]
+    assert all(background for _, _, background in shown)  # every token coloured
+    assert "layer" in probabilities and len(probabilities.split()) > 4
+    import matplotlib.image
+
+    pixels = matplotlib.image.imread(tmp_path / "page.png")
+    assert pixels.shape[0] > 100 and pixels.std() > 0.02  # not a blank page

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flash_experts.errors import UserError
 from flash_experts.model.moe import MoELayer
 
 
@@ -62,7 +63,7 @@ def recording_routers(model: torch.nn.Module) -> Iterator[dict[int, tuple[Tensor
 def trace_text(model: torch.nn.Module, tokenizer, token_ids: list[int]) -> Trace:  # noqa: ANN001
     """Route and score `token_ids` in one forward pass of `model` (any causal LM; dense ones have no layers)."""
     if not token_ids:
-        raise ValueError("nothing to trace: no tokens")
+        raise UserError("nothing to trace: no tokens")
     device = next(model.parameters()).device
     ids = torch.tensor([token_ids], device=device)
     with recording_routers(model) as seen:
@@ -106,7 +107,7 @@ def attention_maps(model: torch.nn.Module, token_ids: list[int]) -> list[Tensor]
 
     modules = [m for m in (gpt2_moe, llama_moe) if type(model).__module__ == m.__name__]
     if not modules:
-        raise ValueError(f"attention maps are drawn for this package's models; {type(model).__name__} is not one")
+        raise UserError(f"attention maps are drawn for this package's models; {type(model).__name__} is not one")
     device = next(model.parameters()).device
     saved = modules[0].attention
     modules[0].attention = recording

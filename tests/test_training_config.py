@@ -284,3 +284,17 @@ def test_the_trainers_old_moe_keys_name_their_new_name(old, new):
     assert set(MoEConfig().model_fields()) == set(MOE_DEFAULTS) - {"attention_implementation"}
     with pytest.raises(ValueError, match=f"'moe.{old}' is now 'moe.{new}'"):
         load_config(None, [f"moe.{old}=1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("run.precision=bfloat16", "run.precision='bfloat16' is spelled 'bf16' here"),
+    ("run.precision=Half", "run.precision='Half' is spelled 'fp16' here"),
+    # other choice fields are not precisions: their own choices are named, not a precision word
+    ("run.device=half", "run.device must be one of 'auto', 'cpu', 'cuda', got 'half'"),
+    ("model.train=float32", "model.train must be one of 'all', 'moe', got 'float32'"),
+])
+def test_precision_spellings_are_named_only_for_the_precision_field(override: str, message: str):
+    """Reference: the one precision vocabulary (fp32 | bf16 | fp16, every verb's --dtype words)."""
+    with pytest.raises(UserError) as caught:
+        load_config(None, [override])
+    assert message in str(caught.value)

@@ -44,7 +44,12 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from flash_experts.errors import UserError
-    from flash_experts.evaluation.perplexity import evaluate_perplexity, load_eval_tokens, perplexity_with_routing
+    from flash_experts.evaluation.perplexity import (
+        evaluate_perplexity,
+        load_eval_text,
+        load_eval_tokens,
+        perplexity_with_routing,
+    )
     from flash_experts.evaluation.router_stats import router_stats_table
 
     if args.wikitext is None and args.data is None and args.text is None:
@@ -54,8 +59,9 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--json: the folder for {args.json} does not exist")
     console = Console()
     model, tokenizer = load_for_generation(args.model, args.device, args.dtype, quantize=args.quantize)
-    tokens = load_eval_tokens(tokenizer, wikitext=args.wikitext, data_dir=args.data, split=args.split,
-                              text_file=args.text, max_tokens=args.max_tokens)
+    text = None if args.data is not None else load_eval_text(wikitext=args.wikitext, text_file=args.text)
+    tokens = load_eval_tokens(tokenizer, data_dir=args.data, split=args.split, text=text, max_tokens=args.max_tokens)
+    whole_text = text if args.max_tokens is None else None  # what bits per byte and an lm-eval task are of
     text_tokens = tokens.numel()
     if args.prefix_bos:
         import torch
@@ -72,14 +78,13 @@ def run(args: argparse.Namespace) -> int:
     weights = " (int8 weights)" if args.quantize == "int8" else f" ({args.dtype} weights)" if args.dtype != "fp32" else ""
     console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
     numbers = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **result.as_dict()}
-    text = _evaluated_text(args)
-    text_bytes = None if text is None else len(text.encode("utf-8"))
+    text_bytes = None if whole_text is None else len(whole_text.encode("utf-8"))
     if args.lm_eval_task:
         from flash_experts.evaluation.lm_eval_task import write_text_task
 
-        if text is None:
+        if whole_text is None:
             raise UserError("--lm-eval-task needs the whole text: --text or --wikitext, without --max-tokens")
-        task = write_text_task([text], Path(args.lm_eval_task).expanduser())
+        task = write_text_task([whole_text], Path(args.lm_eval_task).expanduser())
         console.print(f"lm-eval task {task!r} written to {args.lm_eval_task}")
     if text_bytes is not None and result.tokens_scored == text_tokens:  # every token of the text was scored
         import math
@@ -95,14 +100,3 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(numbers, indent=2) + "\n")
     return 0
-
-
-def _evaluated_text(args: argparse.Namespace) -> str | None:
-    """The evaluated text (None for a prepared token split, or when --max-tokens cut it)."""
-    if args.data is not None or args.max_tokens is not None:
-        return None
-    from flash_experts.evaluation.perplexity import read_text_file, wikitext_test_text
-
-    if args.wikitext is not None:
-        return wikitext_test_text(None if args.wikitext is True else args.wikitext)
-    return read_text_file(args.text)

@@ -38,11 +38,11 @@ def run(args: argparse.Namespace) -> int:
 
     from flash_experts.errors import UserError
     from flash_experts.export import export_gguf, export_mixtral
+    from flash_experts.export.common import refuse_existing_output
     from flash_experts.model.loading import load_model, quiet_transformers_progress
 
     out = Path(args.out).expanduser()
-    if out.exists():
-        raise UserError(f"{out} already exists: choose a new output path (export never overwrites)")
+    refuse_existing_output(out)
     if args.format == "mixtral" and args.outtype != "f16":
         raise UserError("--outtype is for --format gguf (a Mixtral folder is written in float32)")
     model, tokenizer = load_model(args.model)

@@ -71,9 +71,8 @@ def rolling_scores(model: torch.nn.Module, tokenizer: Any, texts: list[str], max
     for text in texts:
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         stream = torch.tensor([prefix_token_id(tokenizer), *ids])
-        result = evaluate_perplexity(model, stream, context=max_length + 1, stride=max_length, batch_size=1,
-                                     quiet=True) if len(ids) > max_length else evaluate_perplexity(
-            model, stream, context=len(stream), batch_size=1, quiet=True)
+        context = min(max_length + 1, len(stream))  # a document that fits is one window of its own length
+        result = evaluate_perplexity(model, stream, context=context, stride=context - 1, batch_size=1, quiet=True)
         loglikelihood -= result.nll * result.tokens_scored
         words += len(re.split(r"\s+", text))
         num_bytes += len(text.encode("utf-8"))

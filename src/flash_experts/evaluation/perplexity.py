@@ -347,6 +347,11 @@ def check_data_tokenizer(data_dir: str | Path, tokenizer: Any) -> None:
                         "prepare the data with the model's tokenizer (prepare-data --tokenizer)")
 
 
+def load_eval_text(wikitext: str | Path | bool | None = None, text_file: str | Path | None = None) -> str:
+    """The evaluation text: WikiText-2 test (a path, or True to find it) or a text file."""
+    return wikitext_test_text(None if wikitext is True else wikitext) if wikitext is not None else read_text_file(text_file)
+
+
 def load_eval_tokens(
     tokenizer: Any,
     *,
@@ -354,11 +359,13 @@ def load_eval_tokens(
     data_dir: str | Path | None = None,
     split: str = "val",
     text_file: str | Path | None = None,
+    text: str | None = None,
     max_tokens: int | None = None,
 ) -> torch.Tensor:
     """The evaluation stream from exactly one source: WikiText-2 test (a path, or True to find it), a
-    prepared data split, or a text file."""
-    chosen = [name for name, value in (("wikitext", wikitext), ("data", data_dir), ("text", text_file)) if value is not None]
+    prepared data split, a text file, or a text already read (`load_eval_text`)."""
+    sources = (("wikitext", wikitext), ("data", data_dir), ("text", text_file), ("text already read", text))
+    chosen = [name for name, value in sources if value is not None]
     if len(chosen) != 1:
         raise UserError(f"choose exactly one evaluation source (WikiText-2 file, data folder or text file), got {chosen or 'none'}")
     if data_dir is not None:
@@ -369,7 +376,8 @@ def load_eval_tokens(
             raise UserError(f"data folder not found: {data_dir}")
         check_data_tokenizer(data_dir, tokenizer)
         return as_token_tensor(load_split(data_dir, split), max_tokens)
-    text = wikitext_test_text(None if wikitext is True else wikitext) if wikitext is not None else read_text_file(text_file)
+    if text is None:
+        text = load_eval_text(wikitext, text_file)
     if max_tokens is not None:
         # Tokenising 1 MB to keep 500 tokens is wasteful; ~4 characters per token on average, with margin.
         text = text[: max(64, max_tokens * 16)]

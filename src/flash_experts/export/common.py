@@ -105,6 +105,12 @@ def expert_tensors(model: PreTrainedModel) -> Iterator[LayerExperts]:
             )
 
 
+def refuse_existing_output(out: Path) -> None:
+    """Export never overwrites: a UserError when `out` exists (callers check early, before loading a model)."""
+    if Path(out).exists():
+        raise UserError(f"{out} already exists: choose a new output path (export never overwrites)")
+
+
 @contextlib.contextmanager
 def fresh_output(out: Path, is_folder: bool) -> Iterator[Path]:
     """Yield a temporary path beside `out` to write into; it becomes `out` only if the block completes.
@@ -113,8 +119,7 @@ def fresh_output(out: Path, is_folder: bool) -> Iterator[Path]:
     export leaves nothing behind.
     """
     out = Path(out)
-    if out.exists():
-        raise UserError(f"{out} already exists: choose a new output path (export never overwrites)")
+    refuse_existing_output(out)
     if not out.parent.is_dir():
         raise UserError(f"output folder {out.parent} does not exist")
     partial = out.with_name(f".{out.name}.partial-{os.getpid()}")

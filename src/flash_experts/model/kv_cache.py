@@ -90,7 +90,6 @@ class KVCache(Cache):
                  dtype: torch.dtype, device: torch.device | str):
         shape = (batch_size, num_kv_heads, max_length, head_dim)
         super().__init__(layers=[StaticKVLayer(shape, dtype, device) for _ in range(num_layers)])
-        self.max_length = max_length
 
     def update(self, key: Tensor, value: Tensor, layer_idx: int, *args, **kwargs) -> tuple[Tensor, Tensor]:
         """Append (B, Hkv, T, Dh) keys/values of one layer; return that layer's whole cached (B, Hkv, L, Dh)."""

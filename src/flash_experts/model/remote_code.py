@@ -33,12 +33,19 @@ def flat_name(module: str) -> str:
     return "_".join(parts[1:])
 
 
-def _source_file(module: str) -> Path:
+def _find_source(module: str) -> Path | None:
     relative = Path(*module.split(".")[1:])
     for candidate in (_PACKAGE_ROOT / relative.with_suffix(".py"), _PACKAGE_ROOT / relative / "__init__.py"):
         if candidate.is_file():
             return candidate
-    raise UserError(f"source of {module} not found under {_PACKAGE_ROOT}")
+    return None
+
+
+def _source_file(module: str) -> Path:
+    source = _find_source(module)
+    if source is None:
+        raise UserError(f"source of {module} not found under {_PACKAGE_ROOT}")
+    return source
 
 
 def _imported_modules(file: Path) -> set[str]:
@@ -53,11 +60,7 @@ def _imported_modules(file: Path) -> set[str]:
                 raise UserError(f"{file}: import from a module of {PACKAGE}, not from the package root")
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
-                try:
-                    _source_file(submodule)
-                    found.add(submodule)
-                except UserError:
-                    found.add(node.module)
+                found.add(submodule if _find_source(submodule) is not None else node.module)
     return found
 
 

@@ -136,9 +136,8 @@ def model_info(model, tokenizer) -> dict:  # noqa: ANN001
         "moe_layers": [layer.layer_index for layer in layers],
         "num_experts": layers[0].num_experts if layers else 0, "top_k": layers[0].top_k if layers else 0,
         "max_positions": model_max_positions(model), "vocab": len(tokenizer),
-        "heads": getattr(config, "num_attention_heads", getattr(config, "n_head", None)),
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // getattr(
-            config, "num_attention_heads", getattr(config, "n_head", 1)),
+        "heads": config.num_attention_heads,  # GPT-2 configs map these names onto n_head / n_embd
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
         "attention_maps": type(model).__module__.startswith("flash_experts."),
     }
 
@@ -154,10 +153,11 @@ def sampling_config(request: Sampling):
 
 
 def prompt_ids(slot: ModelSlot, prompt: str, max_new_tokens: int = 0) -> list[int]:
+    from flash_experts.evaluation.lm_eval_task import prefix_token_id
+
     ids = slot.tokenizer(prompt, add_special_tokens=False)["input_ids"] if prompt else []
     if not ids:  # an empty prompt starts from the tokenizer's BOS (else EOS), as generation does
-        start = slot.tokenizer.bos_token_id if slot.tokenizer.bos_token_id is not None else slot.tokenizer.eos_token_id
-        ids = [start]
+        ids = [prefix_token_id(slot.tokenizer)]
     limit = slot.info["max_positions"]
     if limit is not None and len(ids) + max_new_tokens > limit:
         raise UserError(f"the prompt ({len(ids)} tokens) plus {max_new_tokens} new tokens is longer than "
@@ -165,12 +165,12 @@ def prompt_ids(slot: ModelSlot, prompt: str, max_new_tokens: int = 0) -> list[in
     return ids
 
 
-def generate_and_trace(studio: Studio, slot: ModelSlot, prompt: str, request: Sampling, on_piece=None) -> dict:  # noqa: ANN001
-    """Generate (streaming pieces of text to `on_piece`), then trace prompt + generated tokens in one forward."""
+def generate_and_trace(studio: Studio, slot: ModelSlot, ids: list[int], config, request: Sampling,  # noqa: ANN001
+                       on_piece=None) -> dict:  # noqa: ANN001
+    """Generate from the checked prompt `ids` with the checked sampling `config` (streaming pieces of text to
+    `on_piece`), then trace prompt + generated tokens in one forward."""
     from flash_experts.generation.generate import generate
 
-    config = sampling_config(request)
-    ids = prompt_ids(slot, prompt, request.max_new_tokens)
     with studio.lock:
         start = time.perf_counter()
         result = generate(slot.model, slot.tokenizer, torch.tensor([ids]), config, request.max_new_tokens,
@@ -218,12 +218,12 @@ def create_app(studio: Studio) -> FastAPI:
             from flash_experts.mtg.cards import conditioning_prefix
 
             prompt = conditioning_prefix(request.card_type, request.card_colors or None)
-        sampling_config(request), prompt_ids(slot, prompt, request.max_new_tokens)  # errors before streaming
+        config, ids = sampling_config(request), prompt_ids(slot, prompt, request.max_new_tokens)  # before streaming
         events: queue.Queue = queue.Queue()
 
         def work() -> None:
             try:
-                done = generate_and_trace(studio, slot, prompt, request,
+                done = generate_and_trace(studio, slot, ids, config, request,
                                           on_piece=lambda piece: events.put({"type": "piece", "text": piece}))
                 events.put({"type": "done", **done})
             except Exception as error:  # noqa: BLE001
@@ -243,7 +243,9 @@ def create_app(studio: Studio) -> FastAPI:
         if len(request.models) != 2:
             raise UserError("compare takes two models")
         slots = [studio.slot(i) for i in request.models]
-        runs = [generate_and_trace(studio, slot, request.prompt, request) for slot in slots]
+        config = sampling_config(request)
+        prompts = [prompt_ids(slot, request.prompt, request.max_new_tokens) for slot in slots]  # both checked first
+        runs = [generate_and_trace(studio, slot, ids, config, request) for slot, ids in zip(slots, prompts)]
         same_vocabulary = slots[0].tokenizer.get_vocab() == slots[1].tokenizer.get_vocab()
         message = None if same_vocabulary else (
             f"{slots[0].name} and {slots[1].name} use different tokenizers: their texts are shown, but tokens, "

@@ -387,7 +387,8 @@ def _coerce(value: Any, annotation: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
     if origin is Literal:
-        if isinstance(value, str) and value.lower() in OTHER_PRECISION_SPELLINGS and value.lower() not in args:
+        is_precision = set(PRECISIONS) <= set(args)  # run.precision's choices; other Literal fields keep theirs
+        if is_precision and isinstance(value, str) and value.lower() in OTHER_PRECISION_SPELLINGS:
             raise ConfigError(f"{where}={value!r} is spelled {OTHER_PRECISION_SPELLINGS[value.lower()]!r} here "
                               f"(the words of every verb's --dtype: {', '.join(PRECISIONS)})")
         if isinstance(value, bool) and ("on" if value else "off") in args:

@@ -43,6 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker, time_call  # noqa: E402
+from flash_experts.training.equal_compute import training_step  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ data
 
@@ -111,21 +112,6 @@ def adamw(model, lr: float, weight_decay: float = 0.01) -> torch.optim.Optimizer
         return torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
 
 
-def make_step(model, optimizer, dtype: torch.dtype):
-    """One training step on `ids` (B, T): forward, loss, backward, optimizer update. Returns the lm loss
-    (a float: on CUDA that waits for the step, so timing the call times the step)."""
-    def step(ids: torch.Tensor) -> float:
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()  # ours: lm loss + weighted router losses (the training objective)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        lm = getattr(out, "lm_loss", None)
-        return float((lm if lm is not None else out.loss).detach())
-    return step
-
-
 @torch.no_grad()
 def validation_losses(model, val_batches: list[torch.Tensor]) -> torch.Tensor:
     model.eval()
@@ -162,7 +148,7 @@ def memory_worker(name: str, precision: str, args) -> dict:
     peak RSS on CPU (run in a fresh process), torch.cuda.max_memory_allocated on CUDA."""
     model = speed_model(name, args)
     ids = batches(torch.randint(0, 50257, (100_000,)), args.batch, args.seq, 1, seed=1)[0].to(args.device)
-    step = make_step(model, adamw(model, lr=1e-4), PRECISIONS[precision])
+    step = training_step(model, adamw(model, lr=1e-4), PRECISIONS[precision])
     with peak_memory(args.device) as peak:
         step(ids)
         step(ids)
@@ -210,7 +196,7 @@ def speed(args, stream) -> tuple[str, dict]:
         params[name] = sum(p.numel() for p in model.parameters())
         flops[name] = training_flops_per_token(model, args.seq)
         for precision, dtype in PRECISIONS.items():
-            calls[(name, precision)] = (lambda step: lambda: step(ids))(make_step(model, optimizer, dtype))
+            calls[(name, precision)] = (lambda step: lambda: step(ids))(training_step(model, optimizer, dtype))
     median = interleaved_medians(calls, rounds=args.rounds, device=args.device, on_round=lambda r: print(
         f"  round {r + 1}/{args.rounds} done", file=sys.stderr, flush=True))
     peaks = {precision: matmul_peak(args.device, dtype) for precision, dtype in PRECISIONS.items()}
@@ -258,7 +244,7 @@ def quality(args, stream) -> tuple[str, dict]:
         model.train()
         optimizer = adamw(model, lr=args.lr, weight_decay=0.0)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
-        step = make_step(model, optimizer, dtype)
+        step = training_step(model, optimizer, dtype)
         start = time.perf_counter()
         for index, ids in enumerate(train_data):
             train_loss = step(ids)

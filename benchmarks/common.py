@@ -10,10 +10,8 @@ from typing import Callable
 
 import torch
 
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+# One home for side-by-side timing: the library's (the demo's equal-compute plan uses it too).
+from flash_experts.training.equal_compute import interleaved_medians, sync  # noqa: F401
 
 
 def time_call(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeats: int = 5) -> float:
@@ -66,29 +64,6 @@ def markdown_table(header: list[str], rows: list[list[object]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, warmup: int = 1,
-                        device: str = "cpu", on_round: Callable[[int], None] | None = None) -> dict[str, float]:
-    """Median seconds of each call, the contenders taking turns (round r runs every call once).
-
-    On a shared machine the load changes over minutes; taking turns exposes every contender to the same
-    load, so the ratios stay meaningful even when the absolute times drift.
-    """
-    for fn in calls.values():
-        for _ in range(warmup):
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for round_index in range(rounds):
-        for name, fn in calls.items():
-            sync(device)
-            start = time.perf_counter()
-            fn()
-            sync(device)
-            times[name].append(time.perf_counter() - start)
-        if on_round is not None:
-            on_round(round_index)
-    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _status_kib(field: str) -> int:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import time
@@ -31,11 +30,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import make_step  # noqa: E402
-from common import interleaved_medians, machine_description, markdown_table  # noqa: E402
+from common import machine_description, markdown_table  # noqa: E402
+from flash_experts.evaluation.perplexity import split_bits_per_character  # noqa: E402
+from flash_experts.training.equal_compute import measure_step_seconds  # noqa: E402
+from flash_experts.training.plots import plot_validation_vs_compute, validation_curve  # noqa: E402
 
 
 @dataclass
@@ -95,41 +94,9 @@ def run_config(recipe: Recipe, args, data_dir: str, steps: int, out_dir: Path):
 
 
 def step_seconds(all_recipes: list[Recipe], args, data_dir: str, rounds: int) -> dict[str, float]:
-    """Median seconds of one training step per recipe, all recipes interleaved in this process."""
-    from flash_experts.data.tokens import load_meta, load_split
-    from flash_experts.training.config import resolve_precision
-    from flash_experts.training.trainer import build_model, is_moe_parameter, optimizer_groups
-
-    vocab = load_meta(data_dir)["vocab_size"]
-    stream = torch.from_numpy(load_split(data_dir, "train", vocab)[: args.batch_size * args.block_size].astype("int64"))
-    ids = stream.view(args.batch_size, args.block_size)
-    dtype = torch.bfloat16 if resolve_precision(args.precision, "cpu") == "bf16" else torch.float32
-    calls = {}
-    for recipe in all_recipes:
-        cfg = run_config(recipe, args, data_dir, 10, Path("unused"))
-        torch.manual_seed(0)
-        model, _ = build_model(cfg)
-        model.float().train()
-        if recipe.train == "moe":
-            for name, param in model.named_parameters():
-                param.requires_grad_(is_moe_parameter(name))
-        optimizer = torch.optim.AdamW(optimizer_groups(model, 0.1), lr=1e-5, fused=True)
-        calls[recipe.name] = (lambda step: lambda: step(ids))(make_step(model, optimizer, dtype))
-    return interleaved_medians(calls, rounds=rounds)  # one warm-up call each first: allocator, thread pool
-
-
-def test_bits_per_character(model, data_dir: str, test_documents: list[str], block_size: int) -> float:
-    """Bits per character of the test split: the model's summed NLL (nats) over every scored test token,
-    scaled to all test tokens, / ln 2 / characters (each name plus its newline, which the EOS token stands
-    for)."""
-    from flash_experts.data.tokens import load_meta, load_split
-    from flash_experts.evaluation.perplexity import evaluate_perplexity
-
-    tokens = load_split(data_dir, "test", load_meta(data_dir)["vocab_size"])
-    result = evaluate_perplexity(model, tokens, context=block_size, stride=block_size, quiet=True)
-    total_nats = result.nll * len(tokens)
-    characters = sum(len(doc) + 1 for doc in test_documents)
-    return total_nats / math.log(2) / characters
+    """Median seconds of one training step per recipe, all recipes timed in turns in this process."""
+    return measure_step_seconds({r.name: run_config(r, args, data_dir, 10, Path("unused")) for r in all_recipes},
+                                rounds=rounds)
 
 
 def name_metrics(model, tokenizer, reference: list[str], count: int, seed: int) -> dict[str, float]:
@@ -148,36 +115,6 @@ def best_weights(run_dir: Path, result: Any) -> str:
     if result is not None and result.checkpoint:
         return result.checkpoint
     return str(sorted((run_dir / "checkpoints").iterdir())[-1])
-
-
-def val_curve(run_dir: Path, seconds_per_step: float) -> list[tuple[float, float]]:
-    """(training compute in seconds = step x measured step time, validation loss) for every evaluation."""
-    points = []
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "val/loss" in record:
-            points.append((record["step"] * seconds_per_step, record["val/loss"]))
-    return points
-
-
-def plot(curves: dict[str, list[tuple[float, float]]], path: Path, budget: float) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name, points in curves.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, [math.exp(y) for y in ys], marker="o", label=name)
-    ax.set_yscale("log")
-    ax.set_xlabel("training compute on this CPU, seconds (steps x step time measured side by side)")
-    ax.set_ylabel("validation perplexity")
-    ax.set_title(f"MTG card names, SmolLM2-135M base, equal budget {budget:.0f} s")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
 
 
 def main() -> None:
@@ -247,7 +184,7 @@ def main() -> None:
                   "steps": steps, "tokens": result.tokens, "wall_seconds": wall,
                   "val_ppl_start": result.initial_val_ppl, "val_ppl_best": result.best_val_ppl,
                   "best_step": result.best_step, "names": names,
-                  "curve": val_curve(run_dir, seconds[recipe.name])}
+                  "curve": validation_curve(run_dir, seconds[recipe.name])}
         (run_dir / "result.json").write_text(json.dumps(record, indent=1))
         results.append(record)
         print(f"  val ppl {result.initial_val_ppl:.2f} -> {result.best_val_ppl:.2f}; names {names}", flush=True)
@@ -260,7 +197,7 @@ def main() -> None:
             best = min(candidates, key=lambda r: r["val_ppl_best"])
             model, _ = load_model(best_weights(out / best["name"], None))
             model.eval()
-            best["test_bpc"] = test_bits_per_character(model, data_dir, test_documents, args.block_size)
+            best["test_bpc"] = split_bits_per_character(model, data_dir, "test", test_documents, args.block_size)
             chosen[kind] = best
     rows = []
     for r in results:
@@ -286,8 +223,9 @@ def main() -> None:
     (out / "table.md").write_text(text)
     (out / "results.json").write_text(json.dumps(results, indent=1))
     if chosen:
-        plot({f"{kind}: {r['name']}": r["curve"] for kind, r in chosen.items()}, out / "val_loss_vs_compute.png",
-             args.budget)
+        plot_validation_vs_compute({f"{kind}: {r['name']}": r["curve"] for kind, r in chosen.items()},
+                                   out / "val_loss_vs_compute.png",
+                                   f"MTG card names, {args.base} base, equal budget {args.budget:.0f} s")
 
 
 if __name__ == "__main__":

@@ -1,33 +1,100 @@
-"""The main job end to end (`flash-experts demo --quick`) on the offline SmolLM2 base: slow, run with -m slow.
+"""The main job (`flash-experts demo`): the dense model and its upcycled MoE at equal compute, side by side.
 
-Reference: the pipeline's own contract — validation perplexity is measured before the first step (the
-dense base, which the upcycled model equals) and must fall after fine-tuning; the names are real strings.
+References: the upcycling contract (exact copies: at step 0 the MoE's validation perplexity is the dense
+model's, measured on the dense model), the equal-compute plan (steps = budget / the measured step time of
+each model), the CLI contract (one `error:` line, exit 2, nothing written for bad arguments) and the rule
+that saved work is never lost. The end-to-end run uses a tiny random GPT-2 with the real GPT-2 tokenizer
+(offline BPE files) on the real MTG names; the real SmolLM2 base runs behind -m slow.
 """
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
 import pytest
 
 from flash_experts.cli.main import main
 
 
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A random 2-layer GPT-2 with the real GPT-2 tokenizer saved beside it (what a hub `gpt2` folder holds)."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flash_experts.data.tokenizer import load_tokenizer
+    from flash_experts.errors import UserError
+
+    try:
+        tokenizer = load_tokenizer()
+    except UserError as error:
+        pytest.skip(f"the GPT-2 tokenizer files are not installed offline: {error}")
+    torch.manual_seed(0)
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
+                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    folder = tmp_path_factory.mktemp("tiny_base")
+    GPT2LMHeadModel(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def summary_row(out: str, label: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.strip().startswith(label))
+    return re.split(r"\s{2,}", line.strip())[1:]
+
+
+def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base, tmp_path, capsys):
+    out_dir = tmp_path / "demo"
+    argv = ["demo", "--base", str(tiny_base), "--out", str(out_dir), "--budget", "1", "--names", "20",
+            "--block-size", "32", "--wandb", "off"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+
+    plan = json.loads((out_dir / "plan.json").read_text())
+    for name in ("dense", "moe"):
+        assert plan["steps"][name] == max(1, int(1 / plan["seconds_per_step"][name]))
+    dense_steps, moe_steps = (int(cell.split()[0]) for cell in summary_row(out, "steps (cost of a step)"))
+    assert (dense_steps, moe_steps) == (plan["steps"]["dense"], plan["steps"]["moe"])
+
+    # Exact copies: the upcycled model at step 0 is the dense model (each measured on its own model).
+    dense0, moe0 = map(float, summary_row(out, "val perplexity, step 0"))
+    assert moe0 == pytest.approx(dense0, rel=1e-4)
+    for cell in summary_row(out, "test bits per character"):
+        assert 0 < float(cell) < 20
+    assert [cell.endswith("of 20") for cell in summary_row(out, "names valid/unique/novel")] == [True, True]
+    assert re.search(r"MoE / dense validation perplexity \d+\.\d{3}", out)
+    assert (out_dir / "val_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out_dir / "dense" / "best").is_dir() and (out_dir / "moe" / "best").is_dir()
+
+    # --resume keeps the plan it was started with (the steps are not measured again).
+    assert main([*argv, "--resume"]) == 0
+    again = capsys.readouterr().out
+    assert "the plan of the earlier run" in again
+    assert summary_row(again, "steps (cost of a step)")[0].split()[0] == str(dense_steps)
+
+
 @pytest.mark.slow
-def test_demo_quick_improves_validation_perplexity(tmp_path, capsys, monkeypatch):
+def test_demo_quick_on_smollm2(tmp_path, capsys, monkeypatch):
+    """The real offline base: both runs improve on the base's validation perplexity."""
     pytest.importorskip("gguf", reason="the offline SmolLM2 base needs gguf")
     monkeypatch.setenv("WANDB_MODE", "offline")
     assert main(["demo", "--quick", "--base", "smollm2", "--out", str(tmp_path / "demo"), "--wandb", "off"]) == 0
     out = capsys.readouterr().out
-    before, after = map(float, re.search(r"before ([\d.]+) -> after ([\d.]+)", out).groups())
-    assert after < before
+    start = [float(c) for c in summary_row(out, "val perplexity, step 0")]
+    best = [float(c.split()[0]) for c in summary_row(out, "val perplexity, best")]
+    assert best[0] < start[0] and best[1] < start[1]
     assert len(re.findall(r"^    (new |real)  \S", out, flags=re.M)) >= 1
 
 
 @pytest.mark.parametrize(("argv", "expected"), [
-    (["--steps", "0"], "error: --steps must be >= 1"),
+    (["--budget", "0"], "error: --budget must be a number of seconds > 0"),
+    (["--budget", "nan"], "error: --budget must be a number of seconds > 0"),
+    (["--experts", "1", "--top-k", "1"], "error: --experts must be >= 2"),
     (["--top-k", "5", "--experts", "4"], "error: --top-k (5) cannot exceed --experts (4)"),
     (["--lr", "-1"], "error: --lr must be > 0"),
+    (["--names", "0"], "error: --names must be >= 1"),
     (["--base", "/nonexistent/model"], "error: model folder not found"),
 ])
 def test_demo_bad_arguments_are_one_error_line(argv, expected, tmp_path, capsys):
@@ -38,11 +105,21 @@ def test_demo_bad_arguments_are_one_error_line(argv, expected, tmp_path, capsys)
     assert not (tmp_path / "demo").exists()
 
 
-def test_demo_refuses_to_overwrite_an_earlier_run(tmp_path, capsys):
-    """Reference: the rule that saved work is never lost — an existing run folder is left untouched."""
-    run = tmp_path / "demo" / "run"
+@pytest.mark.parametrize("earlier", ["dense", "moe", "run"])
+def test_demo_refuses_to_overwrite_an_earlier_run(earlier, tmp_path, capsys):
+    """Reference: the rule that saved work is never lost — an existing run folder (this layout's, or the
+    single `run` folder of the demo before the dense baseline) is left untouched."""
+    run = tmp_path / "demo" / earlier
     run.mkdir(parents=True)
     (run / "keep.txt").write_text("earlier run")
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (run / "keep.txt").read_text() == "earlier run"
+
+
+def test_demo_refuses_a_corrupt_plan_on_resume(tmp_path, tiny_base, capsys):
+    (tmp_path / "demo").mkdir()
+    (tmp_path / "demo" / "plan.json").write_text("{not json")
+    assert main(["demo", "--base", str(tiny_base), "--out", str(tmp_path / "demo"), "--resume", "--wandb", "off"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not a demo plan" in err[0]

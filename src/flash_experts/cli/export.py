@@ -1,7 +1,7 @@
 """`flash-experts export MODEL OUT --format mixtral|gguf`: our MoE model in a format other tools load.
 
-    flash-experts export runs/demo/run/best models/demo-mixtral --format mixtral
-    flash-experts export runs/demo/run/best models/demo.gguf --format gguf --outtype q8_0
+    flash-experts export runs/demo/moe/best models/demo-mixtral --format mixtral
+    flash-experts export runs/demo/moe/best models/demo.gguf --format gguf --outtype q8_0
 
 mixtral: a vanilla transformers `MixtralForCausalLM` folder (no remote code); layers that stayed dense become
 identical experts, which compute the same function. gguf: one file for llama.cpp (its `llama` architecture

@@ -1,6 +1,6 @@
 """`flash-experts studio MODEL [MODEL ...]`: a local page that shows the experts and the attention at work.
 
-    flash-experts studio runs/demo/run/best smollm2 --run runs/demo/run
+    flash-experts studio runs/demo/moe/best smollm2 --run runs/demo/moe
     # then open http://127.0.0.1:7860/
 
 Generate (tokens coloured by the expert their router chose, router probabilities on click, tokens x layers

@@ -259,6 +259,33 @@ def perplexity_with_routing(
     return result, routing
 
 
+def bits_per_character(model: torch.nn.Module, tokens: Any, characters: int, *, context: int,
+                       start_token_id: int, batch_size: int = 4) -> float:
+    """Bits per character of the text `tokens` encode, every token scored: the stream is preceded by
+    `start_token_id` (the separator the model saw before every document in training, so the first token is
+    predicted too) and windows overlap by one token, so no window's first token goes unscored. Summed NLL
+    (nats) / ln 2 / `characters`: comparable across tokenizers, unlike perplexity."""
+    if characters < 1:
+        raise UserError(f"bits per character needs at least one character, got {characters}")
+    stream = torch.cat([torch.tensor([start_token_id]), as_token_tensor(tokens)])
+    context = max(2, context)
+    result = evaluate_perplexity(model, stream, context=context, stride=context - 1, batch_size=batch_size,
+                                 quiet=True)
+    return result.nll * result.tokens_scored / math.log(2) / characters
+
+
+def split_bits_per_character(model: torch.nn.Module, data_dir: str | Path, split: str, documents: Sequence[str],
+                             context: int) -> float:
+    """`bits_per_character` of a prepared data folder's split, whose `documents` each count their characters
+    plus one for the newline the EOS after each stands for."""
+    from flash_experts.data.tokens import load_meta, load_split
+
+    meta = load_meta(data_dir)
+    tokens = load_split(data_dir, split, model_vocab_size(model))
+    return bits_per_character(model, np.asarray(tokens, dtype=np.int64), sum(len(doc) + 1 for doc in documents),
+                              context=context, start_token_id=int(meta["eos_token_id"]))
+
+
 def _batches_of_equal_length(windows: Sequence[Window], batch_size: int) -> list[list[Window]]:
     """Consecutive windows grouped by length (only the last window can be shorter), so no padding is needed."""
     batches: list[list[Window]] = []

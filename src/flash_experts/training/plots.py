@@ -239,3 +239,37 @@ def _plot_expert_load_time(records: list[dict[str, Any]], plt: Any) -> Any:
     figure.suptitle("expert load over training")
     figure.tight_layout(rect=(0, 0, 0.9, 1))
     return figure
+
+
+# ------------------------------------------------------------------------------ runs side by side, equal compute
+
+
+def validation_curve(run_dir: str | Path, seconds_per_step: float) -> list[tuple[float, float]]:
+    """(training compute in seconds = step x the run's measured step time, validation loss) for each
+    evaluation of the run, step 0 included."""
+    steps, losses = series(read_metrics(run_dir), "val/loss")
+    return [(float(step) * seconds_per_step, float(loss)) for step, loss in zip(steps, losses)]
+
+
+def plot_validation_vs_compute(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str) -> Path:
+    """One line per run: validation perplexity (log scale) against training compute on this machine."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for name, points in curves.items():
+        if points:
+            xs, ys = zip(*points)
+            ax.plot(xs, [math.exp(min(y, 700.0)) for y in ys], marker="o", label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training compute on this machine, seconds (steps x step time measured side by side)")
+    ax.set_ylabel("validation perplexity")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

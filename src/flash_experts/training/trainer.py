@@ -173,6 +173,28 @@ def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float 
             for key in order if key in groups or not key[0]]
 
 
+def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str) -> tuple[list[nn.Parameter], Any]:
+    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, and build its AdamW.
+
+    The trainer's own setup, shared with the step timing of training/equal_compute.py so that a timed step is
+    the trained step. Returns the trainable parameters and the optimizer."""
+    model.to(device=device, dtype=torch.float32)  # fp32 master weights, whatever the base was stored in
+    if cfg.model.train == "moe":
+        for name, param in model.named_parameters():
+            param.requires_grad_(is_moe_parameter(name))
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
+    # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
+    # dozen per step, several times faster on CPU.
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
+                         else cfg.optim.rewarm_peak / cfg.optim.lr), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+        eps=cfg.optim.eps, fused=True,
+    )
+    return params, optimizer
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -277,21 +299,8 @@ class Trainer:
         self.tokens_per_step = self.train_batches.global_batch * cfg.data.block_size
 
         # -- trainable parameters and optimizer
-        model.to(device=self.device, dtype=torch.float32)  # fp32 master weights, whatever the base was stored in
-        if cfg.model.train == "moe":
-            for name, param in model.named_parameters():
-                param.requires_grad_(is_moe_parameter(name))
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        if not self.params:
-            raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
+        self.params, self.optimizer = prepare_for_training(model, cfg, self.device)
         self.raw_model = model
-        # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
-        # dozen per step, several times faster on CPU.
-        self.optimizer = torch.optim.AdamW(
-            optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
-                             else cfg.optim.rewarm_peak / cfg.optim.lr), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-            eps=cfg.optim.eps, fused=True,
-        )
         self._fresh_lr_scales = [group["lr_scale"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)

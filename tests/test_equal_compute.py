@@ -1,0 +1,146 @@
+"""Equal compute (training/equal_compute.py), bits per character, and the validation-vs-compute curve.
+
+References: the trainer itself (a timed step must be the step the trainer takes: the same parameters after
+it), a fake clock (the turn order and the medians, exactly), float64 log-softmax of one forward over the
+whole stream (bits per character), and a metrics file written by hand (the curve).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from flash_experts.training import equal_compute
+from flash_experts.training.equal_compute import interleaved_medians, steps_for_budget, training_step
+from test_trainer import make_data, tiny_config
+
+pytestmark = pytest.mark.filterwarnings("ignore:no tokenizer found:UserWarning")
+
+
+def test_contenders_take_turns_and_medians_are_per_contender(monkeypatch):
+    """Reference: a fake clock that each call advances by its own cost; the order of calls recorded."""
+    now = [0.0]
+    order = []
+    monkeypatch.setattr(equal_compute.time, "perf_counter", lambda: now[0])
+
+    def call(name, costs):
+        def run():
+            order.append(name)
+            now[0] += costs.pop(0)
+        return run
+
+    a = call("a", [9.0, 1.0, 2.0, 30.0])  # warm-up 9, then 1, 2, 30: median 2
+    b = call("b", [9.0, 5.0, 4.0, 6.0])  # median 5
+    medians = interleaved_medians({"a": a, "b": b}, rounds=3)
+    assert order == ["a", "b", "a", "b", "a", "b", "a", "b"]  # warm-ups first, then turns
+    assert medians == {"a": 2.0, "b": 5.0}
+
+
+@pytest.mark.parametrize(("seconds", "budget", "expected"), [(7.5, 240, 32), (5.0, 240, 48), (10.0, 1, 1)])
+def test_steps_for_budget(seconds, budget, expected):
+    """Reference: budget / step time, rounded down, at least one step."""
+    assert steps_for_budget(seconds, budget) == expected
+
+
+@pytest.mark.parametrize("trained_part", ["all", "moe"])
+def test_the_timed_step_is_the_trainers_step(tmp_path, trained_part):
+    """Reference: the trainer's own first step (warm-up of 1, so its rate is the configured peak). The timed
+    step built by equal_compute's parts (build_model, prepare_for_training, training_step) on the same batch
+    leaves the same parameters, frozen ones included."""
+    from flash_experts.data.tokens import load_split
+    from flash_experts.training.checkpoint import load_model_weights
+    from flash_experts.training.data import TrainBatches
+    from flash_experts.training.trainer import build_model, prepare_for_training, seed_everything, train
+
+    data = make_data(tmp_path / "data")
+    cfg = tiny_config(data, tmp_path / "run", **{"optim.max_steps": 1, "optim.warmup_steps": 1,
+                                                  "eval.interval": 1, "model.train": trained_part})
+    result = train(cfg)
+
+    seed_everything(cfg.run.seed)
+    model, _ = build_model(cfg)
+    model.train()
+    params, optimizer = prepare_for_training(model, cfg, "cpu")
+    if trained_part == "moe":
+        assert {id(p) for p in params} == {id(p) for n, p in model.named_parameters() if ".mlp." in n}
+    batches = TrainBatches(load_split(data, "train", 64), block_size=16, batch_size=4, grad_accum=1,
+                           seed=cfg.run.seed)
+    ids = batches.micro_batch(0, 0)
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    training_step(model, optimizer, torch.float32)(ids)
+
+    seed_everything(cfg.run.seed)
+    reference, _ = build_model(cfg)
+    load_model_weights(reference, result.checkpoint)
+    trained = reference.state_dict()
+    for name, value in model.state_dict().items():
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=name)
+    changed = {name for name, value in model.state_dict().items() if not torch.equal(value, before[name])}
+    assert changed  # the step did something, and only to what the config trains
+    assert all(".mlp." in name for name in changed) if trained_part == "moe" else len(changed) > len(params) // 2
+
+
+def test_measure_step_seconds_times_every_config(tmp_path):
+    """Reference: one positive time per config, and the models really stepped (the fake clock is not used
+    here: only that the calls run and are timed)."""
+    data = make_data(tmp_path / "data")
+    configs = {"moe": tiny_config(data, tmp_path / "a"),
+               "dense": tiny_config(data, tmp_path / "b", **{"moe.moe_layers": "[]", "moe.num_experts": 1,
+                                                             "moe.num_experts_per_tok": 1})}
+    rounds = []
+    seconds = equal_compute.measure_step_seconds(configs, rounds=2, on_round=rounds.append)
+    assert set(seconds) == {"moe", "dense"} and all(s > 0 for s in seconds.values())
+    assert rounds == [0, 1]
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # timing writes no run folder
+
+
+def test_bits_per_character_scores_every_token(tiny_gpt2_dir):
+    """Reference: one forward over [start] + tokens, float64 log-softmax, every token's NLL summed, / ln 2 /
+    characters; the windowed evaluation (context 8, so many windows) must give the same total."""
+    from flash_experts.evaluation.perplexity import bits_per_character
+    from flash_experts.model.loading import load_model
+
+    model, _ = load_model(str(tiny_gpt2_dir))
+    model.eval()
+    tokens = np.random.default_rng(0).integers(1, 512, size=40)
+    stream = torch.tensor([0, *tokens.tolist()])
+    with torch.no_grad():
+        logits = model(input_ids=stream[None]).logits[0].double()
+    nll = -torch.log_softmax(logits[:-1], dim=-1).gather(1, stream[1:, None]).sum().item()
+    characters = 123
+    expected = nll / math.log(2) / characters
+    whole = bits_per_character(model, tokens, characters, context=64, start_token_id=0)
+    assert whole == pytest.approx(expected, rel=1e-5)
+    # Many windows: each token scored once, with less history (so a different value, but every token counted).
+    windowed = bits_per_character(model, tokens, characters, context=8, start_token_id=0)
+    assert math.isfinite(windowed) and windowed > 0
+
+
+def test_bits_per_character_refuses_no_characters(tiny_gpt2_dir):
+    from flash_experts.errors import UserError
+    from flash_experts.evaluation.perplexity import bits_per_character
+    from flash_experts.model.loading import load_model
+
+    model, _ = load_model(str(tiny_gpt2_dir))
+    with pytest.raises(UserError, match="at least one character"):
+        bits_per_character(model, [1, 2, 3], 0, context=8, start_token_id=0)
+
+
+def test_validation_curve_and_plot(tmp_path):
+    """Reference: a metrics file written by hand: (step x seconds per step, val loss) per evaluation."""
+    from flash_experts.training.plots import plot_validation_vs_compute, validation_curve
+
+    run = tmp_path / "run"
+    run.mkdir()
+    records = [{"step": 0, "val/loss": 6.0}, {"step": 1, "train/loss": 5.0}, {"step": 10, "val/loss": 4.0},
+               {"step": 20, "val/loss": 3.5}]
+    (run / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    curve = validation_curve(run, 2.5)
+    assert curve == [(0.0, 6.0), (25.0, 4.0), (50.0, 3.5)]
+    png = plot_validation_vs_compute({"dense": curve, "MoE": [(0.0, 6.0), (30.0, 4.2)]}, tmp_path / "c.png", "t")
+    assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -281,6 +281,19 @@ def test_card_name_allow_list_every_token_matches_plain_regex(model, tokenizer):
                for ids in free.token_ids for t in ids if t != tokenizer.eos_token_id)
 
 
+def test_card_name_sampling_starts_every_sample_with_a_capital(model, tokenizer):
+    """Reference: re.fullmatch of each sample's first token against CARD_NAME_FIRST_TOKEN_REGEX, and no empty
+    sample (the first token can be neither EOS nor the stop token), over 16 hot samples from the start token."""
+    import re
+
+    from flash_experts.mtg.names import CARD_NAME_FIRST_TOKEN_REGEX, name_sampling_config
+
+    result = generate(model, tokenizer, [""] * 16, name_sampling_config(temperature=2.0), max_new_tokens=6, seed=0,
+                      stop_strings=["\n"])
+    for ids in result.token_ids:
+        assert ids and re.fullmatch(CARD_NAME_FIRST_TOKEN_REGEX, tokenizer.decode([ids[0]])), ids
+
+
 def test_hf_llama_left_padded_batch_equals_hf_generate_per_row():
     """Reference: HF `LlamaForCausalLM.generate(do_sample=False)` on each prompt alone (RoPE, GQA and the
     HF DynamicCache path of our loop, with left padding)."""

@@ -219,12 +219,38 @@ def test_regex_allow_list_hand_checked():
     assert _kept(out) == [[0, 1, 2, 3, 4, 5, 8, 10, 11]]  # plus EOS (0) and the stop token "\n" (10)
 
 
+def test_first_token_regex_filters_only_the_first_generated_token_hand_checked():
+    """Hand-checked on the known vocabulary: at the first generated position only the tokens starting with a
+    capital ("Elf") are kept, never EOS or the stop token; from the second position on the filter is gone (the
+    allow-list, when given, still applies)."""
+    first = r" ?[A-Z][A-Za-z',\-]*"
+    processors = build_processors(SamplingConfig(first_token_regex=first), tokenizer=_CharTokenizer(),
+                                  prompt_length=2, end_token_ids=[0, 10])
+    prompt = torch.ones(1, 2, dtype=torch.long)
+    assert _kept(apply_processors(processors, torch.zeros(1, 13), prompt, torch.ones(1, 2))) == [[1]]
+    later = torch.ones(1, 3, dtype=torch.long)
+    assert _kept(apply_processors(processors, torch.zeros(1, 13), later, torch.ones(1, 3))) == [list(range(13))]
+    both = build_processors(SamplingConfig(allowed_regex=r"[A-Za-z ',\-]+", first_token_regex=first),
+                            tokenizer=_CharTokenizer(), prompt_length=2, end_token_ids=[0, 10])
+    assert _kept(apply_processors(both, torch.zeros(1, 13), prompt, torch.ones(1, 2))) == [[1]]
+    assert _kept(apply_processors(both, torch.zeros(1, 13), later, torch.ones(1, 3))) == [[0, 1, 2, 3, 4, 5, 8, 10, 11]]
+
+
+def test_first_token_regex_that_nothing_passes_is_one_error():
+    from flash_experts.errors import UserError
+
+    # "Elf" starts names, but the allow-list keeps only "a b": no first token can pass both
+    with pytest.raises(UserError, match="no token of the vocabulary matches first_token_regex .* and the allow-list"):
+        build_processors(SamplingConfig(allowed_regex="[a-z ]+", first_token_regex="E[a-z]+"),
+                         tokenizer=_CharTokenizer(), end_token_ids=[0])
+
+
 @pytest.mark.parametrize(
     "field, value",
     [("temperature", -0.1), ("temperature", math.inf), ("top_k", -1), ("top_p", 0.0), ("top_p", 1.5),
      ("min_p", 1.0), ("min_p", -0.1), ("repetition_penalty", 0.0), ("no_repeat_ngram_size", -1),
      ("min_new_tokens", -2), ("banned_token_ids", [-1]), ("banned_words", [""]), ("allowed_token_ids", []),
-     ("allowed_regex", "[unclosed")],
+     ("allowed_regex", "[unclosed"), ("first_token_regex", "(")],
 )
 def test_sampling_config_rejects_absurd_values_naming_the_field(field, value):
     """Hand-listed absurd values: each is a ValueError whose message starts with the field name."""

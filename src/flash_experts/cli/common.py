@@ -15,18 +15,22 @@ from typing import Any
 # ------------------------------------------------------------------------------------------------ inference
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float = 0.8, top_k: int = 50,
-                           top_p: float = 0.95, max_new_tokens: int = 100) -> None:
-    """The sampling controls shared by `generate` and `generate-names`."""
+def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float | None = 0.8, top_k: int = 50,
+                           top_p: float | None = 0.95, max_new_tokens: int = 100) -> None:
+    """The sampling controls shared by `generate` and `generate-names` (None: the verb fills in its own default
+    when it runs, named in the help as the card-name setting)."""
+    def default(value: float | None) -> str:
+        return "the card-name setting, docs/UPCYCLING.md" if value is None else str(value)
+
     group = parser.add_argument_group("sampling")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens, metavar="N",
                        help=f"tokens to generate at most (default {max_new_tokens})")
     group.add_argument("--temperature", type=float, default=temperature,
-                       help=f"softmax temperature; 0 = greedy (default {temperature})")
+                       help=f"softmax temperature; 0 = greedy (default {default(temperature)})")
     group.add_argument("--top-k", type=int, default=top_k,
                        help=f"keep the k most likely tokens, 0 = off (default {top_k})")
     group.add_argument("--top-p", type=float, default=top_p,
-                       help=f"nucleus sampling: smallest set with this much probability, 1 = off (default {top_p})")
+                       help=f"nucleus sampling: smallest set with this much probability, 1 = off (default {default(top_p)})")
     group.add_argument("--min-p", type=float, default=0.0,
                        help="drop tokens below min_p x the top probability (default 0 = off)")
     group.add_argument("--repetition-penalty", type=float, default=1.0,
@@ -42,6 +46,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, temperature: float =
     group.add_argument("--allow-regex", default=None, metavar="REGEX",
                        help="only generate tokens whose text fully matches REGEX, e.g. \"[A-Za-z ',-]+\" "
                             "(EOS always allowed)")
+    group.add_argument("--first-token-regex", default=None, metavar="REGEX",
+                       help="the first generated token's text must fully match REGEX (never EOS), e.g. \" ?[A-Z].*\"")
     group.add_argument("--greedy", action="store_true", help="greedy decoding (same as --temperature 0)")
     group.add_argument("--seed", type=int, default=None, help="random seed for reproducible samples")
     add_device_arguments(parser)
@@ -113,6 +119,7 @@ def sampling_config_from_args(args: argparse.Namespace):
         banned_token_ids=tuple(args.ban_token_ids),
         banned_words=tuple(args.ban_words),
         allowed_regex=args.allow_regex,
+        first_token_regex=args.first_token_regex,
     )
 
 

@@ -29,8 +29,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rounds", type=int, default=5, metavar="N",
                         help="sampling batches at most while looking for N distinct names (default 5)")
     parser.add_argument("--no-filter", action="store_true",
-                        help="let the model emit any token (default: only card-name characters)")
-    add_sampling_arguments(parser, temperature=0.9, top_k=0, top_p=0.95, max_new_tokens=16)
+                        help="let the model emit any token (default: only card-name characters, the first a capital)")
+    # None: the library's card-name setting (mtg.cleaning.NAME_TEMPERATURE / NAME_TOP_P), read when the verb runs
+    # (the mtg package imports torch; the parser must start without it).
+    add_sampling_arguments(parser, temperature=None, top_k=0, top_p=None, max_new_tokens=16)
     parser.set_defaults(func=run)
 
 
@@ -40,7 +42,13 @@ def run(args: argparse.Namespace) -> int:
     from flash_experts.cli.common import load_for_generation, sampling_config_from_args
     from flash_experts.errors import UserError
     from flash_experts.mtg.cards import conditioning_prefix
-    from flash_experts.mtg.names import CARD_NAME_REGEX, generate_card_names
+    from flash_experts.mtg.names import (
+        CARD_NAME_FIRST_TOKEN_REGEX,
+        CARD_NAME_REGEX,
+        NAME_TEMPERATURE,
+        NAME_TOP_P,
+        generate_card_names,
+    )
 
     if args.num_names < 1:
         raise UserError(f"-n/--num-names must be >= 1, got {args.num_names}")
@@ -49,9 +57,12 @@ def run(args: argparse.Namespace) -> int:
     if args.colors is not None and args.type_line is None:
         raise UserError("--colors needs --type too (the conditioned format is 'type | colors | name')")
     conditioning_prefix(args.type_line, args.colors)  # a bad type line or colour fails before the model loads
+    args.temperature = NAME_TEMPERATURE if args.temperature is None else args.temperature
+    args.top_p = NAME_TOP_P if args.top_p is None else args.top_p
     config = sampling_config_from_args(args)
-    if not args.no_filter and config.allowed_regex is None:
-        config = replace(config, allowed_regex=CARD_NAME_REGEX)
+    if not args.no_filter:  # card-name characters, and a capital letter to start, unless asked otherwise
+        config = replace(config, allowed_regex=config.allowed_regex or CARD_NAME_REGEX,
+                         first_token_regex=config.first_token_regex or CARD_NAME_FIRST_TOKEN_REGEX)
     reference, source = _reference_names(args.reference_names)
     model, tokenizer = load_for_generation(args.model, args.device, args.dtype, args.quantize)
 

@@ -45,6 +45,8 @@ class SamplingConfig:
     banned_words         never emit these strings (each tokenised with and without a leading space)
     allowed_token_ids    emit only these ids (plus EOS and stop tokens)
     allowed_regex        emit only tokens whose decoded text fully matches this regex (plus EOS/stop)
+    first_token_regex    the first generated token's decoded text must fully match this regex (so it is never
+                         EOS or a stop token: at least one token comes out), e.g. a name starts with a capital
     """
 
     temperature: float = 1.0
@@ -58,6 +60,7 @@ class SamplingConfig:
     banned_words: Sequence[str] = field(default_factory=tuple)
     allowed_token_ids: Sequence[int] | None = None
     allowed_regex: str | None = None
+    first_token_regex: str | None = None
 
     def __post_init__(self) -> None:
         finite = math.isfinite
@@ -78,12 +81,13 @@ class SamplingConfig:
             ids = list(self.allowed_token_ids)
             _check(bool(ids) and all(_is_count(i) for i in ids), "allowed_token_ids", "a non-empty list of token ids",
                    ids)
-        if self.allowed_regex is not None:
-            try:
-                re.compile(self.allowed_regex)
-            except re.error as error:
-                raise ConfigError(f"allowed_regex must be a valid regular expression, got {self.allowed_regex!r}: "
-                                 f"{error}") from None
+        for name in ("allowed_regex", "first_token_regex"):
+            pattern = getattr(self, name)
+            if pattern is not None:
+                try:
+                    re.compile(pattern)
+                except re.error as error:
+                    raise ConfigError(f"{name} must be a valid regular expression, got {pattern!r}: {error}") from None
 
     @property
     def greedy(self) -> bool:
@@ -176,6 +180,15 @@ def min_new_tokens(count: int, prompt_length: int, end_token_ids: Sequence[int])
     def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         if input_ids.shape[1] - prompt_length < count:
             return ban_end(logits, input_ids, attention_mask)
+        return logits
+    return apply
+
+
+def first_token_only(allow: LogitsProcessor, prompt_length: int) -> LogitsProcessor:
+    """Apply the filter `allow` to the first generated token only."""
+    def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        if input_ids.shape[1] == prompt_length:
+            return allow(logits, input_ids, attention_mask)
         return logits
     return apply
 
@@ -346,6 +359,18 @@ def build_processors(
         if config.min_new_tokens > 0 and not content.any():
             raise UserError("the allow-list leaves only end tokens, but min_new_tokens forbids ending")
         processors.append(allow_only(combined))
+    if config.first_token_regex is not None:
+        if tokenizer is None:
+            raise UserError("first_token_regex needs a tokenizer to decode the vocabulary")
+        first = tokens_matching_regex(tokenizer, config.first_token_regex)
+        passes = first  # the allow-list's filter runs before this one: the first token must pass both
+        if allowed_masks:
+            size = min(first.shape[0], combined.shape[0])
+            passes = first[:size] & combined[:size]
+        if not passes.any():
+            raise UserError(f"no token of the vocabulary matches first_token_regex {config.first_token_regex!r}"
+                            + (" and the allow-list" if allowed_masks else ""))
+        processors.append(first_token_only(allow_only(first), prompt_length))
     if config.min_new_tokens > 0:
         processors.append(min_new_tokens(config.min_new_tokens, prompt_length, end_token_ids))
     if config.greedy:  # the warpers cannot change the argmax

@@ -13,8 +13,20 @@ from flash_experts.mtg.cards import (
     split_for_name,
     split_records,
 )
-from flash_experts.mtg.cleaning import clean_card_name, is_valid_card_name, title_case_card_name
-from flash_experts.mtg.names import CARD_NAME_REGEX, NameMetrics, evaluate_names, generate_card_names
+from flash_experts.mtg.cleaning import CARD_NAME_REGEX, clean_card_name, is_valid_card_name, title_case_card_name
+
+# Name generation imports torch: loaded on first use, so that the CLI's parser (which reads the name sampling
+# defaults from mtg.cleaning) starts without it.
+_NAMES = ("NameMetrics", "evaluate_names", "generate_card_names")
+
+
+def __getattr__(name: str):
+    if name in _NAMES:
+        from flash_experts.mtg import names
+
+        return getattr(names, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "CARD_NAME_REGEX",

@@ -22,6 +22,16 @@ MAX_NAME_WORDS = 8
 SEPARATORS = ("|",)  # the conditioned format: "Creature — Elf | G | Llanowar Elves"
 SPLIT_CARD_SEPARATOR = " // "  # "Fire // Ice": two names on one card
 
+# Sampling names in this format (flash_experts.mtg.names.name_sampling_config; here, without torch, so that the
+# CLI's parser can show the defaults). Token filter: letters, spaces, apostrophes, commas and hyphens (EOS and
+# stop tokens stay allowed).
+CARD_NAME_REGEX = r"[A-Za-z ',\-]+"
+# A card name starts with a capital letter (after the " | " of the conditioned format, with its space): the
+# first token must, so a sample is never empty nor a fragment such as "'s Law" or "-Crucible".
+CARD_NAME_FIRST_TOKEN_REGEX = r" ?[A-Z][A-Za-z',\-]*"
+# Temperature and top-p, chosen on selection samples by benchmarks/select_name_sampling.py (docs/UPCYCLING.md).
+NAME_TEMPERATURE, NAME_TOP_P = 0.9, 0.95
+
 
 def title_case_card_name(name: str) -> str:
     """MTG title case: every word capitalised except small words in the middle ("Sword of Fire and

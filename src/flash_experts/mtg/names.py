@@ -18,7 +18,13 @@ from flash_experts.errors import ConfigError, UserError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
 from flash_experts.mtg.cards import conditioning_prefix, name_key
-from flash_experts.mtg.cleaning import clean_card_name
+from flash_experts.mtg.cleaning import (
+    CARD_NAME_FIRST_TOKEN_REGEX,
+    CARD_NAME_REGEX,
+    NAME_TEMPERATURE,
+    NAME_TOP_P,
+    clean_card_name,
+)
 
 
 @dataclass
@@ -122,8 +128,12 @@ def read_reference_names(path: str | Path) -> list[str]:
 
 # ----------------------------------------------------------------------------- generating names
 
-# Token filter for names: letters, spaces, apostrophes, commas and hyphens (EOS and stop tokens stay allowed).
-CARD_NAME_REGEX = r"[A-Za-z ',\-]+"
+def name_sampling_config(**overrides) -> SamplingConfig:
+    """The sampling the library uses for card names: NAME_TEMPERATURE, NAME_TOP_P and both filters."""
+    settings = dict(temperature=NAME_TEMPERATURE, top_p=NAME_TOP_P, allowed_regex=CARD_NAME_REGEX,
+                    first_token_regex=CARD_NAME_FIRST_TOKEN_REGEX)
+    settings.update(overrides)
+    return SamplingConfig(**settings)
 
 
 def generate_card_names(
@@ -151,7 +161,7 @@ def generate_card_names(
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise ConfigError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
     prompt = conditioning_prefix(type_line, colors)
-    config = config or SamplingConfig(temperature=0.9, top_p=0.95, allowed_regex=CARD_NAME_REGEX)
+    config = config or name_sampling_config()
     batch_size = batch_size or min(2 * count, 256)
     reference = list(reference_names) if reference_names is not None else None
     raw: list[str] = []

@@ -123,3 +123,26 @@ def test_demo_refuses_a_corrupt_plan_on_resume(tmp_path, tiny_base, capsys):
     assert main(["demo", "--base", str(tiny_base), "--out", str(tmp_path / "demo"), "--resume", "--wandb", "off"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "is not a demo plan" in err[0]
+
+
+def test_demo_interrupted_run_stops_the_job_and_says_how_to_resume(tmp_path, tiny_base, capsys, monkeypatch):
+    """Reference: the trainer's Ctrl-C contract (it saves and returns "interrupted"): the demo must not go on
+    to the MoE run, and says how to continue."""
+    from flash_experts.training import trainer
+
+    real_train = trainer.train
+
+    def interrupted(cfg, resume=None):
+        result = real_train(cfg, resume=resume)
+        result.stopped = "interrupted"
+        return result
+
+    monkeypatch.setattr(trainer, "train", interrupted)
+    out_dir = tmp_path / "demo"
+    assert main(["demo", "--base", str(tiny_base), "--out", str(out_dir), "--budget", "0.5", "--names", "5",
+                 "--block-size", "32", "--wandb", "off"]) == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "dense run was interrupted" in errors[0] and "--resume" in errors[0]
+    assert "Traceback" not in err
+    assert (out_dir / "dense").is_dir() and not (out_dir / "moe").exists()

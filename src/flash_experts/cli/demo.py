@@ -191,6 +191,9 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path,
 
     result = train(run_config(args, base, data_dir, run_dir, moe=moe, steps=steps),
                    resume="auto" if args.resume else None)
+    if result.stopped == "interrupted":  # Ctrl-C: the checkpoint is saved, the other run must not start
+        raise UserError(f"the {run_dir.name} run was interrupted at step {result.steps} (checkpoint saved); "
+                        "run the same command with --resume to continue")
     if result.best_val_ppl is None:
         raise UserError(f"training stopped ({result.stopped}) before its first evaluation; run again with --resume")
     return result

@@ -30,7 +30,7 @@ CARD_NAME_REGEX = r"[A-Za-z ',\-]+"
 # first token must, so a sample is never empty nor a fragment such as "'s Law" or "-Crucible".
 CARD_NAME_FIRST_TOKEN_REGEX = r" ?[A-Z][A-Za-z',\-]*"
 # Temperature and top-p, chosen on selection samples by benchmarks/select_name_sampling.py (docs/UPCYCLING.md).
-NAME_TEMPERATURE, NAME_TOP_P = 0.9, 0.95
+NAME_TEMPERATURE, NAME_TOP_P = 0.7, 1.0
 
 
 def title_case_card_name(name: str) -> str:

@@ -11,33 +11,10 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
 from flash_experts.cli.main import main
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A random 2-layer GPT-2 with the real GPT-2 tokenizer saved beside it (what a hub `gpt2` folder holds)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from flash_experts.data.tokenizer import load_tokenizer
-    from flash_experts.errors import UserError
-
-    try:
-        tokenizer = load_tokenizer()
-    except UserError as error:
-        pytest.skip(f"the GPT-2 tokenizer files are not installed offline: {error}")
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny_base")
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 def summary_row(out: str, label: str) -> list[str]:

@@ -4,7 +4,7 @@ in a fresh folder, every script with no arguments but the base, finding the prev
 Reference: the chain's contract written in examples/common.py (data/mtg -> models/mtg-names -> generation;
 data/... -> models/wikitext-moe -> comparison), the trainer's files in a run folder, and the CLI's error
 contract (one `error:` line, exit code 2). Tiny sizes come from FLASH_EXPERTS_EXAMPLES_TINY=1 and a tiny
-GPT-2 base built here with the real GPT-2 tokenizer (offline BPE files), so no hub is needed.
+GPT-2 base (conftest.tiny_base) with the real GPT-2 tokenizer (offline BPE files), so no hub is needed.
 """
 
 from __future__ import annotations
@@ -24,28 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 WORDS = ("Ancient Blazing Silent Grim Verdant Shadow Storm Iron Golden Hollow Feral Crystal Ember Frost Tidal "
          "Dragon Serpent Knight Oracle Wurm Phoenix Golem Titan Specter Angel Rite Bolt Vault Gate Crown").split()
-
-
-@pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory) -> Path:
-    """A random 2-layer GPT-2 with the real GPT-2 tokenizer saved beside it (what a hub `gpt2` folder holds)."""
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from flash_experts.data.tokenizer import load_tokenizer
-    from flash_experts.errors import UserError
-
-    try:
-        tokenizer = load_tokenizer()
-    except UserError as error:
-        pytest.skip(f"the GPT-2 tokenizer files are not installed offline: {error}")
-    torch.manual_seed(0)
-    config = GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=64,
-                        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    folder = tmp_path_factory.mktemp("tiny_base")
-    GPT2LMHeadModel(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

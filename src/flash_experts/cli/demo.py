@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--base", default="auto",
                         help="'auto' (hub gpt2 if reachable, else smollm2), 'smollm2', a hub id or a model folder")
     parser.add_argument("--out", default="runs/demo", help="folder for the data, the two runs and the plan")
-    parser.add_argument("--budget", type=float, default=210.0,
-                        help="seconds of training compute for each model on this machine (default 210); the steps "
+    parser.add_argument("--budget", type=float, default=180.0,
+                        help="seconds of training compute for each model on this machine (default 180); the steps "
                              "follow from the step times measured side by side")
     parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
     parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")

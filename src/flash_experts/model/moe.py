@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.errors import ConfigError
+from flash_experts.model.buffers import ExpertWeightBuffers
 
 
 @dataclass
@@ -84,17 +85,20 @@ class Router(nn.Module):
 GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
-def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto") -> Tensor:
+def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto",
+                   buffers: ExpertWeightBuffers | None = None) -> Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e] + b[e]; rows sorted by expert, `counts_E` rows each.
 
     The product runs in x's dtype: `w` may be stored in another (fp32 master weights under bf16 autocast) and
-    its gradient comes back in its own dtype; `b` must already be in x's dtype.
+    its gradient comes back in its own dtype; `b` must already be in x's dtype. `buffers` (the weight's own,
+    kept by its module) lets the loop reuse the memory of `w`'s compute-dtype copy and of its gradient from one
+    training step to the next (model/buffers.py says why that matters on CPU).
     Two interchangeable implementations (the tests hold both to the same loop reference):
     - "grouped_mm": `torch._grouped_mm`, one kernel for all experts (the bias is gathered per row);
     - "loop": one BLAS call per non-empty expert writing into one output, the bias fused (`addmm`), with a
-      hand-written backward of the same shape (no split/cat copies, no per-row bias gather). It casts one
-      expert's weight at a time: on CPU a cast of the whole stack (tens of MB, freshly allocated in forward
-      and again for the gradient in backward) cost more than the bf16 matmuls it enabled saved.
+      hand-written backward of the same shape (no split/cat copies, no per-row bias gather). The weights are
+      cast once, for the forward and the backward together, and a weight gradient computed in bf16 passes
+      through one scratch matrix on its way into the fp32 gradient.
     "auto" takes `_grouped_mm` where it is one fused kernel (CUDA, bf16, Hopper or newer), else the loop. On
     CPU `_grouped_mm` is itself a loop of per-expert matmuls, and ours is at least as fast with less peak
     memory (benchmarks/bench_moe.py prints both rows).
@@ -113,7 +117,20 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
         return y_NF + b_EF.index_select(0, experts_N)
     if backend != "loop":
         raise ConfigError(f"unknown grouped backend {backend!r}; choose from {GROUPED_BACKENDS}")
-    return _LoopGroupedLinear.apply(x_ND, w_EDF, b_EF, counts_E.tolist())
+    training = torch.is_grad_enabled() and w_EDF.requires_grad
+    if not training:
+        buffers = None  # inference allocates plainly: concurrent forwards (the studio's) never share memory
+    if w_EDF.dtype == x_ND.dtype:
+        w_compute_EDF = w_EDF.detach()
+    elif buffers is not None:
+        w_compute_EDF = buffers.compute_copy.take(w_EDF.shape, x_ND.dtype, w_EDF.device)
+        with torch.no_grad():
+            # Every forward casts again: optimizers update weights in place without always bumping their
+            # version counter (fused AdamW does not), so no "weights unchanged, skip the cast" test is safe.
+            w_compute_EDF.copy_(w_EDF)
+    else:
+        w_compute_EDF = w_EDF.detach().to(x_ND.dtype)
+    return _LoopGroupedLinear.apply(x_ND, w_EDF, w_compute_EDF, b_EF, counts_E.tolist(), buffers)
 
 
 def _fused_grouped_mm(x: Tensor, w: Tensor) -> bool:
@@ -129,30 +146,42 @@ def _fused_grouped_mm(x: Tensor, w: Tensor) -> bool:
 
 
 class _LoopGroupedLinear(torch.autograd.Function):
-    """Per-expert matmuls over contiguous row slices, written in place into one output (and one gradient)."""
+    """Per-expert matmuls over contiguous row slices, written in place into one output (and one gradient).
+    `w_EDF` is the parameter (its gradient is returned in its dtype); the products read `w_compute_EDF`, the
+    same weights in x's dtype."""
 
     @staticmethod
-    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts: list[int]) -> Tensor:
+    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, w_compute_EDF: Tensor, b_EF: Tensor | None,
+                counts: list[int], buffers: ExpertWeightBuffers | None) -> Tensor:
         y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
         for e, rows in _expert_slices(counts):
-            w_DF = w_EDF[e].to(x_ND.dtype)  # no-op when the dtypes agree
             if b_EF is None:
-                torch.mm(x_ND[rows], w_DF, out=y_NF[rows])
+                torch.mm(x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
             else:
-                torch.addmm(b_EF[e], x_ND[rows], w_DF, out=y_NF[rows])
-        ctx.save_for_backward(x_ND, w_EDF)
+                torch.addmm(b_EF[e], x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
+        ctx.save_for_backward(x_ND, w_compute_EDF)
         ctx.counts = counts
         ctx.has_bias = b_EF is not None
+        ctx.weight_dtype = w_EDF.dtype
+        ctx.buffers = buffers
         return y_NF
 
     @staticmethod
     def backward(ctx, grad_NF: Tensor):
-        x_ND, w_EDF = ctx.saved_tensors
+        x_ND, w_compute_EDF = ctx.saved_tensors
         grad_NF = grad_NF.contiguous()
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
         grad_x = torch.empty_like(x_ND) if need_x else None
-        grad_w = torch.empty_like(w_EDF) if need_w else None
-        grad_b = grad_NF.new_empty(w_EDF.shape[0], w_EDF.shape[-1]) if need_b and ctx.has_bias else None
+        grad_w = None
+        if need_w:
+            shape = w_compute_EDF.shape
+            if ctx.buffers is None:
+                grad_w = w_compute_EDF.new_empty(shape, dtype=ctx.weight_dtype)
+            else:
+                # A view of the buffer, not the buffer: autograd then keeps it as the weight's .grad without a
+                # copy, and the buffer sees that it is held until the optimizer has let it go.
+                grad_w = ctx.buffers.gradient.take(shape, ctx.weight_dtype, w_compute_EDF.device).view(shape)
+        grad_b = grad_NF.new_empty(w_compute_EDF.shape[0], w_compute_EDF.shape[-1]) if need_b and ctx.has_bias else None
         # Experts that received no rows get exactly zero gradient (zeroing only those saves a pass over all
         # E x D x F weights).
         for e, n in enumerate(ctx.counts):
@@ -160,19 +189,23 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 for grad in (grad_w, grad_b):
                     if grad is not None:
                         grad[e].zero_()
-        same_dtype = w_EDF.dtype == x_ND.dtype
+        # A weight gradient is computed in the compute dtype, as autocast computes a dense weight's gradient,
+        # into one scratch matrix reused for every expert, then written into the fp32 gradient.
+        scratch_DF = None
+        if grad_w is not None and grad_w.dtype != x_ND.dtype:
+            scratch_DF = x_ND.new_empty(w_compute_EDF.shape[1:])
         for e, rows in _expert_slices(ctx.counts):
             g = grad_NF[rows]
             if grad_x is not None:
-                torch.mm(g, w_EDF[e].to(x_ND.dtype).t(), out=grad_x[rows])
+                torch.mm(g, w_compute_EDF[e].t(), out=grad_x[rows])
             if grad_w is not None:
-                if same_dtype:
+                if scratch_DF is None:
                     torch.mm(x_ND[rows].t(), g, out=grad_w[e])
-                else:  # computed in the compute dtype, as autocast computes a dense weight's gradient
-                    grad_w[e].copy_(torch.mm(x_ND[rows].t(), g))
+                else:
+                    grad_w[e].copy_(torch.mm(x_ND[rows].t(), g, out=scratch_DF))
             if grad_b is not None:
                 torch.sum(g, dim=0, out=grad_b[e])
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, None, grad_b, None, None
 
 
 def _expert_slices(counts: list[int]):
@@ -222,19 +255,24 @@ class GroupedExperts(nn.Module):
         self.b_up = nn.Parameter(torch.zeros(E, F_)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(E, D)) if bias else None
         self.backend = "auto"  # see grouped_linear; the tests and benchmarks pin one
+        # Memory the training step reuses for each weight's compute-dtype copy and gradient (model/buffers.py);
+        # not state: never saved, and a copied model starts without it.
+        self.weight_buffers = {name: ExpertWeightBuffers() for name in ("w_gate", "w_up", "w_down")}
 
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         """x_ND: inputs sorted by expert; counts_E: rows per expert. Returns the outputs in the compute dtype."""
         dtype = expert_compute_dtype(x_ND)
         x_ND = x_ND.to(dtype)
 
-        def linear(w: Tensor, b: Tensor | None = None) -> Callable[[Tensor], Tensor]:
-            return lambda x: grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend)
+        def linear(name: str, b: Tensor | None = None) -> Callable[[Tensor], Tensor]:
+            w = getattr(self, name)
+            return lambda x: grouped_linear(x, w, None if b is None else b.to(dtype), counts_E, self.backend,
+                                            self.weight_buffers.get(name))
 
         # x was cast above and grouped_linear casts the weights; autocast must not re-cast inside the products.
         with torch.autocast(x_ND.device.type, enabled=False):
-            return expert_feed_forward(x_ND, linear(self.w_up, self.b_up), linear(self.w_gate) if self.gated else None,
-                                       linear(self.w_down, self.b_down), self.activation)
+            return expert_feed_forward(x_ND, linear("w_up", self.b_up), linear("w_gate") if self.gated else None,
+                                       linear("w_down", self.b_down), self.activation)
 
 
 class MoELayer(nn.Module):

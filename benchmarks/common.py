@@ -10,6 +10,11 @@ from typing import Callable
 
 import torch
 
+# As the command line does (cli/main.py), so that the figures are those of what the trainer runs: back large
+# tensors with transparent huge pages. torch reads this at its first large allocation, which comes after
+# this import in every benchmark; THP_MEM_ALLOC_ENABLE=0 in the environment still turns it off.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
 # One home for side-by-side timing: the library's (the demo's equal-compute plan uses it too).
 from flash_experts.training.equal_compute import interleaved_medians, sync  # noqa: F401
 

@@ -136,7 +136,6 @@ def main() -> None:
 
     from flash_experts.cli.demo import prepare_mtg_names
     from flash_experts.model.loading import base_tokenizer, load_model
-    from flash_experts.mtg.cards import load_mtg_records, mtg_documents
     from flash_experts.training.trainer import train
 
     all_recipes = quick_recipes() if args.quick else recipes()
@@ -150,8 +149,7 @@ def main() -> None:
         all_recipes = [r for r in all_recipes if r.name in wanted]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, reference = prepare_mtg_names(base_tokenizer(args.base), out / "data")
-    test_documents = mtg_documents(load_mtg_records(), conditioned=False)["test"]
+    data_dir, reference, test_documents = prepare_mtg_names(base_tokenizer(args.base), out / "data")
 
     done = {r.name: json.loads((out / r.name / "result.json").read_text()) for r in all_recipes
             if (out / r.name / "result.json").exists()}  # finished by an earlier invocation: kept as they are

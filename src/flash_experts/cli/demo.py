@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"[1/6] base model: {base} ({why})", flush=True)
     tokenizer = base_tokenizer(base)
     print("[2/6] preparing MTG card names with the base's tokenizer", flush=True)
-    data_dir, reference_names = prepare_mtg_names(tokenizer, out / "data")
+    data_dir, reference_names, test_documents = prepare_mtg_names(tokenizer, out / "data")
 
     configs = {name: run_config(args, base, data_dir, out / name, moe=name == "moe", steps=1) for name in RUNS}
     plan = equal_compute_plan(args, configs, out / PLAN_FILE)
@@ -112,14 +112,15 @@ def run(args: argparse.Namespace) -> int:
     results["moe"] = fine_tune(args, base, data_dir, out / "moe", moe=True, steps=plan["steps"]["moe"])
 
     print(f"[6/6] test split (scored once) and {args.names} card names from each best checkpoint", flush=True)
-    scores = {name: score_run(results[name], args, data_dir, reference_names) for name in RUNS}
+    scores = {name: score_run(results[name], args, data_dir, reference_names, test_documents) for name in RUNS}
     png = plot_comparison(out, plan, base, args.budget)
     print_summary(args, base, plan, results, scores, png, (time.perf_counter() - started) / 60)
     return 0
 
 
-def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str]]:
-    """Tokenise the card names (names-only format) into `data_dir`; returns it and every real name."""
+def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str], list[str]]:
+    """Tokenise the card names (names-only format) into `data_dir`; returns it, every real name and the test
+    split's documents (the card records are loaded this once)."""
     from flash_experts.data.tokens import prepare_token_splits
     from flash_experts.mtg.cards import load_mtg_records, mtg_documents
 
@@ -129,7 +130,7 @@ def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str]]:
                                 data_format="mtg-names", extra_meta={"unique_names": len(records)})
     print("      " + ", ".join(f"{split} {info['documents']:,d} names / {info['tokens']:,d} tokens"
                                for split, info in meta["splits"].items()), flush=True)
-    return str(data_dir), [r.name for r in records]
+    return str(data_dir), [r.name for r in records], documents["test"]
 
 
 def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path, *, moe: bool, steps: int) -> Any:
@@ -199,17 +200,16 @@ def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path,
     return result
 
 
-def score_run(result: Any, args: argparse.Namespace, data_dir: str, reference_names: list[str]) -> dict[str, Any]:
+def score_run(result: Any, args: argparse.Namespace, data_dir: str, reference_names: list[str],
+              test_documents: list[str]) -> dict[str, Any]:
     """Test bits per character (the test split, scored this once) and card names from the best checkpoint."""
     from flash_experts.evaluation.perplexity import split_bits_per_character
     from flash_experts.model.loading import load_model
-    from flash_experts.mtg.cards import load_mtg_records, mtg_documents
     from flash_experts.mtg.names import generate_card_names
 
     best = Path(result.run_dir) / "best"
     model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))
     model.eval()
-    test_documents = mtg_documents(load_mtg_records(), conditioned=False)["test"]
     bpc = split_bits_per_character(model, data_dir, "test", test_documents, args.block_size)
     # One round of exactly --names samples: every sample counts, duplicates and invalid ones included.
     metrics = generate_card_names(model, tokenizer, args.names, reference_names=reference_names, seed=args.seed,

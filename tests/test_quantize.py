@@ -1,8 +1,8 @@
-"""Weight-only int8 quantization, held to plain PyTorch math on the dequantized weights (float64 / fp32).
+"""Weight-only int8 and int4 quantization, held to plain PyTorch math on the dequantized weights (float64 / fp32).
 
 The reference for a quantized model is the same model with every quantized matrix replaced by its
-dequantized value (int8 * scale) and run unchanged in fp32: the only differences left are the bf16 rounding
-of the activations the int8 kernel multiplies with.
+dequantized value (int8 * scale; (q - 8) * scale + zero per int4 group) and run unchanged in fp32: the only
+differences left are the bf16 rounding of the activations the kernels multiply with.
 """
 
 from __future__ import annotations
@@ -18,35 +18,39 @@ from transformers.pytorch_utils import Conv1D
 from conftest import tiny_gpt2_config
 from flash_experts.model import upcycle_gpt2
 from flash_experts.model.moe import GroupedExperts, Router
-from flash_experts.model.quantize import (
-    INT8_KERNEL_MAX_ROWS,
-    Int8GroupedExperts,
-    Int8Linear,
-    int8_linear,
-    quantize_int8,
-    quantize_weight_int8,
-)
+from flash_experts.model.quantize import QuantizedGroupedExperts, quantize, quantize_int8
+from flash_experts.model.quantize.int4 import Int4Linear, dequantize_int4, quantize_weight_int4
+from flash_experts.model.quantize.int8 import INT8_KERNEL_MAX_ROWS, Int8Linear, int8_linear, quantize_weight_int8
+
+SCHEMES = ["int8", "int4"]
 
 
-def dequantized(w_OI: torch.Tensor) -> torch.Tensor:
+def dequantized(w_OI: torch.Tensor, scheme: str = "int8") -> torch.Tensor:
+    if scheme == "int4":
+        return dequantize_int4(*quantize_weight_int4(w_OI), torch.float64).float()
     w_int8, scales = quantize_weight_int8(w_OI)
     return w_int8.float() * scales[:, None]
 
 
-def fake_quantized(model: nn.Module) -> nn.Module:
+def fake_quantized(model: nn.Module, scheme: str = "int8") -> nn.Module:
     """A copy whose quantizable weights hold their dequantized values, everything else untouched."""
     model = copy.deepcopy(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     with torch.no_grad():
         for module in model.modules():
-            if isinstance(module, nn.Linear):
-                module.weight.copy_(dequantized(module.weight))
+            if module is head:  # int4 keeps the LM head at 8 bits
+                # A head tied to the input embedding: quantization leaves the embedding as it was, so untie.
+                module.weight = nn.Parameter(dequantized(module.weight, "int8"))
+            elif isinstance(module, nn.Linear):
+                module.weight.copy_(dequantized(module.weight, scheme))
             elif isinstance(module, Conv1D):
-                module.weight.copy_(dequantized(module.weight.t()).t())
+                module.weight.copy_(dequantized(module.weight.t(), scheme).t())
             elif isinstance(module, GroupedExperts):
                 for w in (module.w_gate, module.w_up, module.w_down):
                     if w is not None:
                         for e in range(w.shape[0]):
-                            w[e].copy_(dequantized(w[e].t()).t())
+                            w[e].copy_(dequantized(w[e].t(), scheme).t())
     return model
 
 
@@ -134,26 +138,29 @@ def assert_quantized_model_matches(quantized: nn.Module, reference: nn.Module, i
     assert error_per_position.max() <= 0.1 * want.abs().max()
 
 
-def test_quantized_gpt2_moe_equals_its_dequantized_fp32_reference():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_gpt2_moe_equals_its_dequantized_fp32_reference(scheme):
     model = tiny_moe_gpt2()
-    reference = fake_quantized(model)
-    quantized = quantize_int8(copy.deepcopy(model))
+    reference = fake_quantized(model, scheme)
+    quantized = quantize(copy.deepcopy(model), scheme)
     kinds = {type(m) for m in quantized.modules()}
     assert not kinds & {nn.Linear, Conv1D, GroupedExperts}
-    assert {Int8Linear, Int8GroupedExperts, Router} <= kinds
+    assert {Int8Linear if scheme == "int8" else Int4Linear, QuantizedGroupedExperts, Router} <= kinds
     assert not any(p.requires_grad for p in quantized.parameters())
     ids = torch.randint(0, 512, (2, 24), generator=torch.Generator().manual_seed(1))
     assert_quantized_model_matches(quantized, reference, ids)
 
 
-def test_quantized_hf_gpt2_equals_its_dequantized_reference():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_hf_gpt2_equals_its_dequantized_reference(scheme):
     torch.manual_seed(0)
     hf = GPT2LMHeadModel(tiny_gpt2_config()).eval()
     ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(2))
-    assert_quantized_model_matches(quantize_int8(copy.deepcopy(hf)), fake_quantized(hf), ids)
+    assert_quantized_model_matches(quantize(copy.deepcopy(hf), scheme), fake_quantized(hf, scheme), ids)
 
 
-def test_quantized_llama_moe_with_gated_experts_equals_its_reference():
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_llama_moe_with_gated_experts_equals_its_reference(scheme):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from flash_experts.model import upcycle
@@ -164,18 +171,19 @@ def test_quantized_llama_moe_with_gated_experts_equals_its_reference():
                                          max_position_embeddings=64)).eval()
     model = upcycle(dense, num_experts=4, top_k=2, moe_layers="all").eval()
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(3))
-    assert_quantized_model_matches(quantize_int8(copy.deepcopy(model)), fake_quantized(model), ids)
+    assert_quantized_model_matches(quantize(copy.deepcopy(model), scheme), fake_quantized(model, scheme), ids)
 
 
-def test_quantized_model_decodes_with_the_kv_cache_like_its_reference():
-    """Greedy decoding through our generate loop (static cache, one row at a time: the int8 kernel path)."""
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_decodes_with_the_kv_cache_like_its_reference(scheme):
+    """Greedy decoding through our generate loop (static cache, one row at a time: the kernel path)."""
     from flash_experts.generation import SamplingConfig, generate
 
     model = tiny_moe_gpt2()
     prompt = torch.randint(0, 512, (1, 8), generator=torch.Generator().manual_seed(4))
     greedy = SamplingConfig(temperature=0.0)
-    got = generate(quantize_int8(copy.deepcopy(model)), None, prompt, greedy, 12, eos_token_id=-1).token_ids[0]
-    want = generate(fake_quantized(model), None, prompt, greedy, 12, eos_token_id=-1).token_ids[0]
+    got = generate(quantize(copy.deepcopy(model), scheme), None, prompt, greedy, 12, eos_token_id=-1).token_ids[0]
+    want = generate(fake_quantized(model, scheme), None, prompt, greedy, 12, eos_token_id=-1).token_ids[0]
     assert len(got) == 12
     assert sum(a == b for a, b in zip(got, want)) >= 10
 
@@ -185,8 +193,9 @@ def test_nothing_to_quantize_is_an_error():
         quantize_int8(nn.Sequential(nn.LayerNorm(4)))
 
 
+@pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("tied", [True, False])
-def test_parameter_count_of_a_quantized_model_equals_the_original(tied):
+def test_parameter_count_of_a_quantized_model_equals_the_original(tied, scheme):
     """Reference: the unquantized model's count. Quantized weights are buffers but still the model's parameters;
     a tied LM head's int8 copy is not a second parameter."""
     from flash_experts.evaluation import count_parameters
@@ -195,7 +204,7 @@ def test_parameter_count_of_a_quantized_model_equals_the_original(tied):
     if not tied:
         model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach().clone())
     want = count_parameters(model)
-    got = count_parameters(quantize_int8(copy.deepcopy(model)))
+    got = count_parameters(quantize(copy.deepcopy(model), scheme))
     assert (got.total, got.active, got.expert) == (want.total, want.active, want.expert)
     assert want.expert > 0
 
@@ -203,7 +212,7 @@ def test_parameter_count_of_a_quantized_model_equals_the_original(tied):
 def test_a_wrong_int8_kernel_is_caught_and_bypassed(monkeypatch):
     """The fused kernel is internal and CPU-specific: one that computes a wrong product for an inner size must
     fail its one-time check and leave the dequantized product (reference: float64 math) in charge."""
-    import flash_experts.model.quantize as quantize
+    import flash_experts.model.quantize.int8 as quantize
 
     kernel = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda x, w, s: kernel(x, w, s) * 1.1)
@@ -218,3 +227,101 @@ def test_a_wrong_int8_kernel_is_caught_and_bypassed(monkeypatch):
     monkeypatch.setattr(quantize, "_KERNEL_CORRECT", {})
     int8_linear(x, w_int8, scales)
     assert quantize._KERNEL_CORRECT == {32: True}  # the real kernel passes its check here
+
+
+# ------------------------------------------------------------------------------------------------------ int4
+
+
+def test_int4_weight_is_within_half_a_step_of_the_original_per_group():
+    """Reference: each group's scale and zero computed in float64 from its range ((hi - lo) / 15, lo + 8 scale):
+    every weight lies within half the stored step, plus what rounding scale and zero to bf16 moved the grid."""
+    torch.manual_seed(0)
+    w = torch.randn(24, 128)
+    w[3, 7] = 40.0  # an outlier sets its own group's scale only
+    w[5, :32] = 0.0  # an all-zero group must not divide by zero
+    w[6, 32:64] = 10.0 + 0.01 * torch.randn(32)  # a narrow group far from zero: bf16 rounding of zero shows
+    q, scales, zeros = quantize_weight_int4(w, group_size=32)
+    assert q.dtype == torch.uint8 and int(q.max()) <= 15 and scales.shape == zeros.shape == (24, 4)
+    assert scales.dtype == zeros.dtype == torch.bfloat16
+
+    groups = w.double().reshape(24, 4, 32)
+    lo, hi = groups.amin(-1), groups.amax(-1)
+    exact_scale = (hi - lo) / 15
+    exact_zero = lo + 8 * exact_scale
+    error = (dequantize_int4(q, scales, zeros, torch.float64).reshape(24, 4, 32) - groups).abs()
+    grid_shift = (zeros.double() - exact_zero).abs() + 8 * (scales.double() - exact_scale).abs()
+    bound = scales.double() / 2 + grid_shift
+    assert bool((error <= bound[..., None] + 1e-7).all())
+    assert bool((error[5, 0] == 0).all())
+    assert bool((scales[torch.arange(24) != 3] < 1).all()) and float(scales[3, 0]) > 2  # the outlier's group only
+    ordinary = torch.ones(24, 4, dtype=torch.bool)
+    ordinary[6, 1] = False
+    assert bool((error.amax(-1)[ordinary] <= scales.double()[ordinary] / 2 * 1.02 + 1e-7).all())
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["cpu-kernel", "dequantized"])
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("out_features", [48, 37])  # 37: the kernel's rows are padded to a multiple of 16
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_int4_linear_equals_float64_math_on_the_dequantized_weight(kernel, rows, out_features, dtype, with_bias):
+    torch.manual_seed(rows + out_features)
+    weight = torch.randn(out_features, 96)
+    bias = torch.randn(out_features) if with_bias else None
+    module = Int4Linear(weight, bias, group_size=32, kernel=kernel)
+    assert module.kernel is kernel
+    x = torch.randn(2, rows, 96).to(dtype)
+    y = module(x)
+
+    w_deq = dequantize_int4(*quantize_weight_int4(weight, 32), torch.float64)
+    reference = x.double() @ w_deq.t()
+    if bias is not None:
+        reference = reference + bias.double()
+    assert y.shape == (2, rows, out_features) and y.dtype == dtype
+    # bf16 x, bf16 dequantized weights on the portable path, bf16 (or fp32) result: each rounding at most 2^-8
+    bound = 2 * 2**-8 * (x.double().abs() @ w_deq.abs().t()) + 2 * 2**-8 * reference.abs() + 1e-6
+    assert bool(((y.double() - reference).abs() <= bound).all())
+    assert not list(module.parameters())
+
+
+def test_int4_keeps_the_lm_head_at_int8():
+    """Reference: llama.cpp's 4-bit files, which keep the output matrix at 8 bits or more."""
+    quantized = quantize(tiny_moe_gpt2(), "int4")
+    assert type(quantized.lm_head) is Int8Linear
+    assert isinstance(quantized.transformer.h[0].attn.c_attn, Int4Linear)
+
+
+def test_int4_refuses_a_shape_it_cannot_serve_and_leaves_the_model_unchanged():
+    from flash_experts.errors import ConfigError
+
+    model = nn.Sequential(nn.Linear(64, 32), nn.Linear(32, 48), nn.Linear(48, 8))  # 48 inputs: not a multiple of 32
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ConfigError, match="48 input features are not a multiple of the group size 32"):
+        quantize(model, "int4")
+    assert all(isinstance(m, nn.Linear) for m in model) and all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="group size must be one of"):
+        quantize(model, "int4", group_size=48)
+
+
+def test_a_wrong_int4_kernel_is_caught_and_bypassed(monkeypatch):
+    """Like the int8 kernel: one that computes a wrong product fails its one-time check, and the layer keeps
+    the portable dequantized product (reference: float64 math)."""
+    import flash_experts.model.quantize.int4 as int4
+
+    kernel = torch.ops.aten._weight_int4pack_mm_for_cpu
+
+    class WrongOps:
+        def __getattr__(self, name):
+            if name == "_weight_int4pack_mm_for_cpu":
+                return lambda *a: kernel(*a) * 1.1
+            return getattr(torch.ops.aten, name)
+
+    monkeypatch.setattr(int4.torch.ops, "aten", WrongOps())
+    monkeypatch.setattr(int4, "_KERNEL_CORRECT", {})
+    weight = torch.randn(40, 64)
+    module = Int4Linear(weight, None)
+    assert int4._KERNEL_CORRECT == {(64, 32): False} and not module.kernel
+    monkeypatch.undo()
+    monkeypatch.setattr(int4, "_KERNEL_CORRECT", {})
+    assert Int4Linear(weight, None).kernel and int4._KERNEL_CORRECT == {(64, 32): True}

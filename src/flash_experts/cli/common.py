@@ -68,7 +68,7 @@ def dtype_word(text: str) -> str:
         raise argparse.ArgumentTypeError(f"{text!r} is spelled {OTHER_PRECISION_SPELLINGS[text.lower()]} here")
     raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(PRECISIONS)}")
 
-QUANTIZATIONS = ("none", "int8")  # --quantize: none, or weight-only int8 (flash_experts.model.quantize)
+QUANTIZATIONS = ("none", "int8", "int4")  # --quantize: none, or a scheme of flash_experts.model.quantize
 
 
 def add_device_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,10 +94,12 @@ class RenamedOption(argparse.Action):
 
 def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quantize", choices=QUANTIZATIONS, default="none",
-                        help="int8: weight-only int8 matrices and experts, a quarter of the fp32 bytes per decoded "
-                             "token, at the cost of slightly different logits. Faster for small batches on CPU, where "
-                             "decoding is bound by the bytes it reads; elsewhere the weights are dequantized per call: "
-                             "less memory, not faster (measured speed and quality cost: BENCHMARKS.md; default none)")
+                        help="weight-only quantized matrices and experts: int8 (a scale per output channel) reads a "
+                             "quarter of the fp32 bytes per decoded token, int4 (a scale and a zero per 32 weights) "
+                             "about a sixth, at the cost of slightly different logits. Faster for small batches on "
+                             "CPU, where decoding is bound by the bytes it reads; elsewhere the weights are "
+                             "dequantized per call: less memory, not faster (measured speed and quality cost: "
+                             "BENCHMARKS.md; default none)")
 
 
 def sampling_config_from_args(args: argparse.Namespace):
@@ -125,7 +127,7 @@ def sampling_config_from_args(args: argparse.Namespace):
 
 def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "fp32", quantize: str = "none"):
     """(model, tokenizer) on the requested device, with weights in `dtype_name` (fp32, bf16, fp16), in eval mode;
-    quantize="int8" then stores its matrices as int8 (flash_experts.model.quantize)."""
+    quantize="int8" / "int4" then stores its matrices in that many bits (flash_experts.model.quantize)."""
     import torch
 
     from flash_experts.errors import UserError
@@ -152,10 +154,10 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
     if tokenizer is None:
         raise UserError(f"no tokenizer found for {name_or_path}")
     model = model.to(device=device, dtype=dtype).eval()
-    if quantize == "int8":
-        from flash_experts.model.quantize import quantize_int8
+    if quantize != "none":
+        from flash_experts.model.quantize import quantize as quantize_model
 
-        quantize_int8(model)
+        quantize_model(model, quantize)
     return model, tokenizer
 
 

@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_sampling_arguments(parser, max_new_tokens=40)
     parser.add_argument("--seed", type=int, nargs="+", default=[0, 1], help="sampling seeds, each used for every model (default 0 1)")
     parser.add_argument("--quantize", nargs="+", choices=QUANTIZATIONS, default=["none"], metavar="|".join(QUANTIZATIONS),
-                        help="weight-only int8 (see `generate --help`): one value for every model, or one per model "
+                        help="weight-only int8 or int4 (see `generate --help`): one value for every model, or one per model "
                              "in order, e.g. `compare M M --quantize none int8` to measure what int8 costs (default none)")
     parser.add_argument("--speed-batch-size", type=int, default=4, metavar="N", help="batch of the forward-speed test (default 4)")
     parser.add_argument("--speed-seq-len", type=int, default=256, metavar="N", help="sequence length of the forward-speed test (default 256)")
@@ -51,7 +51,7 @@ def run(args: argparse.Namespace) -> int:
     quantize = args.quantize * len(args.models) if len(args.quantize) == 1 else args.quantize
     if len(quantize) != len(args.models):
         raise UserError(f"{len(quantize)} --quantize values for {len(args.models)} models: give one, or one per model")
-    names = args.name or [name + (" (int8)" if q == "int8" else "")
+    names = args.name or [name + (f" ({q})" if q != "none" else "")
                           for name, q in zip(_default_names(args.models), quantize)]
     if len(names) != len(args.models):
         raise UserError(f"{len(names)} --name values for {len(args.models)} models: give one per model or none")

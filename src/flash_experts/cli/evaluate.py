@@ -75,7 +75,7 @@ def run(args: argparse.Namespace) -> int:
         result, routing = perplexity_with_routing(model, tokens, **measure)
     else:
         result = evaluate_perplexity(model, tokens, **measure)
-    weights = " (int8 weights)" if args.quantize == "int8" else f" ({args.dtype} weights)" if args.dtype != "fp32" else ""
+    weights = f" ({args.quantize} weights)" if args.quantize != "none" else f" ({args.dtype} weights)" if args.dtype != "fp32" else ""
     console.print(f"[bold]{args.model}[/bold]{weights}: {result.summary()}")
     numbers = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, **result.as_dict()}
     text_bytes = None if whole_text is None else len(whole_text.encode("utf-8"))

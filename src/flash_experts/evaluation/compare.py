@@ -31,7 +31,7 @@ from flash_experts.evaluation.perplexity import (
 )
 from flash_experts.evaluation.router_stats import RouterStatsResult, router_stats_markdown
 from flash_experts.model.properties import model_device, model_max_positions
-from flash_experts.model.quantize import quantized_weights
+from flash_experts.model.quantize import quantization_of, quantized_parameter_counts
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
 # `block_sparse_moe.experts.`. Both contain ".experts." (a Qwen-MoE "shared_expert." always runs and does not).
@@ -93,11 +93,13 @@ class ComparisonResult:
 def count_parameters(model: torch.nn.Module) -> ParameterCount:
     """Total and active-per-token parameter counts (shared tensors, e.g. tied embeddings, counted once)."""
     total = expert = 0
-    # named_parameters() skips duplicates of shared tensors; int8-quantized weights are buffers
-    for name, parameter in [*model.named_parameters(), *quantized_weights(model)]:
-        total += parameter.numel()
+    # named_parameters() skips duplicates of shared tensors; quantized weights are buffers, counted by their
+    # logical size
+    counts = [(name, p.numel()) for name, p in model.named_parameters()] + list(quantized_parameter_counts(model))
+    for name, count in counts:
+        total += count
         if EXPERT_PARAMETER_MARKER in f".{name}":
-            expert += parameter.numel()
+            expert += count
     config = getattr(model, "config", None)
     num_experts = _first_int(config, "num_experts", "num_local_experts")
     # top_k is `num_experts_per_tok` in our configs and Mixtral's (transformers < 5 reserves `top_k`, default 50,
@@ -259,8 +261,8 @@ def compare_models(
             generations, generation_speed = _timed_generations(entry, list(prompts), list(seeds), sampling, max_new_tokens)
         parameter = next(model.parameters())
         dtype = str(parameter.dtype).removeprefix("torch.")
-        if any(True for _ in quantized_weights(model)):
-            dtype = f"int8 weights, {dtype}"
+        if (scheme := quantization_of(model)) is not None:
+            dtype = f"{scheme} weights, {dtype}"
         reports.append(ModelReport(
             name=entry.name, dtype=dtype, device=str(parameter.device),
             parameters=count_parameters(model), perplexity=perplexity, forward_tokens_per_second=forward_speed,

@@ -91,24 +91,40 @@ def test_generate_cli_absurd_arguments_are_one_line_errors(model_dir, capsys, ex
     assert code == 2 and err.startswith("error:") and message in err
 
 
-def test_generate_cli_quantize_int8_decodes_the_quantized_model(model_dir, capsys):
-    """Reference: HF's GPT2LMHeadModel with its matrices replaced by `quantize_int8`, greedy through the
-    library's `generate`; the CLI must decode with int8 weights (at this initialisation, where even bf16
-    changes the tokens, int8 does too, so the test sees the quantization)."""
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_generate_cli_quantize_decodes_the_quantized_model(model_dir, capsys, scheme):
+    """Reference: HF's GPT2LMHeadModel with its matrices replaced by the library's `quantize`, greedy through the
+    library's `generate`; the CLI must decode with the quantized weights (at this initialisation, where even
+    bf16 changes the tokens, int8 and int4 do too, so the test sees the quantization)."""
     import copy
 
-    from flash_experts.model.quantize import quantize_int8
+    from flash_experts.model.quantize import quantize
 
     code = main(["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "8", "--greedy",
-                 "--no-stream", "--device", "cpu", "--quantize", "int8"])
+                 "--no-stream", "--device", "cpu", "--quantize", scheme])
     out = capsys.readouterr().out
     assert code == 0
     tokenizer = make_tokenizer()
     hf = make_hf_model(len(tokenizer))
     greedy = SamplingConfig(temperature=0)
-    expected = generate(quantize_int8(copy.deepcopy(hf)), tokenizer, ["Sword of"], greedy, 8).texts[0]
+    expected = generate(quantize(copy.deepcopy(hf), scheme), tokenizer, ["Sword of"], greedy, 8).texts[0]
     assert expected != generate(hf, tokenizer, ["Sword of"], greedy, 8).texts[0]
     assert out == "Sword of" + expected + "\n"
+
+
+def test_generate_cli_quantize_int4_on_a_shape_it_cannot_serve_is_one_error_line(tmp_path, capsys):
+    """A width of 48 is not a multiple of int4's group of 32: one `error:` line naming int8, exit 2."""
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=48, n_head=4, vocab_size=len(tokenizer), n_positions=64,
+                               bos_token_id=0, eos_token_id=0)).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    code = main(["generate", str(tmp_path), "--prompt", "Sword", "--max-new-tokens", "2", "--device", "cpu",
+                 "--quantize", "int4"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err[-1].startswith("error: int4 cannot serve") and "--quantize int8" in err[-1]
+    assert not any("Traceback" in line for line in err)
 
 
 def test_evaluate_cli_quantize_int8_reports_the_quantized_perplexity(model_dir, tmp_path, capsys):
@@ -221,3 +237,16 @@ def test_stop_argument_escapes_hand_made(model_dir, capsys):
     assert main(["generate", str(model_dir), "--prompt", "the", "--max-new-tokens", "12", "--greedy", "--no-stream",
                  "--device", "cpu", "--stop", stop]) == 0
     assert capsys.readouterr().out == "the" + text[:text.index(stop)] + "\n"
+
+
+def test_generate_cli_compile_on_a_transformers_model_warns_and_decodes_eagerly(model_dir, capsys):
+    """Reference: the same command without --compile. A plain transformers model is not ours: the decode step
+    is not compiled, one warning line says so, and the output is unchanged."""
+    argv = ["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "6", "--greedy", "--no-stream",
+            "--device", "cpu"]
+    assert main(argv) == 0
+    plain = capsys.readouterr().out
+    with pytest.warns(UserWarning, match="not one of our models; decoding eagerly"):
+        assert main([*argv, "--compile"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == plain and "Traceback" not in captured.err

@@ -21,6 +21,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="stop when TEXT appears (repeatable); \\n and \\t mean a newline and a tab")
     parser.add_argument("--num-samples", type=int, default=1, metavar="N", help="samples per prompt (default 1)")
     parser.add_argument("--no-stream", action="store_true", help="print only when everything is done")
+    parser.add_argument("--compile", action="store_true",
+                        help="run the one-token decode step through torch.compile (our models; the first call "
+                             "compiles, which takes a while, then each token is faster, most with --quantize; "
+                             "anything that cannot compile decodes eagerly, with a warning)")
     parser.add_argument("--clean", action="store_true",
                         help="tidy the output: normalise whitespace, cut at the last sentence end")
     add_sampling_arguments(parser)
@@ -49,7 +53,7 @@ def run(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     result = generate(model, tokenizer, prompts, config, args.max_new_tokens, stop_strings=[_unescape(s) for s in args.stop],
-                      seed=args.seed, stream=stream)
+                      seed=args.seed, stream=stream, compile=args.compile)
     seconds = time.perf_counter() - start
     texts = [clean_text(t, sentence_end=True) for t in result.texts] if args.clean else result.texts
 
@@ -63,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"--- sample {i + 1}/{len(prompts)} ({result.finish_reasons[i]})")
         print(prompt + text)
     tokens = sum(result.num_new_tokens)
+    if result.compile_seconds is not None:
+        print(f"[decode step compiled: its first call took {result.compile_seconds:.1f} s of these]", file=sys.stderr)
     print(f"[{tokens} new tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, "
           f"finish: {', '.join(sorted(set(result.finish_reasons)))}]", file=sys.stderr)
     return 0

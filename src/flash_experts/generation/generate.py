@@ -14,6 +14,7 @@ every row is done or `max_new_tokens` is reached.
 from __future__ import annotations
 
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,6 +41,8 @@ class GenerationResult:
     num_new_tokens: list[int]  # len(token_ids[i])
     finish_reasons: list[str]  # "eos" | "stop" | "length"
     prompt_lengths: list[int]  # prompt tokens per row (without padding)
+    # compile=True: seconds of the decode step's first (compiling) call; None when nothing was compiled
+    compile_seconds: float | None = None
 
 
 def generate(
@@ -54,12 +57,15 @@ def generate(
     stream: StreamCallback | None = None,
     attention_mask: Tensor | None = None,
     eos_token_id: int | Sequence[int] | None = None,
+    compile: bool = False,
 ) -> GenerationResult:
     """Continue each prompt by up to `max_new_tokens` tokens, sampled according to `config`.
 
     prompts: strings, or a (B, T) / (T,) tensor of token ids (then `attention_mask` marks real tokens
     when the rows are padded). `tokenizer` may be None only for tensor prompts without stop strings,
     streaming or word filters. `seed` makes sampling reproducible (a private torch.Generator).
+    `compile`: run the one-token steps through torch.compile (`generation/compiled.py`; our models only; the
+    first call compiles; anything that cannot compile decodes eagerly, with a warning).
     """
     config = config or SamplingConfig()
     if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
@@ -117,7 +123,20 @@ def generate(
     model.eval()
     try:
         with torch.inference_mode(), transposed_lm_head(model):
-            cache = model.make_cache(batch, total_length) if hasattr(model, "make_cache") else _dynamic_cache()
+            decoder = key_mask_BC = None
+            if compile and not hasattr(model, "make_cache"):
+                warnings.warn(f"compile: {type(model).__name__} is not one of our models; decoding eagerly",
+                              stacklevel=2)
+            elif compile:
+                from flash_experts.generation.compiled import CompiledDecoder, bucketed_length
+
+                cache_length = bucketed_length(total_length, max_positions)
+                cache = model.make_cache(batch, cache_length)
+                decoder = CompiledDecoder(model, cache)
+                key_mask_BC = torch.zeros(batch, cache_length, dtype=torch.bool, device=device)
+                key_mask_BC[:, :prompt_width] = mask_BL[:, :prompt_width].bool()
+            if decoder is None:
+                cache = model.make_cache(batch, total_length) if hasattr(model, "make_cache") else _dynamic_cache()
             extra = {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
             # transformers >= 5.24 renamed the cache argument `past_key_values` -> `cache`.
             cache_argument = "cache" if _accepts(model, "cache") else "past_key_values"
@@ -128,12 +147,16 @@ def generate(
             padded = any(len(row) < prompt_width for row in rows)
             for step in range(max_new_tokens):
                 length = prompt_width + step
-                out = model(input_ids=step_ids, attention_mask=mask_BL[:, :length] if padded else None,
-                            position_ids=positions, use_cache=True, **{cache_argument: cache}, **extra)
-                returned_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
-                if returned_cache is not None:
-                    cache = returned_cache
-                logits_BV = out.logits[:, -1, :].float()
+                if decoder is not None and step > 0:
+                    key_mask_BC[:, length - 1] = True
+                    logits_BV = decoder(step_ids, positions, length - 1, key_mask_BC)[:, -1, :].float()
+                else:
+                    out = model(input_ids=step_ids, attention_mask=mask_BL[:, :length] if padded else None,
+                                position_ids=positions, use_cache=True, **{cache_argument: cache}, **extra)
+                    returned_cache = getattr(out, "cache", None) or getattr(out, "past_key_values", None)
+                    if returned_cache is not None:
+                        cache = returned_cache
+                    logits_BV = out.logits[:, -1, :].float()
                 # NaN weights give NaN logits: sampling would then fail inside torch, argmax pick garbage. On
                 # CPU the check costs nothing; on a GPU it would sync every step, so there the first step
                 # (where damaged weights show) is checked and later ones are caught by the final check.
@@ -176,8 +199,11 @@ def generate(
         tail = [t.close() if not t.closed else "" for t in texts]
         if any(tail):
             stream(tail)
-    return _result(tokenizer, ids_BL[:, prompt_width:].cpu(), new_counts_B.cpu(), eos_ids, hit_stop, stop_strings,
-                   [len(r) for r in rows])
+    result = _result(tokenizer, ids_BL[:, prompt_width:].cpu(), new_counts_B.cpu(), eos_ids, hit_stop, stop_strings,
+                     [len(r) for r in rows])
+    if decoder is not None and decoder.failure is None:
+        result.compile_seconds = decoder.compile_seconds
+    return result
 
 
 def _result(tokenizer, new_ids_BN: Tensor, counts_B: Tensor, eos_ids: list[int], hit_stop: list[bool],

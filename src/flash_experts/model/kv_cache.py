@@ -47,11 +47,18 @@ class StaticKVLayer(CacheLayerMixin):
         self.device = self.keys.device
         self.length = 0
         self.is_initialized = True
+        self.decode_slot: Tensor | None = None  # (1,) long: set only by the compiled decode step
 
     def lazy_initialization(self, key_states: Tensor, value_states: Tensor) -> None:
         pass  # allocated up front
 
     def update(self, key_states: Tensor, value_states: Tensor, *args, **kwargs) -> tuple[Tensor, Tensor]:
+        if self.decode_slot is not None:
+            # The compiled decode step (generation/compiled.py): write at a slot given as a tensor and return the
+            # whole buffer, so every step has the same shapes; a key padding mask hides the slots not yet filled.
+            self.keys.index_copy_(2, self.decode_slot, key_states)
+            self.values.index_copy_(2, self.decode_slot, value_states)
+            return self.keys, self.values
         start, end = self.length, self.length + key_states.shape[-2]
         if end > self.keys.shape[-2]:
             raise UserError(f"KV cache is full: {end} positions needed, {self.keys.shape[-2]} allocated")

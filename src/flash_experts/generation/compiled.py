@@ -1,0 +1,110 @@
+"""A compiled one-token decode step: gpt-fast's approach, beside the model code rather than inside it.
+
+Decoding a token on CPU runs a few hundred small operations (30 layers of SmolLM2: norms, rotary, attention,
+projections) whose Python and dispatch overhead costs more than the weights take to read (BENCHMARKS.md has
+the profile). torch.compile turns the step into a few fused kernels (inductor's C++ backend on CPU; on a GPU
+the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if every step has the same shapes:
+
+- the KV cache is the static one (`model.make_cache`), sized to a multiple of LENGTH_BUCKET positions, so
+  prompts of similar length reuse the compiled step; in decode mode each layer writes the new key and value
+  at a slot given as a tensor and attention reads the whole buffer, with a key padding mask over the slots
+  not filled yet (masked keys add exactly zero to the softmax, so this is the same arithmetic);
+- the prompt itself (prefill) runs eagerly, through the model's own forward;
+- models with MoE layers decode eagerly (with a warning): the expert dispatch depends on how many rows each
+  expert gets, a new shape every step, so the graph breaks in every MoE layer and each layer's remainder
+  compiles on its own (tried: minutes of compiling, and dynamo's recompile limit reached).
+
+The first call compiles (printed by the caller with its time; inductor keeps compiled kernels in its on-disk
+cache, so a later process compiles faster). A step that fails to compile decodes eagerly from then on, with a
+warning saying why: `generate(..., compile=True)` never fails where eager decoding would not.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+import weakref
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.moe import GroupedExperts
+from flash_experts.model.quantize import QuantizedGroupedExperts
+
+LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this (one compiled step serves the bucket)
+# Each model (and each cache-length bucket) is one more entry of the one compiled function; dynamo's default
+# limit of 8 would send a process decoding several models (a benchmark, `compare`) back to eager.
+RECOMPILE_LIMIT = 64
+
+
+def bucketed_length(total_length: int, max_positions: int | None) -> int:
+    """The static cache length for `total_length` positions: the next multiple of LENGTH_BUCKET, within the
+    model's positions."""
+    length = -(-total_length // LENGTH_BUCKET) * LENGTH_BUCKET
+    return min(length, max_positions) if max_positions is not None else length
+
+
+def _decode_one(model: nn.Module, ids_B1: Tensor, positions_B1: Tensor, key_mask_BL: Tensor,
+                cache: KVCache) -> Tensor:
+    hidden_B1D, _ = model._decode(ids_B1, positions_B1, key_mask_BL, cache)
+    return model.lm_head(hidden_B1D)
+
+
+_COMPILED: dict[str, Callable] = {}
+# Why compiling failed for a model: remembered for the process, so later calls decode eagerly at once instead of
+# failing through the same compilation again.
+_FAILED: weakref.WeakKeyDictionary[nn.Module, str] = weakref.WeakKeyDictionary()
+
+
+def _compiled_step(device_type: str) -> Callable:
+    if device_type not in _COMPILED:
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        mode = "reduce-overhead" if device_type == "cuda" else None
+        _COMPILED[device_type] = torch.compile(_decode_one, dynamic=False, mode=mode)
+    return _COMPILED[device_type]
+
+
+class CompiledDecoder:
+    """Runs decode steps (one token per row) of `model` against `cache` through the compiled step.
+
+    `compile_seconds` is the first call's time (tracing and compiling, plus one step), None before it;
+    `failure` says why compilation was given up (decoding then runs eagerly), None while it works."""
+
+    def __init__(self, model: nn.Module, cache: KVCache):
+        if not hasattr(model, "_decode") or not isinstance(cache, KVCache):
+            raise TypeError("the compiled decode step needs one of our models and its static cache")
+        self.model, self.cache = model, cache
+        self.compile_seconds: float | None = None
+        self.failure: str | None = _FAILED.get(model)
+        if any(isinstance(m, (GroupedExperts, QuantizedGroupedExperts)) for m in model.modules()):
+            self.failure = "the model has MoE layers, whose expert dispatch changes shape every step"
+            warnings.warn(f"compile: {self.failure}; decoding eagerly", stacklevel=3)
+
+    def __call__(self, ids_B1: Tensor, positions_B1: Tensor, slot: int, key_mask_BL: Tensor) -> Tensor:
+        """Logits (B, 1, V) for the tokens `ids_B1` at cache slot `slot`; key_mask_BL marks the filled slots
+        (this one included) over the whole cache length."""
+        slot_1 = torch.tensor([slot], device=ids_B1.device)
+        for layer in self.cache.layers:
+            layer.decode_slot = slot_1
+        try:
+            if self.failure is None:
+                try:
+                    start = time.perf_counter()
+                    logits = _compiled_step(ids_B1.device.type)(self.model, ids_B1, positions_B1, key_mask_BL,
+                                                                self.cache)
+                    if self.compile_seconds is None:
+                        self.compile_seconds = time.perf_counter() - start
+                    return logits
+                except Exception as error:  # noqa: BLE001 - a compiler failure must not end the generation
+                    self.failure = _FAILED[self.model] = f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"
+                    warnings.warn(f"torch.compile of the decode step failed ({self.failure}); decoding eagerly",
+                                  stacklevel=2)
+            return _decode_one(self.model, ids_B1, positions_B1, key_mask_BL, self.cache)
+        finally:
+            for layer in self.cache.layers:
+                layer.decode_slot = None
+                layer.length = slot + 1

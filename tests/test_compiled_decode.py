@@ -1,0 +1,104 @@
+"""The compiled decode step (generation/compiled.py) against eager decoding of the same model.
+
+References: our eager decode loop (prefix KV cache, no compilation) for the greedy tokens, and the model's own
+forward over the whole sequence for the logits of a compiled step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import flash_experts.generation.compiled as compiled
+from flash_experts.generation.compiled import CompiledDecoder, bucketed_length
+from flash_experts.generation.generate import generate
+from flash_experts.generation.sampling import SamplingConfig
+from flash_experts.model import upcycle
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+def tiny_llama() -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                                        initializer_range=0.2)).eval()
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny Llama-family model (GQA, rotary) in our class, no MoE layers."""
+    return upcycle(tiny_llama(), moe_layers=[]).eval()
+
+
+def left_padded_prompts() -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    mask = torch.ones_like(ids)
+    mask[1, :3] = 0  # row 1: a 4-token prompt, left-padded
+    return ids, mask
+
+
+def test_compiled_greedy_tokens_and_logits_equal_eager_fp32(model):
+    ids, mask = left_padded_prompts()
+    eager = generate(model, None, ids, GREEDY, 12, attention_mask=mask, eos_token_id=127)
+    got = generate(model, None, ids, GREEDY, 12, attention_mask=mask, eos_token_id=127, compile=True)
+    assert got.token_ids == eager.token_ids
+    assert got.compile_seconds is not None and got.compile_seconds > 0
+
+    # One compiled step's logits against the model's own forward over the whole row (row 0: no padding).
+    sequence = torch.cat([ids[0], torch.tensor(eager.token_ids[0][:5])])[None]
+    with torch.no_grad():
+        want = model(sequence).logits[0, -1]
+        cache = model.make_cache(1, bucketed_length(sequence.shape[1], 256))
+        model(sequence[:, :-1], cache=cache, use_cache=True)
+        key_mask = torch.zeros(1, cache.layers[0].keys.shape[2], dtype=torch.bool)
+        key_mask[0, :sequence.shape[1]] = True
+        position = torch.tensor([[sequence.shape[1] - 1]])
+        logits = CompiledDecoder(model, cache)(sequence[:, -1:], position, sequence.shape[1] - 1, key_mask)
+    assert torch.allclose(logits[0, -1], want, rtol=0, atol=1e-5)
+
+
+def test_a_compile_failure_decodes_eagerly_with_a_warning(model, monkeypatch):
+    attempts = []
+
+    def failing_backend(device_type):
+        def step(*args):
+            attempts.append(1)
+            raise RuntimeError("no C++ compiler")
+        return step
+
+    monkeypatch.setattr(compiled, "_compiled_step", failing_backend)
+    ids, mask = left_padded_prompts()
+    eager = generate(model, None, ids, GREEDY, 6, attention_mask=mask, eos_token_id=127)
+    with pytest.warns(UserWarning, match="torch.compile of the decode step failed .*no C\\+\\+ compiler.*eagerly"):
+        got = generate(model, None, ids, GREEDY, 6, attention_mask=mask, eos_token_id=127, compile=True)
+    assert got.token_ids == eager.token_ids and got.compile_seconds is None
+    # The failure is remembered for this model: the next call decodes eagerly without compiling again.
+    again = generate(model, None, ids, GREEDY, 6, attention_mask=mask, eos_token_id=127, compile=True)
+    assert again.token_ids == eager.token_ids and len(attempts) == 1
+    compiled._FAILED.pop(model)
+
+
+def test_an_moe_model_decodes_eagerly_with_a_warning():
+    moe = upcycle(tiny_llama(), num_experts=4, top_k=2, moe_layers="every_other").eval()
+    ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="MoE layers.*decoding eagerly"):
+        got = generate(moe, None, ids, GREEDY, 4, eos_token_id=127, compile=True)
+    assert got.compile_seconds is None
+    assert got.token_ids == generate(moe, None, ids, GREEDY, 4, eos_token_id=127).token_ids
+
+
+def test_compile_on_a_model_that_is_not_ours_decodes_eagerly_with_a_warning():
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2)).eval()
+    ids = torch.randint(0, 64, (1, 5), generator=torch.Generator().manual_seed(2))
+    with pytest.warns(UserWarning, match="not one of our models; decoding eagerly"):
+        got = generate(hf, None, ids, GREEDY, 4, eos_token_id=-1, compile=True)
+    assert got.token_ids == generate(hf, None, ids, GREEDY, 4, eos_token_id=-1).token_ids
+
+
+def test_cache_lengths_come_in_buckets_within_the_model():
+    assert bucketed_length(1, None) == bucketed_length(128, None) == 128
+    assert bucketed_length(129, 1024) == 256 and bucketed_length(1000, 1024) == 1024
+    assert bucketed_length(200, 150) == 150

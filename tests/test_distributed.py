@@ -109,3 +109,38 @@ def test_resume_on_two_processes_continues_a_single_process_run(tmp_path):
     assert sorted(losses) == [4, 5, 6]
     for step in (4, 5, 6):
         assert abs(losses[step] - single.losses[step]) < 1e-5, (step, losses[step], single.losses[step])
+
+
+def test_fsdp_two_processes_follow_the_single_process_curve_and_resume_on_one(tmp_path):
+    """Reference: the single-process run with grad_accum=2 (as for DDP above). FSDP2 over 2 gloo processes
+    (run.parallel=fsdp, fp32) shards weights, gradients and AdamW's state, and must follow the same per-step
+    losses; its step-3 checkpoint holds the whole weights plus the optimizer sharded by torch.distributed.checkpoint
+    (one file per rank), and one process resuming it must continue the same curve."""
+    from flash_experts.training.checkpoint import OPTIMIZER_DIR, load_trainer_state
+    from flash_experts.training.trainer import train
+
+    _skip_if_no_gloo()
+    data = make_data(tmp_path / "data")
+    single = train(tiny_config(data, tmp_path / "one", **{"data.grad_accum": 2, "optim.max_steps": 5}))
+    config_file = tmp_path / "fsdp.yaml"
+    save_config(tiny_config(data, tmp_path / "fsdp", **{"data.grad_accum": 1, "optim.max_steps": 5,
+                                                        "run.parallel": "fsdp"}), config_file)
+    run = torchrun(config_file)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "2 process(es)" in run.stdout
+    losses = metrics(tmp_path / "fsdp", "train/total_loss")
+    assert sorted(losses) == [1, 2, 3, 4, 5]
+    for step, loss in single.losses.items():
+        assert abs(losses[step] - loss) < 1e-5, (step, losses[step], loss)
+    val_one, val_fsdp = metrics(tmp_path / "one", "val/loss"), metrics(tmp_path / "fsdp", "val/loss")
+    for step in val_one:
+        assert abs(val_one[step] - val_fsdp[step]) < 1e-5
+
+    checkpoint = tmp_path / "fsdp" / "checkpoints" / "step_00000003"
+    assert load_trainer_state(checkpoint)["optimizer"] is None
+    assert len(list((checkpoint / OPTIMIZER_DIR).glob("*.distcp"))) == 2  # one shard file per rank
+    resumed = train(tiny_config(data, tmp_path / "resumed", **{"data.grad_accum": 2, "optim.max_steps": 5,
+                                                               "run.parallel": "fsdp"}), resume=str(checkpoint))
+    assert sorted(resumed.losses) == [4, 5]
+    for step in (4, 5):
+        assert abs(resumed.losses[step] - single.losses[step]) < 1e-5, (step, resumed.losses[step], single.losses[step])

@@ -35,7 +35,6 @@ def dequantized(w_OI: torch.Tensor, scheme: str = "int8") -> torch.Tensor:
 def fake_quantized(model: nn.Module, scheme: str = "int8") -> nn.Module:
     """A copy whose quantizable weights hold their dequantized values, everything else untouched."""
     model = copy.deepcopy(model)
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     with torch.no_grad():
         for module in model.modules():

@@ -48,15 +48,21 @@ def step_dir_name(step: int) -> str:
 # --------------------------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, state: dict) -> Path:
-    """Write model + tokenizer + trainer state to `folder` atomically (replacing an existing folder)."""
+def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer: Any, state: dict,
+                    model_state: dict | None = None, move_in: dict[str, Path] | None = None) -> Path:
+    """Write model + tokenizer + trainer state to `folder` atomically (replacing an existing folder).
+
+    `model_state`: the weights to write instead of `model.state_dict()` (an FSDP run's gathered full weights);
+    `move_in`: {name: folder} moved into the checkpoint before it appears (an FSDP run's sharded optimizer)."""
     folder = Path(folder)
     parent = folder.parent
     parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{folder.name}-", dir=parent))
     try:
         with quiet_transformers_progress():
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, **({} if model_state is None else {"state_dict": model_state}))
+        for name, source in (move_in or {}).items():
+            os.rename(source, tmp / name)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         torch.save(state, tmp / STATE_FILE)
@@ -76,11 +82,12 @@ def save_checkpoint(folder: str | os.PathLike, model: torch.nn.Module, tokenizer
 
 
 def save_step_checkpoint(
-    run_dir: str | os.PathLike, step: int, model: torch.nn.Module, tokenizer: Any, state: dict, keep_last: int
+    run_dir: str | os.PathLike, step: int, model: torch.nn.Module, tokenizer: Any, state: dict, keep_last: int,
+    model_state: dict | None = None, move_in: dict[str, Path] | None = None,
 ) -> Path:
     """Save `checkpoints/step_XXXXXXXX`, point `latest` at it, then prune to the newest `keep_last`."""
     root = Path(run_dir) / CHECKPOINTS
-    folder = save_checkpoint(root / step_dir_name(step), model, tokenizer, state)
+    folder = save_checkpoint(root / step_dir_name(step), model, tokenizer, state, model_state, move_in)
     _write_atomic(root / LATEST_FILE, folder.name + "\n")
     prune_checkpoints(root, keep_last)
     return folder
@@ -94,6 +101,56 @@ def prune_checkpoints(root: Path, keep_last: int) -> None:
         if latest is None or folder.resolve() != latest.resolve():
             shutil.rmtree(folder, ignore_errors=True)
     recover_interrupted_saves(root)
+
+
+# --------------------------------------------------------------------------------- sharded optimizer (FSDP)
+
+# An FSDP run's checkpoint keeps AdamW's state sharded, one file per rank written by torch.distributed.checkpoint
+# (DCP), in this subfolder; DCP reshards on loading, so it resumes on any number of processes (one included).
+OPTIMIZER_DIR = "optimizer"
+
+
+def _adamw_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    """AdamW's per-parameter tensors keyed by parameter name ("<name>/exp_avg", ...), created (zero, step 0)
+    where a parameter has none yet: names, unlike the optimizer's own numbering, mean the same thing on any
+    number of ranks, and DCP reshards each (DTensor or whole) tensor to whatever holds it on loading. Only
+    tensors: the hyperparameters come from the config on resuming."""
+    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    state = {}
+    for name, param in model.named_parameters():  # tied weights appear once
+        if id(param) not in trained:
+            continue
+        moments = optimizer.state[param]
+        if not moments:
+            moments.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param),
+                           exp_avg_sq=torch.zeros_like(param))
+        for key, value in moments.items():
+            state[f"{name}/{key}"] = value
+    return state
+
+
+def save_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """Collective: every rank writes its shard of AdamW's state into `folder`."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_adamw_state_by_name(model, optimizer), checkpoint_id=str(folder))
+
+
+def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimizer, folder: Path) -> None:
+    """AdamW's state of `folder` (written by any number of ranks) into this run's optimizer, sharded or not."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    # no_dist: one process (no process group) loads the whole of every tensor, resharded from all ranks' files
+    dcp.load(_adamw_state_by_name(model, optimizer), checkpoint_id=str(folder),
+             no_dist=not (dist.is_available() and dist.is_initialized()))  # in place
+
+
+def gathered_model_state(model: torch.nn.Module) -> dict:
+    """Collective: the full (unsharded) weights of an FSDP model on rank 0, on the CPU (empty on other ranks)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def recover_interrupted_saves(parent: Path) -> None:

@@ -38,6 +38,9 @@ class RunConfig:
     # else fp32; master weights are always fp32
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False  # torch.compile (inductor); a part that fails to compile runs eagerly (training/compile.py)
+    # ddp: every process holds the whole model; fsdp: parameters, gradients and optimizer state sharded over the
+    # processes (FSDP2; docs/DISTRIBUTED.md). With one process both train the same unsharded model.
+    parallel: Literal["ddp", "fsdp"] = "ddp"
     quiet: bool = False
 
 

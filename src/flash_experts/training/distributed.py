@@ -1,8 +1,12 @@
-"""Data parallelism from torchrun's environment: process group, DDP wrap, cross-rank reductions.
+"""Data parallelism from torchrun's environment: process group, DDP wrap or FSDP2 sharding, cross-rank reductions.
 
 Launch with torchrun; there is no home-made launcher:
 
-    torchrun --nproc_per_node=2 -m flash_experts.cli.main finetune --config configs/X.yaml
+    torchrun --nproc_per_node=2 -m flash_experts.cli.main finetune --config configs/X.yaml [run.parallel=fsdp]
+
+`run.parallel=ddp` (the default) keeps a whole model, its gradients and AdamW's state on every process;
+`run.parallel=fsdp` shards all three (FSDP2, `fully_shard` per transformer block, then the root): each process
+holds 1/WORLD_SIZE of them and gathers one block's weights just in time for its forward and backward.
 
 Without torchrun's variables everything here is a cheap no-op for one process, so the trainer has a single
 code path. Rank 0 alone writes checkpoints and logs; saves are fenced by barriers.
@@ -66,6 +70,35 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
     device_ids = [info.local_rank] if info.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of our two families (GPT-2: transformer.h, Llama: model.layers): FSDP's units."""
+    for path in ("transformer.h", "model.layers"):
+        blocks = model
+        for name in path.split("."):
+            blocks = getattr(blocks, name, None)
+        if isinstance(blocks, torch.nn.ModuleList):
+            return list(blocks)
+    raise TypeError(f"no transformer blocks found in {type(model).__name__}")
+
+
+def shard_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
+    """FSDP2 in place: `fully_shard` each block (one all-gather per block, freed after use), then the root
+    (embeddings, final norm, LM head). Parameters become DTensors holding this rank's shard; build the optimizer
+    afterwards. `param_dtype` (bf16 / fp16, or None for fp32) is the dtype the gathered weights compute in;
+    gradients are reduced in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    # Each rank built its own model (random init, expert noise, Drop-Upcycling draw from per-rank seeds): rank 0's
+    # is the run's, as DDP's constructor makes it by broadcasting. Shards are cut from identical weights.
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
+    for block in transformer_blocks(model):
+        fully_shard(block, mp_policy=policy)
+    fully_shard(model, mp_policy=policy)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import shutil
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -173,8 +174,10 @@ def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float 
             for key in order if key in groups or not key[0]]
 
 
-def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str) -> tuple[list[nn.Parameter], Any]:
-    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, and build its AdamW.
+def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
+                         shard: Callable[[nn.Module], None] | None = None) -> tuple[list[nn.Parameter], Any]:
+    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, shard it (`shard`, FSDP), and
+    build its AdamW.
 
     The trainer's own setup, shared with the step timing of training/equal_compute.py so that a timed step is
     the trained step. Returns the trainable parameters and the optimizer."""
@@ -182,6 +185,8 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str) -> tup
     if cfg.model.train == "moe":
         for name, param in model.named_parameters():
             param.requires_grad_(is_moe_parameter(name))
+    if shard is not None:
+        shard(model)  # FSDP2 replaces the parameters by their shards: the optimizer must see those
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
@@ -190,7 +195,7 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str) -> tup
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
                          else cfg.optim.rewarm_peak / cfg.optim.lr), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps, fused=True,
+        eps=cfg.optim.eps, **({"foreach": True} if shard is not None else {"fused": True}),
     )
     return params, optimizer
 
@@ -298,8 +303,16 @@ class Trainer:
         )
         self.tokens_per_step = self.train_batches.global_batch * cfg.data.block_size
 
-        # -- trainable parameters and optimizer
-        self.params, self.optimizer = prepare_for_training(model, cfg, self.device)
+        # -- sharding, trainable parameters and optimizer
+        self.fsdp = cfg.run.parallel == "fsdp" and info.enabled
+        if cfg.run.parallel == "fsdp" and not info.enabled:
+            self._say("run.parallel=fsdp with one process: nothing to shard, training the whole model here "
+                      "(its checkpoints resume on any number of processes)")
+        if resume_folder is not None:  # before sharding: every rank loads the whole weights, then keeps its shard
+            ckpt.load_model_weights(model, resume_folder)
+        param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        shard = (lambda m: dist_utils.shard_fsdp(m, param_dtype)) if self.fsdp else None
+        self.params, self.optimizer = prepare_for_training(model, cfg, self.device, shard)
         self.raw_model = model
         self._fresh_lr_scales = [group["lr_scale"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
@@ -328,7 +341,7 @@ class Trainer:
             )
 
         compiled = compile_fail_safe(model) if cfg.run.compile else model
-        self.model = dist_utils.wrap_ddp(compiled, info)
+        self.model = compiled if self.fsdp else dist_utils.wrap_ddp(compiled, info)
         self.eval_model = compiled
 
         if info.is_main:
@@ -344,11 +357,16 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- resume
 
     def _resume(self, folder: Path) -> None:
-        state = ckpt.load_trainer_state(folder)
-        ckpt.load_model_weights(self.raw_model, folder)
+        state = ckpt.load_trainer_state(folder)  # the weights were loaded before sharding (__init__)
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
-        except (ValueError, KeyError) as error:
+            if state["optimizer"] is None:  # written by an FSDP run: sharded, any number of ranks
+                ckpt.load_sharded_optimizer(self.raw_model, self.optimizer, folder / ckpt.OPTIMIZER_DIR)
+            elif self.fsdp:
+                raise UserError(f"cannot resume {folder} with run.parallel=fsdp: it was written by a ddp run "
+                                "(whole optimizer state); resume it with run.parallel=ddp")
+            else:
+                self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, RuntimeError) as error:
             raise UserError(
                 f"cannot resume from {folder}: its optimizer state does not fit this config's trainable "
                 f"parameters ({error}); was model.train or the model changed?"
@@ -386,7 +404,8 @@ class Trainer:
             "best_step": self.best_step,
             "last_val_loss": self.last_val_loss,
             "evals_without_improvement": self.evals_without_improvement,
-            "optimizer": self.optimizer.state_dict(),
+            # FSDP: sharded beside it (checkpoint.OPTIMIZER_DIR), written by every rank in save()
+            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rng,
             "sampler": self.train_batches.state_dict(),
@@ -397,13 +416,25 @@ class Trainer:
     def save(self, best: bool = False) -> Path | None:
         """Checkpoint the current step (all ranks call this; rank 0 writes). `best` writes <out_dir>/best instead."""
         state = self._trainer_state()
-        folder = None
+        folder = model_state = None
+        move_in: dict[str, Path] = {}
+        if self.fsdp:  # collectives: every rank writes its optimizer shard, rank 0 receives the whole weights
+            staging = self.run_dir / ckpt.CHECKPOINTS / f".tmp-optimizer-{'best' if best else self.step}"
+            if self.info.is_main:
+                shutil.rmtree(staging, ignore_errors=True)
+            dist_utils.barrier()
+            ckpt.save_sharded_optimizer(self.raw_model, self.optimizer, staging)
+            model_state = ckpt.gathered_model_state(self.raw_model)
+            move_in = {ckpt.OPTIMIZER_DIR: staging}
+            dist_utils.barrier()  # every shard written before rank 0 moves the folder into the checkpoint
         if self.info.is_main:
             if best:
-                folder = ckpt.save_checkpoint(self.run_dir / ckpt.BEST, self.raw_model, self.tokenizer, state)
+                folder = ckpt.save_checkpoint(self.run_dir / ckpt.BEST, self.raw_model, self.tokenizer, state,
+                                              model_state, move_in)
             else:
                 folder = ckpt.save_step_checkpoint(
-                    self.run_dir, self.step, self.raw_model, self.tokenizer, state, self.cfg.checkpoint.keep_last
+                    self.run_dir, self.step, self.raw_model, self.tokenizer, state, self.cfg.checkpoint.keep_last,
+                    model_state, move_in,
                 )
         dist_utils.barrier()  # nobody runs ahead (or exits) while rank 0 is still writing
         if not best:
@@ -426,7 +457,9 @@ class Trainer:
             x = self._to_device(self.train_batches.micro_batch(self.step, micro))
             # DDP all-reduces gradients on every backward; skip that on all but the last micro-batch
             last = micro == accum - 1
-            sync = contextlib.nullcontext() if last or not self.info.enabled else self.model.no_sync()
+            if self.fsdp:  # FSDP2's switch for the same thing: reduce-scatter only after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
+            sync = contextlib.nullcontext() if last or not self.info.enabled or self.fsdp else self.model.no_sync()
             with sync:
                 with self.autocast():
                     out = self.model(input_ids=x, labels=x)
@@ -447,7 +480,8 @@ class Trainer:
             self._diverged(f"the loss is {loss}")
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
             self._diverged(f"the gradient norm is {grad_norm}")
         self.scaler.step(self.optimizer)

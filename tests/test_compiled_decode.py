@@ -102,3 +102,39 @@ def test_cache_lengths_come_in_buckets_within_the_model():
     assert bucketed_length(1, None) == bucketed_length(128, None) == 128
     assert bucketed_length(129, 1024) == 256 and bucketed_length(1000, 1024) == 1024
     assert bucketed_length(200, 150) == 150
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d"])
+@pytest.mark.parametrize("rows", [1, 3, 40])
+def test_reduction_products_equal_float64_math(kind, rows, monkeypatch):
+    """The compiled step's few-row products (multiply and sum; reference: float64 x @ W + b) replace the module's
+    own only while compiling, without gradients, for at most REDUCTION_MAX_ROWS rows."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(rows)
+    model = torch.nn.Sequential(torch.nn.Linear(24, 40) if kind == "linear" else Conv1D(40, 24))
+    x = torch.randn(rows, 24)
+    weight_IO = model[0].weight.t() if kind == "linear" else model[0].weight
+    reference = x.double() @ weight_IO.double() + model[0].bias.double()
+    sums = []
+    monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sums.append(1) or torch.sum(self, *a, **k))
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with compiled.decode_products(model), torch.no_grad():
+        y = model(x)
+    assert torch.allclose(y.double(), reference, rtol=0, atol=1e-5)
+    assert bool(sums) == (rows <= compiled.REDUCTION_MAX_ROWS)
+    assert type(model[0]) in (torch.nn.Linear, Conv1D)  # the class is restored
+
+
+def test_int8_compiled_product_equals_float64_math(monkeypatch):
+    """Reference: float64 x @ (int8 weight x scale).T; the compiled branch sums in fp32 from unrounded x."""
+    from flash_experts.model.quantize.int8 import Int8Linear
+
+    torch.manual_seed(0)
+    module = Int8Linear(torch.randn(40, 64), torch.randn(40))
+    x = torch.randn(2, 64)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    with torch.no_grad():
+        y = module(x)
+    reference = x.double() @ (module.weight_int8.double() * module.scales.double()[:, None]).t() + module.bias.double()
+    assert torch.allclose(y.double(), reference, rtol=0, atol=1e-4)

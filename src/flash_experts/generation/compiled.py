@@ -10,6 +10,11 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   at a slot given as a tensor and attention reads the whole buffer, with a key padding mask over the slots
   not filled yet (masked keys add exactly zero to the softmax, so this is the same arithmetic);
 - the prompt itself (prefill) runs eagerly, through the model's own forward;
+- inside the compiled step a float Linear / Conv1D of a few rows is written as a multiply and a sum over the
+  input dimension, which inductor turns into one vectorised loop streaming the weight once: with the weights
+  streamed from memory, a (1, 576) x (576, 1536) product ran at 20 GB/s that way against 12-15 GB/s for the
+  library GEMM call torch makes of `F.linear` (BENCHMARKS.md). The modules' class is swapped for the length of
+  one `generate` call (`decode_products`), so the model files stay plain and eager calls are unchanged;
 - models with MoE layers decode eagerly (with a warning): the expert dispatch depends on how many rows each
   expert gets, a new shape every step, so the graph breaks in every MoE layer and each layer's remainder
   compiles on its own (tried: minutes of compiling, and dynamo's recompile limit reached).
@@ -21,13 +26,15 @@ warning saying why: `generate(..., compile=True)` never fails where eager decodi
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 import weakref
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
+from transformers.pytorch_utils import Conv1D
 
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.moe import GroupedExperts
@@ -50,6 +57,50 @@ def _decode_one(model: nn.Module, ids_B1: Tensor, positions_B1: Tensor, key_mask
                 cache: KVCache) -> Tensor:
     hidden_B1D, _ = model._decode(ids_B1, positions_B1, key_mask_BL, cache)
     return model.lm_head(hidden_B1D)
+
+
+REDUCTION_MAX_ROWS = 16  # more rows than this and the library GEMM, which reuses each weight across rows, wins
+
+
+def _few_rows(x: Tensor) -> bool:
+    return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+            and x.numel() // x.shape[-1] <= REDUCTION_MAX_ROWS)
+
+
+class _ReductionLinear(nn.Linear):
+    """nn.Linear whose few-row products, when compiled, are a multiply-and-sum over the input features."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _few_rows(x) or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        y = (x[..., None, :].float() * self.weight.float()).sum(-1).to(x.dtype)  # (..., out): weight read once
+        return y if self.bias is None else y + self.bias
+
+
+class _ReductionConv1D(Conv1D):
+    """GPT-2's Conv1D (weight (in, out)) likewise: the sum runs over the weight's rows."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not _few_rows(x) or x.dtype != self.weight.dtype:
+            return super().forward(x)
+        return ((x[..., :, None].float() * self.weight.float()).sum(-2) + self.bias.float()).to(x.dtype)
+
+
+_REDUCTION_CLASSES = {nn.Linear: _ReductionLinear, Conv1D: _ReductionConv1D}
+
+
+@contextlib.contextmanager
+def decode_products(model: nn.Module) -> Iterator[None]:
+    """While inside, the model's float Linear / Conv1D modules compute compiled few-row products as reductions
+    (their class swapped for a subclass; the same parameters, the same results up to summation order)."""
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _REDUCTION_CLASSES]
+    for module, cls in swapped:
+        module.__class__ = _REDUCTION_CLASSES[cls]
+    try:
+        yield
+    finally:
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 _COMPILED: dict[str, Callable] = {}

@@ -122,7 +122,9 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), transposed_lm_head(model):
+        # compile: the compiled step's own few-row products replace the transposed head (generation/compiled.py)
+        faster_products = _compiled_products(model) if compile else transposed_lm_head(model)
+        with torch.inference_mode(), faster_products:
             decoder = key_mask_BC = None
             if compile and not hasattr(model, "make_cache"):
                 warnings.warn(f"compile: {type(model).__name__} is not one of our models; decoding eagerly",
@@ -331,6 +333,12 @@ def _accepts(model, argument: str) -> bool:
         return argument in inspect.signature(model.forward).parameters
     except (TypeError, ValueError):
         return False
+
+
+def _compiled_products(model):
+    from flash_experts.generation.compiled import decode_products
+
+    return decode_products(model)
 
 
 def _dynamic_cache():

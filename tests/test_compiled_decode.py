@@ -14,6 +14,7 @@ from flash_experts.generation.compiled import CompiledDecoder, bucketed_length
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
 from flash_experts.model import upcycle
+from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -107,8 +108,8 @@ def test_cache_lengths_come_in_buckets_within_the_model():
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_reduction_products_equal_float64_math(kind, rows, monkeypatch):
-    """The compiled step's few-row products (multiply and sum; reference: float64 x @ W + b) replace the module's
-    own only while compiling, without gradients, for at most REDUCTION_MAX_ROWS rows."""
+    """The compiled step's one-row products (multiply and sum; reference: float64 x @ W + b) replace the module's
+    own only while compiling, without gradients, for at most COMPILED_SUM_MAX_ROWS rows."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(rows)
@@ -122,7 +123,7 @@ def test_reduction_products_equal_float64_math(kind, rows, monkeypatch):
     with compiled.decode_products(model), torch.no_grad():
         y = model(x)
     assert torch.allclose(y.double(), reference, rtol=0, atol=1e-5)
-    assert bool(sums) == (rows <= compiled.REDUCTION_MAX_ROWS)
+    assert bool(sums) == (rows <= COMPILED_SUM_MAX_ROWS)
     assert type(model[0]) in (torch.nn.Linear, Conv1D)  # the class is restored
 
 
@@ -132,7 +133,7 @@ def test_int8_compiled_product_equals_float64_math(monkeypatch):
 
     torch.manual_seed(0)
     module = Int8Linear(torch.randn(40, 64), torch.randn(40))
-    x = torch.randn(2, 64)
+    x = torch.randn(1, 64)  # one row: the decode step's
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     with torch.no_grad():
         y = module(x)

@@ -10,7 +10,7 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   at a slot given as a tensor and attention reads the whole buffer, with a key padding mask over the slots
   not filled yet (masked keys add exactly zero to the softmax, so this is the same arithmetic);
 - the prompt itself (prefill) runs eagerly, through the model's own forward;
-- inside the compiled step a float Linear / Conv1D of a few rows is written as a multiply and a sum over the
+- inside the compiled step a float Linear / Conv1D of one row (batch 1) is written as a multiply and a sum over the
   input dimension, which inductor turns into one vectorised loop streaming the weight once: with the weights
   streamed from memory, a (1, 576) x (576, 1536) product ran at 20 GB/s that way against 12-15 GB/s for the
   library GEMM call torch makes of `F.linear` (BENCHMARKS.md). The modules' class is swapped for the length of
@@ -39,6 +39,7 @@ from transformers.pytorch_utils import Conv1D
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.moe import GroupedExperts
 from flash_experts.model.quantize import QuantizedGroupedExperts
+from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this (one compiled step serves the bucket)
 # Each model (and each cache-length bucket) is one more entry of the one compiled function; dynamo's default
@@ -59,16 +60,13 @@ def _decode_one(model: nn.Module, ids_B1: Tensor, positions_B1: Tensor, key_mask
     return model.lm_head(hidden_B1D)
 
 
-REDUCTION_MAX_ROWS = 16  # more rows than this and the library GEMM, which reuses each weight across rows, wins
-
-
 def _few_rows(x: Tensor) -> bool:
     return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.numel() // x.shape[-1] <= REDUCTION_MAX_ROWS)
+            and x.numel() // x.shape[-1] <= COMPILED_SUM_MAX_ROWS)
 
 
 class _ReductionLinear(nn.Linear):
-    """nn.Linear whose few-row products, when compiled, are a multiply-and-sum over the input features."""
+    """nn.Linear whose one-row products, when compiled, are a multiply-and-sum over the input features."""
 
     def forward(self, x: Tensor) -> Tensor:
         if not _few_rows(x) or x.dtype != self.weight.dtype:
@@ -91,7 +89,7 @@ _REDUCTION_CLASSES = {nn.Linear: _ReductionLinear, Conv1D: _ReductionConv1D}
 
 @contextlib.contextmanager
 def decode_products(model: nn.Module) -> Iterator[None]:
-    """While inside, the model's float Linear / Conv1D modules compute compiled few-row products as reductions
+    """While inside, the model's float Linear / Conv1D modules compute compiled one-row products as reductions
     (their class swapped for a subclass; the same parameters, the same results up to summation order)."""
     swapped = [(m, type(m)) for m in model.modules() if type(m) in _REDUCTION_CLASSES]
     for module, cls in swapped:

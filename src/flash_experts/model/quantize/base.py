@@ -11,6 +11,11 @@ from transformers.pytorch_utils import Conv1D
 
 from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype, expert_feed_forward
 
+# Inside a compiled graph (the decode step) a product of this many rows or fewer is written as a multiply and a
+# sum over the input features, one loop that streams the weight once; with more rows that loop reads the weight
+# once per row and the library GEMM wins (GPT-2 at batch 16 measured 0.53-0.65x with 16 rows: BENCHMARKS.md).
+COMPILED_SUM_MAX_ROWS = 1
+
 
 def weight_and_bias(module: nn.Module) -> tuple[Tensor, Tensor | None]:
     """An `nn.Linear`'s or GPT-2 `Conv1D`'s weight as (out, in) (Conv1D stores (in, out)) and its bias."""

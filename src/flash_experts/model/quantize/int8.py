@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flash_experts.model.quantize.base import QuantizedLinear
+from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS, QuantizedLinear
 
 # The CPU kernel reads int8 directly but recomputes per row: above this many rows, dequantizing once and
 # running one bf16 matmul is faster (the two break even at about this many rows on the CPUs measured).
@@ -96,7 +96,7 @@ class Int8Linear(QuantizedLinear):
         self.register_buffer("scales", scales)
 
     def product(self, x_RI: Tensor) -> Tensor:
-        if torch.compiler.is_compiling() and x_RI.shape[0] <= INT8_KERNEL_MAX_ROWS and not torch.is_grad_enabled():
+        if torch.compiler.is_compiling() and x_RI.shape[0] <= COMPILED_SUM_MAX_ROWS and not torch.is_grad_enabled():
             # Compiled (the decode step): a multiply and a sum over the input features, which inductor fuses with
             # the int8 -> float conversion into one loop streaming the int8 weight once (faster than the kernel).
             return (x_RI[:, None, :].float() * self.weight_int8.float()).sum(-1) * self.scales

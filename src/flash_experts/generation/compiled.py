@@ -10,7 +10,7 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   at a slot given as a tensor and attention reads the whole buffer, with a key padding mask over the slots
   not filled yet (masked keys add exactly zero to the softmax, so this is the same arithmetic);
 - the prompt itself (prefill) runs eagerly, through the model's own forward;
-- inside the compiled step a float Linear / Conv1D of one row (batch 1) is written as a multiply and a sum over the
+- inside the compiled step a float nn.Linear of one row (batch 1) is written as a multiply and a sum over the
   input dimension, which inductor turns into one vectorised loop streaming the weight once: with the weights
   streamed from memory, a (1, 576) x (576, 1536) product ran at 20 GB/s that way against 12-15 GB/s for the
   library GEMM call torch makes of `F.linear` (BENCHMARKS.md). The modules' class is swapped for the length of
@@ -34,7 +34,6 @@ from typing import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.moe import GroupedExperts
@@ -75,21 +74,14 @@ class _ReductionLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-class _ReductionConv1D(Conv1D):
-    """GPT-2's Conv1D (weight (in, out)) likewise: the sum runs over the weight's rows."""
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not _few_rows(x) or x.dtype != self.weight.dtype:
-            return super().forward(x)
-        return ((x[..., :, None].float() * self.weight.float()).sum(-2) + self.bias.float()).to(x.dtype)
-
-
-_REDUCTION_CLASSES = {nn.Linear: _ReductionLinear, Conv1D: _ReductionConv1D}
+# GPT-2's Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already (20.5 GB/s for a
+# (1,768) x (768,3072) product), and the sum over the weight's rows measured slower (13 GB/s).
+_REDUCTION_CLASSES = {nn.Linear: _ReductionLinear}
 
 
 @contextlib.contextmanager
 def decode_products(model: nn.Module) -> Iterator[None]:
-    """While inside, the model's float Linear / Conv1D modules compute compiled one-row products as reductions
+    """While inside, the model's float nn.Linear modules compute compiled one-row products as reductions
     (their class swapped for a subclass; the same parameters, the same results up to summation order)."""
     swapped = [(m, type(m)) for m in model.modules() if type(m) in _REDUCTION_CLASSES]
     for module, cls in swapped:

@@ -11,10 +11,10 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   not filled yet (masked keys add exactly zero to the softmax, so this is the same arithmetic);
 - the prompt itself (prefill) runs eagerly, through the model's own forward;
 - inside the compiled step a float nn.Linear of one row (batch 1) is written as a multiply and a sum over the
-  input dimension, which inductor turns into one vectorised loop streaming the weight once: with the weights
-  streamed from memory, a (1, 576) x (576, 1536) product ran at 20 GB/s that way against 12-15 GB/s for the
-  library GEMM call torch makes of `F.linear` (BENCHMARKS.md). The modules' class is swapped for the length of
-  one `generate` call (`decode_products`), so the model files stay plain and eager calls are unchanged;
+  input dimension, which inductor turns into one vectorised loop streaming the weight once, faster than the
+  library GEMM call torch makes of a one-row `F.linear` (BENCHMARKS.md, "Decoding against llama.cpp", has the
+  measured bandwidths). The modules' class is swapped for the length of one `generate` call
+  (`decode_products`), so the model files stay plain and eager calls are unchanged;
 - models with MoE layers decode eagerly (with a warning): the expert dispatch depends on how many rows each
   expert gets, a new shape every step, so the graph breaks in every MoE layer and each layer's remainder
   compiles on its own (tried: minutes of compiling, and dynamo's recompile limit reached).
@@ -74,8 +74,8 @@ class _ReductionLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-# GPT-2's Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already (20.5 GB/s for a
-# (1,768) x (768,3072) product), and the sum over the weight's rows measured slower (13 GB/s).
+# GPT-2's Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already, and the sum over
+# the weight's rows measured slower than that (BENCHMARKS.md).
 _REDUCTION_CLASSES = {nn.Linear: _ReductionLinear}
 
 

@@ -13,7 +13,7 @@ from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compu
 
 # Inside a compiled graph (the decode step) a product of this many rows or fewer is written as a multiply and a
 # sum over the input features, one loop that streams the weight once; with more rows that loop reads the weight
-# once per row and the library GEMM wins (GPT-2 at batch 16 measured 0.53-0.65x with 16 rows: BENCHMARKS.md).
+# once per row and the library GEMM wins (GPT-2 at batch 16 with a limit of 16 rows: BENCHMARKS.md).
 COMPILED_SUM_MAX_ROWS = 1
 
 

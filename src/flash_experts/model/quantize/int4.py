@@ -15,8 +15,8 @@ a weight in all; 128: 4.25).
 The product:
 - on CPU, `torch.ops.aten._weight_int4pack_mm_for_cpu` (x in bf16, its packed layout, output rows padded to a
   multiple of 16, which it requires) after a one-time check of its product on this machine for each shape,
-  as the int8 kernel gets; it serves every row count (at 256 rows it measured ~1.5x a bf16 matmul: prefill and
-  perplexity stay usable);
+  as the int8 kernel gets; it serves every row count (slower than a bf16 matmul at hundreds of rows, yet
+  prefill and perplexity stay usable);
 - elsewhere, or when that check fails: two weights a byte (low nibble first), unpacked and dequantized to the
   compute dtype per call, then `F.linear`: a memory saving, not a speed-up (untested here on a GPU).
 """

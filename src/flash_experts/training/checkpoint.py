@@ -141,9 +141,12 @@ def load_sharded_optimizer(model: torch.nn.Module, optimizer: torch.optim.Optimi
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    # no_dist: one process (no process group) loads the whole of every tensor, resharded from all ranks' files
-    dcp.load(_adamw_state_by_name(model, optimizer), checkpoint_id=str(folder),
-             no_dist=not (dist.is_available() and dist.is_initialized()))  # in place
+    # no_dist: one process (no process group) loads the whole of every tensor, resharded from all ranks' files;
+    # DCP warns that it assumes exactly that, which is the intent here.
+    single = not (dist.is_available() and dist.is_initialized())
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        dcp.load(_adamw_state_by_name(model, optimizer), checkpoint_id=str(folder), no_dist=single)  # in place
 
 
 def gathered_model_state(model: torch.nn.Module) -> dict:

@@ -74,23 +74,22 @@ class _ReductionLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-# GPT-2's Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already, and the sum over
-# the weight's rows measured slower than that (BENCHMARKS.md).
-_REDUCTION_CLASSES = {nn.Linear: _ReductionLinear}
 
 
 @contextlib.contextmanager
 def decode_products(model: nn.Module) -> Iterator[None]:
     """While inside, the model's float nn.Linear modules compute compiled one-row products as reductions
-    (their class swapped for a subclass; the same parameters, the same results up to summation order)."""
-    swapped = [(m, type(m)) for m in model.modules() if type(m) in _REDUCTION_CLASSES]
-    for module, cls in swapped:
-        module.__class__ = _REDUCTION_CLASSES[cls]
+    (their class swapped for a subclass; the same parameters, the same results up to summation order). GPT-2's
+    Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already, and the sum over the
+    weight's rows measured slower than that (BENCHMARKS.md)."""
+    swapped = [m for m in model.modules() if type(m) is nn.Linear]
+    for module in swapped:
+        module.__class__ = _ReductionLinear
     try:
         yield
     finally:
-        for module, cls in swapped:
-            module.__class__ = cls
+        for module in swapped:
+            module.__class__ = nn.Linear
 
 
 _COMPILED: dict[str, Callable] = {}

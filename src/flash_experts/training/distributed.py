@@ -73,14 +73,13 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
 
 
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks of our two families (GPT-2: transformer.h, Llama: model.layers): FSDP's units."""
-    for path in ("transformer.h", "model.layers"):
-        blocks = model
-        for name in path.split("."):
-            blocks = getattr(blocks, name, None)
-        if isinstance(blocks, torch.nn.ModuleList):
-            return list(blocks)
-    raise TypeError(f"no transformer blocks found in {type(model).__name__}")
+    """FSDP's units: the blocks a transformers model declares it must not split (`_no_split_modules`: GPT2Block,
+    LlamaDecoderLayer; ours and transformers' own dense models alike, as accelerate's FSDP wrapping reads them)."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise TypeError(f"{type(model).__name__} declares no blocks to shard (_no_split_modules)")
+    return blocks
 
 
 def shard_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:

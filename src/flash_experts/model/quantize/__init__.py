@@ -58,7 +58,7 @@ def quantize(model: nn.Module, scheme: str, group_size: int = DEFAULT_INT4_GROUP
                 check_int4_shape(child.w_down.shape[1], group_size, where)  # (E, ffn, D): the down projection's input
                 check_int4_shape(child.w_up.shape[1], group_size, where)
             elif child is not head:
-                check_int4_shape(child.weight.shape[0 if isinstance(child, Conv1D) else 1], group_size, where)
+                check_int4_shape(weight_and_bias(child)[0].shape[1], group_size, where)
 
     kept = {id(p) for m in model.modules() if not quantizable(m) for p in m.parameters(recurse=False)}
     for parent, name, child in targets:
@@ -77,11 +77,6 @@ def quantize_int8(model: nn.Module) -> nn.Module:
     return quantize(model, "int8")
 
 
-def quantize_int4(model: nn.Module, group_size: int = DEFAULT_INT4_GROUP_SIZE) -> nn.Module:
-    """`quantize(model, "int4", group_size)`."""
-    return quantize(model, "int4", group_size)
-
-
 def quantized_parameter_counts(model: nn.Module) -> Iterator[tuple[str, int]]:
     """(name, count) of the float parameters that quantization turned into buffers (a weight's logical size,
     not its packed bytes): what a parameter count must still count."""
@@ -98,4 +93,4 @@ def quantization_of(model: nn.Module) -> str | None:
 
 
 __all__ = ["DEFAULT_INT4_GROUP_SIZE", "QuantizedGroupedExperts", "QuantizedLinear", "Int4Linear",
-           "Int8Linear", "quantize", "quantize_int4", "quantize_int8", "quantized_parameter_counts", "quantization_of"]
+           "Int8Linear", "quantize", "quantize_int8", "quantized_parameter_counts", "quantization_of"]

@@ -94,7 +94,8 @@ def _int4_kernel_is_correct(in_features: int, group_size: int) -> bool:
             q, scales, zeros = quantize_weight_int4(torch.randn(40, in_features, generator=generator), group_size)
             x = torch.randn(3, in_features, generator=generator).to(torch.bfloat16)
             try:
-                got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, *_pack_args(q, scales, zeros, group_size))
+                packed, scales_and_zeros = _kernel_pack(q, scales, zeros)
+                got = torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group_size, scales_and_zeros)
                 w = dequantize_int4(q, scales, zeros, torch.float64)
                 want = x.double() @ w.t()
                 bound = 2**-7 * (x.double().abs() @ w.abs().t()) + 1e-6
@@ -103,11 +104,6 @@ def _int4_kernel_is_correct(in_features: int, group_size: int) -> bool:
                 correct = False
         _KERNEL_CORRECT[key] = correct
     return _KERNEL_CORRECT[key]
-
-
-def _pack_args(q: Tensor, scales: Tensor, zeros: Tensor, group_size: int) -> tuple[Tensor, int, Tensor]:
-    packed, scales_and_zeros = _kernel_pack(q, scales, zeros)
-    return packed, group_size, scales_and_zeros
 
 
 class Int4Linear(QuantizedLinear):

@@ -115,15 +115,19 @@ def _adamw_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optimize
     where a parameter has none yet: names, unlike the optimizer's own numbering, mean the same thing on any
     number of ranks, and DCP reshards each (DTensor or whole) tensor to whatever holds it on loading. Only
     tensors: the hyperparameters come from the config on resuming."""
-    trained = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    group_of = {id(p): group for group in optimizer.param_groups for p in group["params"]}
     state = {}
     for name, param in model.named_parameters():  # tied weights appear once
-        if id(param) not in trained:
+        group = group_of.get(id(param))
+        if group is None:
             continue
         moments = optimizer.state[param]
         if not moments:
-            moments.update(step=torch.zeros((), dtype=torch.float32), exp_avg=torch.zeros_like(param),
-                           exp_avg_sq=torch.zeros_like(param))
+            # As AdamW's own first step makes them: its fused and capturable kernels keep `step` on the
+            # parameter's device (a CUDA run resuming on one process uses the fused kernel), the others on the CPU.
+            on_device = group.get("fused") or group.get("capturable")
+            moments.update(step=torch.zeros((), dtype=torch.float32, device=param.device if on_device else "cpu"),
+                           exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
         for key, value in moments.items():
             state[f"{name}/{key}"] = value
     return state

@@ -39,13 +39,14 @@ def run(args: argparse.Namespace) -> int:
 
     from flash_experts.errors import UserError
 
-    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
-        raise UserError('the studio needs FastAPI and uvicorn: pip install -e ".[studio]"')
+    # The arguments first: a mistyped one is said the same way whether or not the studio extra is installed.
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
     for run_dir in args.run:
         if not (Path(run_dir) / "metrics.jsonl").is_file():
             raise UserError(f"--run {run_dir}: no metrics.jsonl there (a training run folder has one)")
+    if importlib.util.find_spec("fastapi") is None or importlib.util.find_spec("uvicorn") is None:
+        raise UserError('the studio needs FastAPI and uvicorn: pip install -e ".[studio]"')
     with socket.socket() as probe:  # a clear line now rather than uvicorn's traceback later
         try:
             probe.bind((args.host, args.port))

@@ -34,8 +34,12 @@ def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base,
     plan = json.loads((out_dir / "plan.json").read_text())
     for name in ("dense", "moe"):
         assert plan["steps"][name] == max(1, int(1 / plan["seconds_per_step"][name]))
-    dense_steps, moe_steps = (int(cell.split()[0]) for cell in summary_row(out, "steps (cost of a step)"))
+    dense_steps, moe_steps = (int(cell.split()[0]) for cell in summary_row(out, "steps (cost of a step, timed)"))
     assert (dense_steps, moe_steps) == (plan["steps"]["dense"], plan["steps"]["moe"])
+    # The steps' own time is part of each run's wall time (which adds evaluations, checkpoints, start-up).
+    step_time = [float(cell.removesuffix(" s")) for cell in summary_row(out, "time in training steps")]
+    wall_time = [float(cell.removesuffix(" min")) * 60 for cell in summary_row(out, "wall time, evaluations")]
+    assert all(0 < steps <= wall + 3 for steps, wall in zip(step_time, wall_time))  # wall is rounded to 0.1 min
 
     # Exact copies: the upcycled model at step 0 is the dense model (each measured on its own model).
     dense0, moe0 = map(float, summary_row(out, "val perplexity, step 0"))
@@ -51,7 +55,20 @@ def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base,
     assert main([*argv, "--resume"]) == 0
     again = capsys.readouterr().out
     assert "the plan of the earlier run" in again
-    assert summary_row(again, "steps (cost of a step)")[0].split()[0] == str(dense_steps)
+    assert summary_row(again, "steps (cost of a step, timed)")[0].split()[0] == str(dense_steps)
+
+
+def test_realized_step_cost_is_the_ratio_of_mean_step_times():
+    """Reference: the arithmetic (mean MoE step / mean dense step); None after a resume (initial_val_ppl None),
+    when the invocation timed only part of a run."""
+    from types import SimpleNamespace
+
+    from flash_experts.cli.demo import realized_step_cost
+
+    dense = SimpleNamespace(steps=10, step_seconds=20.0, initial_val_ppl=700.0)
+    moe = SimpleNamespace(steps=8, step_seconds=24.0, initial_val_ppl=700.0)
+    assert realized_step_cost(dense, moe) == pytest.approx(1.5)
+    assert realized_step_cost(dense, SimpleNamespace(steps=8, step_seconds=24.0, initial_val_ppl=None)) is None
 
 
 @pytest.mark.slow

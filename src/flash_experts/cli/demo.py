@@ -172,7 +172,7 @@ def equal_compute_plan(args: argparse.Namespace, configs: dict[str, Any], path: 
             raise UserError(f"{path} is not a demo plan ({error}); use another --out") from None
         print(f"[3/6] equal compute: the plan of the earlier run ({path})", flush=True)
         return {**plan, "steps": steps, "seconds_per_step": seconds}
-    rounds = 1 if args.quick else 3
+    rounds = 1 if args.quick else 5  # a step's time varies by 10-30% here from one step to the next
     print(f"[3/6] equal compute: timing one training step of each model side by side ({rounds} rounds)", flush=True)
     seconds = measure_step_seconds(configs, rounds=rounds)
     steps = {name: steps_for_budget(seconds[name], args.budget) for name in RUNS}
@@ -244,9 +244,10 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
          f"{moe.best_val_ppl:.2f} (step {moe.best_step})"),
         ("test bits per character", f"{scores['dense']['test_bpc']:.4f}", f"{scores['moe']['test_bpc']:.4f}"),
         ("names valid/unique/novel", names("dense"), names("moe")),
-        ("steps (cost of a step)", f"{dense.steps} (1.00x)", f"{moe.steps} ({cost:.2f}x)"),
+        ("steps (cost of a step, timed)", f"{dense.steps} (1.00x)", f"{moe.steps} ({cost:.2f}x)"),
         ("tokens", f"{dense.tokens:,}", f"{moe.tokens:,}"),
-        ("training time", f"{dense.seconds / 60:.1f} min", f"{moe.seconds / 60:.1f} min"),
+        ("time in training steps", f"{dense.step_seconds:.0f} s", f"{moe.step_seconds:.0f} s"),
+        ("wall time, evaluations included", f"{dense.seconds / 60:.1f} min", f"{moe.seconds / 60:.1f} min"),
     ]
     width = [max(len(row[i]) for row in rows) for i in range(3)]
     print(f"  base {base}; equal compute: {plan['budget_seconds']:g} s of training each on this machine; "
@@ -258,6 +259,10 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
                else "a tie (within 1%)")
     print(f"  at equal compute {verdict}: MoE / dense validation perplexity {ratio:.3f} "
           f"(docs/UPCYCLING.md: longer budgets and other recipes)")
+    realized = realized_step_cost(dense, moe)
+    if realized is not None and abs(realized / cost - 1) > 0.1:
+        print(f"  note: a MoE step timed at {cost:.2f}x a dense one before training ran at {realized:.2f}x during it: "
+              "the timings disagree by more than 10% (this machine's speed varies), so the two runs did not get quite the same compute")
     print(f"  total time {minutes:.1f} min; runs {Path(args.out) / 'dense'}, {Path(args.out) / 'moe'}; "
           f"validation vs compute: {png}")
     dense_names, moe_names = _shown(scores["dense"]["metrics"]), _shown(scores["moe"]["metrics"])
@@ -271,6 +276,14 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
     column = max(len(d) for d in dense_names)
     for d, m in zip(dense_names, moe_names):
         print(f"    {d.ljust(column)}  |  {m}")
+
+
+def realized_step_cost(dense: Any, moe: Any) -> float | None:
+    """A MoE step's time over a dense step's, as the runs themselves measured them (None after a resume, when
+    this invocation timed only part of a run)."""
+    if dense.initial_val_ppl is None or moe.initial_val_ppl is None or not dense.step_seconds or not moe.steps:
+        return None
+    return (moe.step_seconds / moe.steps) / (dense.step_seconds / dense.steps)
 
 
 def _shown(metrics: Any, count: int = 20) -> list[str]:

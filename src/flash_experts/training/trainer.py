@@ -62,6 +62,9 @@ class TrainResult:
     initial_val_loss: float | None = None  # before the first step (the base model's), when this run started at 0
     initial_val_ppl: float | None = None
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training objective, this invocation
+    # the training steps' own wall time, this invocation (no evaluation, checkpoint or start-up): what equal
+    # compute compares
+    step_seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
@@ -530,6 +533,7 @@ class Trainer:
         cfg, started = self.cfg, time.perf_counter()
         max_steps = cfg.optim.max_steps
         losses: dict[int, float] = {}
+        step_seconds = 0.0
         window = _LogWindow()
         stopped, saved_this_step = "completed", False
         self.model.train()
@@ -545,7 +549,9 @@ class Trainer:
             while self.step < max_steps:
                 step_started = time.perf_counter()
                 metrics = self.train_step()
-                window.add(metrics, time.perf_counter() - step_started, self.tokens_per_step)
+                elapsed = time.perf_counter() - step_started
+                step_seconds += elapsed
+                window.add(metrics, elapsed, self.tokens_per_step)
                 losses[self.step] = metrics["loss"]
                 if progress is not None:
                     progress.update(1)
@@ -567,7 +573,7 @@ class Trainer:
                 self.save()
         if progress is not None:
             progress.close()
-        return self._finish(stopped, stop.signal_name, time.perf_counter() - started, losses)
+        return self._finish(stopped, stop.signal_name, time.perf_counter() - started, losses, step_seconds)
 
     def _after_eval(self, val_loss: float) -> bool:
         """Record an evaluation: log it, keep the best checkpoint. Returns True when early stopping triggers."""
@@ -636,13 +642,15 @@ class Trainer:
 
                 tqdm.write(message)
 
-    def _finish(self, stopped: str, signal_name: str | None, seconds: float, losses: dict[int, float]) -> TrainResult:
+    def _finish(self, stopped: str, signal_name: str | None, seconds: float, losses: dict[int, float],
+                step_seconds: float) -> TrainResult:
         result = TrainResult(
             run_dir=str(self.run_dir), steps=self.step, tokens=self.tokens_seen, seconds=seconds,
             final_val_loss=self.last_val_loss, final_val_ppl=perplexity(self.last_val_loss),
             best_val_loss=self.best_val_loss, best_val_ppl=perplexity(self.best_val_loss), best_step=self.best_step,
             stopped=stopped, checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, losses=losses,
             initial_val_loss=self.initial_val_loss, initial_val_ppl=perplexity(self.initial_val_loss),
+            step_seconds=step_seconds,
         )
         if self.tracker is not None:
             self.tracker.summary({f"final/{k}": v for k, v in result.as_dict().items() if k != "run_dir"})

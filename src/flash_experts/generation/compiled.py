@@ -15,9 +15,13 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   library GEMM call torch makes of a one-row `F.linear` (BENCHMARKS.md, "Decoding against llama.cpp", has the
   measured bandwidths). The modules' class is swapped for the length of one `generate` call
   (`decode_products`), so the model files stay plain and eager calls are unchanged;
-- models with MoE layers decode eagerly (with a warning): the expert dispatch depends on how many rows each
-  expert gets, a new shape every step, so the graph breaks in every MoE layer and each layer's remainder
-  compiles on its own (tried: minutes of compiling, and dynamo's recompile limit reached).
+- an MoE layer's training dispatch (sort by expert, per-expert row counts read on the host) takes a new shape
+  every step, which would break the graph in every MoE layer (tried: minutes of compiling, then dynamo's
+  recompile limit). In the compiled step it routes by index instead, in fixed shapes (`_DecodeMoELayer`): one
+  row (batch 1) reads each of its K experts' weights through the expert index, inside the same multiply-and-sum
+  loops, so only the chosen experts' weights are read; several rows run every expert on every row and weight
+  the unchosen ones by zero (each weight read once, E/K times the expert arithmetic). Quantized experts
+  decode eagerly (with a warning).
 
 The first call compiles (printed by the caller with its time; inductor keeps compiled kernels in its on-disk
 cache, so a later process compiles faster). A step that fails to compile decodes eagerly from then on, with a
@@ -33,10 +37,11 @@ import weakref
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.model.kv_cache import KVCache
-from flash_experts.model.moe import GroupedExperts
+from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward
 from flash_experts.model.quantize import QuantizedGroupedExperts
 from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
@@ -75,21 +80,79 @@ class _ReductionLinear(nn.Linear):
 
 
 
+class _DecodeMoELayer(MoELayer):
+    """MoELayer whose compiled decode steps route in fixed shapes: no sort, no row counts on the host.
+
+    The same function as MoELayer.forward: the router's top-k experts, their outputs weighted by the router and
+    summed in fp32. A capacity limit can drop assignments only where several rows choose the same expert (one
+    row's K assignments go to K distinct experts), so several rows under a capacity limit keep the training
+    dispatch."""
+
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterStats]:
+        rows = x_BTD.numel() // x_BTD.shape[-1]
+        if not (torch.compiler.is_compiling() and not torch.is_grad_enabled()) or (
+                rows > 1 and self.capacity(rows) is not None):
+            return super().forward(x_BTD)
+        B, T, D = x_BTD.shape
+        x_TD = x_BTD.reshape(B * T, D)
+        weights_TK, experts_TK, logits_TE, probs_TE = self.router(x_TD)
+        chosen_TKE = F.one_hot(experts_TK, self.num_experts).to(weights_TK.dtype)
+        if rows == 1:  # read only the chosen experts: K expert-indexed products per weight
+            out_TD = sum(weights_TK[:, k, None] * _expert_outputs(self.experts, x_TD, experts_TK[:, k])
+                         for k in range(self.top_k))
+        else:  # every expert on every row, weighted by the router (0 where not chosen)
+            weights_TE = (weights_TK[..., None] * chosen_TKE).sum(1)
+            out_TD = torch.einsum("te,etd->td", weights_TE, _expert_outputs(self.experts, x_TD))
+        counts_E = chosen_TKE.sum((0, 1))
+        stats = RouterStats(  # as MoELayer's, in fixed shapes (bincount's output shape depends on the data)
+            layer=self.layer_index, tokens_per_expert=counts_E.long(),
+            dropped_tokens=torch.zeros((), dtype=torch.long, device=x_TD.device),
+            load_balancing_loss=self.num_experts * (counts_E / experts_TK.numel() * probs_TE.mean(0)).sum(),
+            z_loss=torch.logsumexp(logits_TE, dim=-1).square().mean(),
+            entropy=-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(-1).mean(),
+        )
+        return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
+
+
+def _expert_outputs(experts: nn.Module, x_TD: Tensor, expert_T: Tensor | None = None) -> Tensor:
+    """In fp32: with `expert_T`, (T, D) each row through its own expert, y[t] = FFN_{expert_T[t]}(x[t]), whose
+    products are multiply-and-sum loops loading the weights through the index (inductor fuses the indexing:
+    nothing is gathered); without, (E, T, D) every expert on every row (batched products, each weight read
+    once)."""
+    def product(name: str, bias: str | None) -> Callable[[Tensor], Tensor]:
+        w_EIO, b_EO = getattr(experts, name), getattr(experts, bias) if bias else None
+
+        def apply(x: Tensor) -> Tensor:
+            if expert_T is None:
+                y, b = torch.matmul(x.float(), w_EIO.float()), None if b_EO is None else b_EO.float()[:, None, :]
+            else:
+                y = (x[:, :, None].float() * w_EIO[expert_T].float()).sum(1)
+                b = None if b_EO is None else b_EO[expert_T].float()
+            return y if b is None else y + b
+        return apply
+
+    return expert_feed_forward(x_TD if expert_T is not None else x_TD[None], product("w_up", "b_up"),
+                               product("w_gate", None) if experts.gated else None, product("w_down", "b_down"),
+                               experts.activation)
+
 
 @contextlib.contextmanager
 def decode_products(model: nn.Module) -> Iterator[None]:
     """While inside, the model's float nn.Linear modules compute compiled one-row products as reductions
-    (their class swapped for a subclass; the same parameters, the same results up to summation order). GPT-2's
-    Conv1D is left alone: its (in, out) weight makes `x @ w` the streaming order already, and the sum over the
-    weight's rows measured slower than that (BENCHMARKS.md)."""
-    swapped = [m for m in model.modules() if type(m) is nn.Linear]
-    for module in swapped:
-        module.__class__ = _ReductionLinear
+    (their class swapped for a subclass; the same parameters, the same results up to summation order), and its
+    MoE layers route compiled steps in fixed shapes (`_DecodeMoELayer`). GPT-2's Conv1D is left alone: its
+    (in, out) weight makes `x @ w` the streaming order already, and the sum over the weight's rows measured
+    slower than that (BENCHMARKS.md)."""
+    swapped = [(m, _ReductionLinear) for m in model.modules() if type(m) is nn.Linear]
+    swapped += [(m, _DecodeMoELayer) for m in model.modules() if type(m) is MoELayer]
+    originals = [type(m) for m, _ in swapped]
+    for module, cls in swapped:
+        module.__class__ = cls
     try:
         yield
     finally:
-        for module in swapped:
-            module.__class__ = nn.Linear
+        for (module, _), original in zip(swapped, originals):
+            module.__class__ = original
 
 
 _COMPILED: dict[str, Callable] = {}
@@ -120,8 +183,8 @@ class CompiledDecoder:
         self.model, self.cache = model, cache
         self.compile_seconds: float | None = None
         self.failure: str | None = _FAILED.get(model)
-        if any(isinstance(m, (GroupedExperts, QuantizedGroupedExperts)) for m in model.modules()):
-            self.failure = "the model has MoE layers, whose expert dispatch changes shape every step"
+        if any(isinstance(m, QuantizedGroupedExperts) for m in model.modules()):
+            self.failure = "the model has quantized MoE experts, whose products run one expert at a time"
             warnings.warn(f"compile: {self.failure}; decoding eagerly", stacklevel=3)
 
     def __call__(self, ids_B1: Tensor, positions_B1: Tensor, slot: int, key_mask_BL: Tensor) -> Tensor:

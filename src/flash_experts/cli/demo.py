@@ -2,7 +2,7 @@
 fine-tuned for the same compute and set side by side.
 
     flash-experts demo                       # MTG names: prepare -> base -> dense and MoE at equal compute -> names
-    flash-experts demo --budget 600 --experts 8 --top-k 1
+    flash-experts demo --budget 600 --experts 8 --top-k 2
     flash-experts demo --quick               # a few-minute smoke run of the same pipeline
 
 1. take the base: hub `gpt2` when the hub answers, else the offline SmolLM2-135M (saying which);
@@ -45,7 +45,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="seconds of training compute for each model on this machine (default 180); the steps "
                              "follow from the step times measured side by side")
     parser.add_argument("--experts", type=int, default=4, help="experts per MoE layer (default 4)")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token (default 2)")
+    parser.add_argument("--top-k", type=int, default=1,
+                        help="experts per token (default 1: the dense model's arithmetic per token, and the "
+                             "sweep's choice in docs/UPCYCLING.md)")
     parser.add_argument("--train", choices=("all", "moe"), default="all",
                         help="what the MoE fine-tunes: 'all' (default, as the dense model) or 'moe' (experts and "
                              "routers only)")
@@ -146,7 +148,7 @@ def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path
     return config_from_dict({
         "run": {"name": run_dir.name, "out_dir": str(run_dir), "seed": args.seed, "precision": args.dtype},
         "model": {"base": base, "attention": "auto", "train": args.train if moe else "all"},
-        # The sweep's best recipe (docs/UPCYCLING.md): exact copies, the Switch aux loss at 1e-2.
+        # The sweep's best recipe (docs/UPCYCLING.md): exact copies, top-1, the Switch aux loss at 1e-2.
         "moe": {"num_experts": args.experts, "num_experts_per_tok": args.top_k, "moe_layers": "every_other",
                 "router_aux_loss_coef": 0.01} if moe else None,
         "data": {"dir": data_dir, "block_size": args.block_size, "batch_size": args.batch_size},

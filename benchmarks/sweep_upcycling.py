@@ -5,10 +5,11 @@
     python benchmarks/sweep_upcycling.py --quick --out /tmp/sweep                # two tiny recipes, a smoke test
     python benchmarks/sweep_upcycling.py --recipes dense-lr1e-3,moe-e4k1-drop0.5  # a subset
 
-Equal compute: every recipe gets `--budget` seconds of training on this machine. Each recipe's step time is
-measured first, all recipes interleaved in one process (the machine drifts; only side-by-side timings
-compare), and its step count is budget / step time, so a recipe whose step costs 1.2x trains 1/1.2 of the
-steps. The runs themselves then go one after the other with the library's trainer; their own wall time is
+Equal compute: every recipe gets `--budget` seconds of training on this machine. Each kind of step is timed
+first, interleaved in one process (the machine drifts; only side-by-side timings compare; recipes that differ
+only in learning rate share one timing), and a recipe's step count is budget / step time, so a recipe whose
+step costs 1.2x trains 1/1.2 of the steps. A recipe added later to an --out folder takes the timing of a
+finished recipe with the same step. The runs themselves then go one after the other with the library's trainer; their own wall time is
 reported too (it includes the evaluations and whatever else ran on the machine).
 
 Selection is on validation only: the table's validation perplexity is the best evaluation of each run
@@ -64,6 +65,7 @@ def recipes() -> list[Recipe]:
         Recipe("dense-lr1e-3", None, 1e-3),
         Recipe("moe-e4k2-copy", e4k2, 3e-4),
         Recipe("moe-e4k1-copy", e4k1, 3e-4),
+        Recipe("moe-e4k1-copy-lr1e-4", e4k1, 1e-4),
         # the experts re-warm to a higher peak than the rest of the model, so that they can move apart
         Recipe("moe-e4k1-copy-rewarm1e-3", e4k1, 3e-4, rewarm_peak=1e-3),
         Recipe("moe-e4k1-drop0.1-rewarm1e-3", dict(e4k1, drop_ratio=0.1), 3e-4, rewarm_peak=1e-3),
@@ -95,10 +97,27 @@ def run_config(recipe: Recipe, args, data_dir: str, steps: int, out_dir: Path):
     })
 
 
-def step_seconds(all_recipes: list[Recipe], args, data_dir: str, rounds: int) -> dict[str, float]:
-    """Median seconds of one training step per recipe, all recipes timed in turns in this process."""
-    return measure_step_seconds({r.name: run_config(r, args, data_dir, 10, Path("unused")) for r in all_recipes},
-                                rounds=rounds)
+def same_step(recipe: Recipe) -> str:
+    """Recipes with equal keys train the same model the same way (they differ in learning rates only), so
+    their steps cost the same: one timing serves them all, and timing noise cannot give one more steps."""
+    return json.dumps([recipe.moe, recipe.train], sort_keys=True)
+
+
+def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Recipe], args, data_dir: str,
+                 rounds: int) -> dict[str, float]:
+    """Seconds of one training step for every recipe: a recipe whose step equals a finished one's takes that
+    timing; the rest are timed in turns in this process (median of `rounds`), one recipe per kind of step."""
+    by_name = {r.name: r for r in all_recipes}
+    known = {same_step(by_name[name]): record["seconds_per_step"] for name, record in done.items()}
+    timed: dict[str, Recipe] = {}
+    for recipe in todo:
+        if same_step(recipe) not in known:
+            timed.setdefault(same_step(recipe), recipe)
+    if timed:
+        measured = measure_step_seconds({key: run_config(r, args, data_dir, 10, Path("unused"))
+                                         for key, r in timed.items()}, rounds=rounds)
+        known.update(measured)
+    return {r.name: known[same_step(r)] for r in all_recipes}
 
 
 def name_metrics(model, tokenizer, reference: list[str], count: int, seed: int) -> dict[str, float]:
@@ -175,8 +194,8 @@ def main() -> None:
     done = {r.name: json.loads((out / r.name / "result.json").read_text()) for r in all_recipes
             if (out / r.name / "result.json").exists()}  # finished by an earlier invocation: kept as they are
     todo = [r for r in all_recipes if r.name not in done]
-    print(f"timing one step of each recipe ({args.timing_rounds} interleaved rounds)", flush=True)
-    seconds = step_seconds(todo, args, data_dir, args.timing_rounds) if todo else {}
+    print(f"timing one step of each kind of step ({args.timing_rounds} interleaved rounds)", flush=True)
+    seconds = step_seconds(todo, done, all_recipes, args, data_dir, args.timing_rounds)
     seconds.update({name: record["seconds_per_step"] for name, record in done.items()})
     dense_steps = [seconds[r.name] for r in all_recipes if not r.is_moe]
     dense_step = min(dense_steps) if dense_steps else None

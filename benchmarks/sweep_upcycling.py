@@ -8,8 +8,8 @@
 Equal compute: every recipe gets `--budget` seconds of training on this machine. Each kind of step is timed
 first, interleaved in one process (the machine drifts; only side-by-side timings compare; recipes that differ
 only in learning rate share one timing), and a recipe's step count is budget / step time, so a recipe whose
-step costs 1.2x trains 1/1.2 of the steps. A recipe added later to an --out folder takes the timing of a
-finished recipe with the same step. The runs themselves then go one after the other with the library's trainer; their own wall time is
+step costs 1.2x trains 1/1.2 of the steps. The timings are kept in <out>/step_seconds.json: a recipe added
+later to an --out folder takes the timing of its kind of step measured there before. The runs themselves then go one after the other with the library's trainer; their own wall time is
 reported too (it includes the evaluations and whatever else ran on the machine).
 
 Selection is on validation only: the table's validation perplexity is the best evaluation of each run
@@ -97,6 +97,9 @@ def run_config(recipe: Recipe, args, data_dir: str, steps: int, out_dir: Path):
     })
 
 
+TIMING_FILE = "step_seconds.json"
+
+
 def same_step(recipe: Recipe) -> str:
     """Recipes with equal keys train the same model the same way (they differ in learning rates only), so
     their steps cost the same: one timing serves them all, and timing noise cannot give one more steps."""
@@ -108,7 +111,9 @@ def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Re
     """Seconds of one training step for every recipe: a recipe whose step equals a finished one's takes that
     timing; the rest are timed in turns in this process (median of `rounds`), one recipe per kind of step."""
     by_name = {r.name: r for r in all_recipes}
-    known = {same_step(by_name[name]): record["seconds_per_step"] for name, record in done.items()}
+    timing_file = Path(args.out) / TIMING_FILE  # every timing this --out folder's sweeps measured
+    known = json.loads(timing_file.read_text()) if timing_file.exists() else {}
+    known.update({same_step(by_name[name]): record["seconds_per_step"] for name, record in done.items()})
     timed: dict[str, Recipe] = {}
     for recipe in todo:
         if same_step(recipe) not in known:
@@ -117,6 +122,7 @@ def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Re
         measured = measure_step_seconds({key: run_config(r, args, data_dir, 10, Path("unused"))
                                          for key, r in timed.items()}, rounds=rounds)
         known.update(measured)
+        timing_file.write_text(json.dumps(known, indent=1))
     return {r.name: known[same_step(r)] for r in all_recipes}
 
 

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.model.kv_cache import KVCache
-from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward
+from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward, router_z_loss
 from flash_experts.model.quantize import QuantizedGroupedExperts
 from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
@@ -64,9 +64,12 @@ def _decode_one(model: nn.Module, ids_B1: Tensor, positions_B1: Tensor, key_mask
     return model.lm_head(hidden_B1D)
 
 
+def _compiled_inference() -> bool:
+    return torch.compiler.is_compiling() and not torch.is_grad_enabled()
+
+
 def _few_rows(x: Tensor) -> bool:
-    return (torch.compiler.is_compiling() and not torch.is_grad_enabled()
-            and x.numel() // x.shape[-1] <= COMPILED_SUM_MAX_ROWS)
+    return _compiled_inference() and x.numel() // x.shape[-1] <= COMPILED_SUM_MAX_ROWS
 
 
 class _ReductionLinear(nn.Linear):
@@ -79,7 +82,6 @@ class _ReductionLinear(nn.Linear):
         return y if self.bias is None else y + self.bias
 
 
-
 class _DecodeMoELayer(MoELayer):
     """MoELayer whose compiled decode steps route in fixed shapes: no sort, no row counts on the host.
 
@@ -90,8 +92,7 @@ class _DecodeMoELayer(MoELayer):
 
     def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterStats]:
         rows = x_BTD.numel() // x_BTD.shape[-1]
-        if not (torch.compiler.is_compiling() and not torch.is_grad_enabled()) or (
-                rows > 1 and self.capacity(rows) is not None):
+        if not _compiled_inference() or (rows > 1 and self.capacity(rows) is not None):
             return super().forward(x_BTD)
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
@@ -108,7 +109,7 @@ class _DecodeMoELayer(MoELayer):
             layer=self.layer_index, tokens_per_expert=counts_E.long(),
             dropped_tokens=torch.zeros((), dtype=torch.long, device=x_TD.device),
             load_balancing_loss=self.num_experts * (counts_E / experts_TK.numel() * probs_TE.mean(0)).sum(),
-            z_loss=torch.logsumexp(logits_TE, dim=-1).square().mean(),
+            z_loss=router_z_loss(logits_TE),
             entropy=-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(-1).mean(),
         )
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
@@ -136,6 +137,10 @@ def _expert_outputs(experts: nn.Module, x_TD: Tensor, expert_T: Tensor | None = 
                                experts.activation)
 
 
+# Exact classes only: a subclass (ours or a caller's) may compute something else.
+_DECODE_CLASSES: dict[type, type] = {nn.Linear: _ReductionLinear, MoELayer: _DecodeMoELayer}
+
+
 @contextlib.contextmanager
 def decode_products(model: nn.Module) -> Iterator[None]:
     """While inside, the model's float nn.Linear modules compute compiled one-row products as reductions
@@ -143,16 +148,14 @@ def decode_products(model: nn.Module) -> Iterator[None]:
     MoE layers route compiled steps in fixed shapes (`_DecodeMoELayer`). GPT-2's Conv1D is left alone: its
     (in, out) weight makes `x @ w` the streaming order already, and the sum over the weight's rows measured
     slower than that (BENCHMARKS.md)."""
-    swapped = [(m, _ReductionLinear) for m in model.modules() if type(m) is nn.Linear]
-    swapped += [(m, _DecodeMoELayer) for m in model.modules() if type(m) is MoELayer]
-    originals = [type(m) for m, _ in swapped]
+    swapped = [(m, type(m)) for m in model.modules() if type(m) in _DECODE_CLASSES]
     for module, cls in swapped:
-        module.__class__ = cls
+        module.__class__ = _DECODE_CLASSES[cls]
     try:
         yield
     finally:
-        for (module, _), original in zip(swapped, originals):
-            module.__class__ = original
+        for module, cls in swapped:
+            module.__class__ = cls
 
 
 _COMPILED: dict[str, Callable] = {}

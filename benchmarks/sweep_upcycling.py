@@ -9,8 +9,9 @@ Equal compute: every recipe gets `--budget` seconds of training on this machine.
 first, interleaved in one process (the machine drifts; only side-by-side timings compare; recipes that differ
 only in learning rate share one timing), and a recipe's step count is budget / step time, so a recipe whose
 step costs 1.2x trains 1/1.2 of the steps. The timings are kept in <out>/step_seconds.json: a recipe added
-later to an --out folder takes the timing of its kind of step measured there before. The runs themselves then go one after the other with the library's trainer; their own wall time is
-reported too (it includes the evaluations and whatever else ran on the machine).
+later to an --out folder takes the timing of its kind of step measured there before. The runs themselves then
+go one after the other with the library's trainer; their own wall time is reported too (it includes the
+evaluations and whatever else ran on the machine).
 
 Selection is on validation only: the table's validation perplexity is the best evaluation of each run
 (the same validation windows for every run). The test split is scored once, for the best dense and the
@@ -108,8 +109,9 @@ def same_step(recipe: Recipe) -> str:
 
 def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Recipe], args, data_dir: str,
                  rounds: int) -> dict[str, float]:
-    """Seconds of one training step for every recipe: a recipe whose step equals a finished one's takes that
-    timing; the rest are timed in turns in this process (median of `rounds`), one recipe per kind of step."""
+    """Seconds of one training step for every recipe: a finished recipe keeps its own, a recipe whose step
+    equals one timed before takes that timing, the rest are timed in turns in this process (median of
+    `rounds`), one recipe per kind of step."""
     by_name = {r.name: r for r in all_recipes}
     timing_file = Path(args.out) / TIMING_FILE  # every timing this --out folder's sweeps measured
     known = json.loads(timing_file.read_text()) if timing_file.exists() else {}
@@ -123,7 +125,8 @@ def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Re
                                          for key, r in timed.items()}, rounds=rounds)
         known.update(measured)
         timing_file.write_text(json.dumps(known, indent=1))
-    return {r.name: known[same_step(r)] for r in all_recipes}
+    return {r.name: done[r.name]["seconds_per_step"] if r.name in done else known[same_step(r)]
+            for r in all_recipes}
 
 
 def name_metrics(model, tokenizer, reference: list[str], count: int, seed: int) -> dict[str, float]:
@@ -202,7 +205,6 @@ def main() -> None:
     todo = [r for r in all_recipes if r.name not in done]
     print(f"timing one step of each kind of step ({args.timing_rounds} interleaved rounds)", flush=True)
     seconds = step_seconds(todo, done, all_recipes, args, data_dir, args.timing_rounds)
-    seconds.update({name: record["seconds_per_step"] for name, record in done.items()})
     dense_steps = [seconds[r.name] for r in all_recipes if not r.is_moe]
     dense_step = min(dense_steps) if dense_steps else None
     results = []

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from flash_experts.training.config import TrainConfig, resolve_device, resolve_precision
+from flash_experts.training.optimizer import clipped_step, gradient_norm
 
 
 def sync(device: str) -> None:
@@ -49,12 +50,13 @@ def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     """One training step on `ids` (B, T), the work of the trainer's step: forward, loss, backward, gradient
     clipping, optimizer update. Works for any causal LM taking `labels` (ours and HF's). Returns the LM loss
     (a float: on CUDA that waits for the step, so timing the call times the step)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
     def step(ids: torch.Tensor) -> float:
         with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()  # ours: lm loss + weighted router losses (the training objective)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
+        clipped_step(optimizer, params, gradient_norm(params), 1.0)
         optimizer.zero_grad(set_to_none=True)
         lm = getattr(out, "lm_loss", None)
         return float((lm if lm is not None else out.loss).detach())

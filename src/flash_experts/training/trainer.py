@@ -38,6 +38,7 @@ from flash_experts.training import distributed as dist_utils
 from flash_experts.training.compile import compile_fail_safe
 from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.data import EvalBatches, TrainBatches
+from flash_experts.training.optimizer import clipped_step, gradient_norm
 from flash_experts.training.run_lock import RunFolderLock
 from flash_experts.training.schedule import lr_at
 
@@ -483,12 +484,16 @@ class Trainer:
             self._diverged(f"the loss is {loss}")
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)  # FSDP: a DTensor
+        norm = gradient_norm(self.params)
+        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
             self._diverged(f"the gradient norm is {grad_norm}")
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        if self.scaler.is_enabled():  # fp16: the scaler drives the step (and skips it on inf gradients)
+            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            clipped_step(self.optimizer, self.params, norm, clip)
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.tokens_seen += self.tokens_per_step

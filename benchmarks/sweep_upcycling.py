@@ -61,12 +61,14 @@ def recipes() -> list[Recipe]:
     e4k1 = dict(every_other, num_experts=4, num_experts_per_tok=1)
     e4k2 = dict(every_other, num_experts=4, num_experts_per_tok=2)
     return [
+        Recipe("dense-lr3e-5", None, 3e-5),
         Recipe("dense-lr1e-4", None, 1e-4),
         Recipe("dense-lr3e-4", None, 3e-4),
         Recipe("dense-lr1e-3", None, 1e-3),
         Recipe("moe-e4k2-copy", e4k2, 3e-4),
         Recipe("moe-e4k1-copy", e4k1, 3e-4),
         Recipe("moe-e4k1-copy-lr1e-4", e4k1, 1e-4),
+        Recipe("moe-e4k1-copy-lr3e-5", e4k1, 3e-5),
         # the experts re-warm to a higher peak than the rest of the model, so that they can move apart
         Recipe("moe-e4k1-copy-rewarm1e-3", e4k1, 3e-4, rewarm_peak=1e-3),
         Recipe("moe-e4k1-drop0.1-rewarm1e-3", dict(e4k1, drop_ratio=0.1), 3e-4, rewarm_peak=1e-3),
@@ -110,12 +112,16 @@ def same_step(recipe: Recipe) -> str:
 def step_seconds(todo: list[Recipe], done: dict[str, dict], all_recipes: list[Recipe], args, data_dir: str,
                  rounds: int) -> dict[str, float]:
     """Seconds of one training step for every recipe: a finished recipe keeps its own, a recipe whose step
-    equals one timed before takes that timing, the rest are timed in turns in this process (median of
-    `rounds`), one recipe per kind of step."""
+    equals one timed before takes that timing (of finished runs, the first in recipe order, so that a learning
+    rate added later trains as many steps as the run beside it), the rest are timed in turns in this process
+    (median of `rounds`), one recipe per kind of step."""
     by_name = {r.name: r for r in all_recipes}
     timing_file = Path(args.out) / TIMING_FILE  # every timing this --out folder's sweeps measured
     known = json.loads(timing_file.read_text()) if timing_file.exists() else {}
-    known.update({same_step(by_name[name]): record["seconds_per_step"] for name, record in done.items()})
+    finished: dict[str, float] = {}
+    for name, record in done.items():  # where finished runs of one step disagree, the first recipe's timing holds
+        finished.setdefault(same_step(by_name[name]), record["seconds_per_step"])
+    known.update(finished)
     timed: dict[str, Recipe] = {}
     for recipe in todo:
         if same_step(recipe) not in known:

@@ -47,6 +47,14 @@ def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base,
     for cell in summary_row(out, "test bits per character"):
         assert 0 < float(cell) < 20
     assert [cell.endswith("of 20") for cell in summary_row(out, "names valid/unique/novel")] == [True, True]
+    # Each model's sampling: a temperature of the demo's grid chosen on selection samples, or the library's
+    # default where none reached the targets (a random tiny model's names do not).
+    from flash_experts.cli.demo import NAME_TEMPERATURES
+    from flash_experts.mtg.cleaning import NAME_TEMPERATURE
+    for cell in summary_row(out, "names' temperature, top-p"):
+        temperature = float(cell.split(",")[0])
+        assert (temperature in NAME_TEMPERATURES if "chosen on selection" in cell else
+                temperature == NAME_TEMPERATURE and "no setting reached the targets" in cell)
     assert re.search(r"MoE / dense validation perplexity \d+\.\d{3}", out)
     assert (out_dir / "val_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
     assert (out_dir / "dense" / "best").is_dir() and (out_dir / "moe" / "best").is_dir()

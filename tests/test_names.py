@@ -59,3 +59,42 @@ def test_read_reference_names_file_formats(tmp_path):
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(UserError, match="no names"):
         read_reference_names(tmp_path / "empty.txt")
+
+
+def test_select_name_sampling_applies_its_rule_to_the_pooled_selection_samples(monkeypatch):
+    """The rule by hand: per setting, every seed's samples pooled; a setting's margin is how far it clears
+    the nearest target (validity 95%, uniqueness 95%, novelty 90%); settings below a target are out; of the
+    rest the widest margin wins, ties to the higher temperature. The sampler is replaced by hand-made samples
+    per (temperature, seed), so the counts below are exact."""
+    from types import SimpleNamespace
+
+    import flash_experts.mtg.names as names
+
+    new = [f"{a} {b}" for a in ("Goblin", "Ember", "Frost", "Mire", "Thorn")  # 40 distinct new names
+           for b in ("Warden", "Oracle", "Herald", "Lancer", "Shaman", "Rider", "Sentry", "Whelp")]
+    samples = {  # temperature -> per seed: 20 raw samples (40 pooled)
+        0.5: lambda seed: ["Llanowar Elves"] * 4 + new[20 * seed: 20 * seed + 16],  # 100% valid, 89% novel: out
+        0.6: lambda seed: new[20 * seed: 20 * seed + 20],  # all valid, distinct, new: margin 5% (validity, uniq.)
+        0.7: lambda seed: new[20 * seed: 20 * seed + 19] + ["x1"],  # 95% valid: margin 0, in but narrowest
+        0.8: lambda seed: new[20 * seed: 20 * seed + 20],  # the same as 0.6: the tie goes to 0.8
+        0.9: lambda seed: new[:20],  # 100% valid but every name twice over the two seeds: 50% unique, out
+        1.0: lambda seed: ["x1"] * 3 + new[20 * seed: 20 * seed + 17],  # 85% valid: out
+    }
+    calls = []
+
+    def fake_generate(model, tokenizer, count, *, config, seed, max_rounds, batch_size):
+        calls.append((config.temperature, config.top_p, seed, count))
+        return names.evaluate_names(samples[config.temperature](seed))
+
+    monkeypatch.setattr(names, "generate_card_names", fake_generate)
+    chosen, trials = names.select_name_sampling(SimpleNamespace(), None, REAL, temperatures=samples, count=20,
+                                                seeds=(0, 1))
+    assert [(t.temperature, t.metrics.total) for t in trials] == [(t, 40) for t in samples]
+    assert {t.temperature: t.qualifies for t in trials} == {0.5: False, 0.6: True, 0.7: True, 0.8: True, 0.9: False,
+                                                            1.0: False}
+    assert {t.temperature: round(t.margin, 4) for t in trials if t.qualifies} == {0.6: 0.05, 0.7: 0.0, 0.8: 0.05}
+    assert chosen.temperature == 0.8
+    assert {seed for *_, seed, _ in calls} == {0, 1} and len(calls) == 12
+    none, _ = names.select_name_sampling(SimpleNamespace(), None, REAL, temperatures=(0.5, 0.9, 1.0), count=20,
+                                         seeds=(0, 1))
+    assert none is None

@@ -173,3 +173,54 @@ def generate_card_names(
         if metrics.distinct >= count:
             break
     return metrics
+
+
+# ----------------------------------------------------------------------------- choosing the sampling
+
+# The name targets of issue 11: valid, distinct and new at least this often.
+MIN_VALIDITY, MIN_UNIQUENESS, MIN_NOVELTY = 0.95, 0.95, 0.90
+
+
+@dataclass
+class SamplingTrial:
+    temperature: float
+    top_p: float
+    metrics: NameMetrics  # over every selection sample of this setting
+
+    @property
+    def margin(self) -> float:
+        """How far the setting clears the nearest of the three targets (negative: it misses one)."""
+        m = self.metrics
+        return min(m.validity - MIN_VALIDITY, m.uniqueness - MIN_UNIQUENESS, (m.novelty or 0.0) - MIN_NOVELTY)
+
+    @property
+    def qualifies(self) -> bool:
+        return self.margin >= 0
+
+
+def select_name_sampling(model, tokenizer, reference_names: list[str], *, temperatures: Iterable[float],
+                         top_ps: Iterable[float] = (NAME_TOP_P,), count: int = 200,
+                         seeds: Iterable[int] = (1000,)) -> tuple[SamplingTrial | None, list[SamplingTrial]]:
+    """Choose temperature and top-p for card names on selection samples: `count` names per seed for every
+    setting of the grid (the two card-name filters always on). The rule: of the settings that meet all three
+    targets (validity, uniqueness, novelty), the one that clears the nearest target by the widest margin,
+    ties to the higher temperature, then the higher top-p. Lower temperatures trade distinct names for valid
+    ones; a setting chosen for its validity alone sits at the uniqueness bar, where the noise of a few hundred
+    fresh samples puts it below as often as above. Returns the chosen trial (None when no setting meets the
+    targets) and every trial.
+
+    The seeds must not be the ones whose samples are reported: names scored on the samples that chose the
+    setting would be scored on their own selection."""
+    trials = []
+    for temperature in temperatures:
+        for top_p in top_ps:
+            config = name_sampling_config(temperature=temperature, top_p=top_p)
+            raw = []
+            for seed in seeds:
+                metrics = generate_card_names(model, tokenizer, count, config=config, seed=seed, max_rounds=1,
+                                              batch_size=count)
+                raw += [s.raw for s in metrics.samples]
+            trials.append(SamplingTrial(temperature, top_p, evaluate_names(raw, reference_names)))
+    eligible = [t for t in trials if t.qualifies]
+    chosen = max(eligible, key=lambda t: (round(t.margin, 9), t.temperature, t.top_p)) if eligible else None
+    return chosen, trials

@@ -262,7 +262,7 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
         ("names' temperature, top-p", sampling("dense"), sampling("moe")),
         ("steps (cost of a step, timed)", f"{dense.steps} (1.00x)", f"{moe.steps} ({cost:.2f}x)"),
         ("tokens", f"{dense.tokens:,}", f"{moe.tokens:,}"),
-        ("time in training steps", f"{dense.step_seconds:.0f} s", f"{moe.step_seconds:.0f} s"),
+        ("time in training steps", f"{dense.step_seconds:.1f} s", f"{moe.step_seconds:.1f} s"),
         ("wall time, evaluations included", f"{dense.seconds / 60:.1f} min", f"{moe.seconds / 60:.1f} min"),
     ]
     width = [max(len(row[i]) for row in rows) for i in range(3)]

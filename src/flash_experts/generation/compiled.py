@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.model.kv_cache import KVCache
-from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward, router_z_loss
+from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward, load_balancing_loss, router_z_loss
 from flash_experts.model.quantize import QuantizedGroupedExperts
 from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
@@ -108,7 +108,7 @@ class _DecodeMoELayer(MoELayer):
         stats = RouterStats(  # as MoELayer's, in fixed shapes (bincount's output shape depends on the data)
             layer=self.layer_index, tokens_per_expert=counts_E.long(),
             dropped_tokens=torch.zeros((), dtype=torch.long, device=x_TD.device),
-            load_balancing_loss=self.num_experts * (counts_E / experts_TK.numel() * probs_TE.mean(0)).sum(),
+            load_balancing_loss=load_balancing_loss(probs_TE, experts_TK),
             z_loss=router_z_loss(logits_TE),
             entropy=-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(-1).mean(),
         )

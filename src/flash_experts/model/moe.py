@@ -42,7 +42,9 @@ def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
     It is 1.0 when routing is uniform and grows as load concentrates on few experts.
     """
     num_experts = probs_TE.shape[-1]
-    counts_E = torch.bincount(experts_TK.reshape(-1), minlength=num_experts).to(probs_TE.dtype)
+    # counted through one-hot rows, not bincount, whose output shape torch.compile treats as data-dependent:
+    # the compiled decode step (generation/compiled.py) computes the same loss in fixed shapes
+    counts_E = F.one_hot(experts_TK.reshape(-1), num_experts).sum(0).to(probs_TE.dtype)
     fraction_E = counts_E / experts_TK.numel()
     mean_prob_E = probs_TE.mean(dim=0)
     return num_experts * torch.sum(fraction_E * mean_prob_E)

@@ -26,7 +26,8 @@ def gradient_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
 
 def folds_clipping(optimizer: torch.optim.Optimizer) -> bool:
     """Whether `optimizer.step` can apply the clipping itself: a fused Adam/AdamW/SGD (torch's fused kernels
-    take `grad_scale`), and not driven by a GradScaler, which sets `grad_scale` itself."""
+    take `grad_scale`). A step driven by a GradScaler (fp16) sets `grad_scale` itself: the trainer clips in
+    memory there."""
     return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and optimizer.defaults.get("fused"))
 
 

@@ -247,9 +247,12 @@ def main() -> None:
         candidates = [r for r in results if r["moe"] == is_moe]
         if candidates:
             best = min(candidates, key=lambda r: r["val_ppl_best"])
-            model, _ = load_model(best_weights(out / best["name"], None))
-            model.eval()
-            best["test_bpc"] = split_bits_per_character(model, data_dir, "test", test_documents, args.block_size)
+            if "test_bpc" not in best:  # scored once: an earlier invocation's score is kept with its run
+                model, _ = load_model(best_weights(out / best["name"], None))
+                model.eval()
+                best["test_bpc"] = split_bits_per_character(model, data_dir, "test", test_documents,
+                                                            args.block_size)
+                (out / best["name"] / "result.json").write_text(json.dumps(best, indent=1))
             chosen[kind] = best
     rows = []
     for r in results:

@@ -236,6 +236,33 @@ def test_first_token_regex_filters_only_the_first_generated_token_hand_checked()
     assert _kept(apply_processors(both, torch.zeros(1, 13), later, torch.ones(1, 3))) == [[0, 1, 2, 3, 4, 5, 8, 10, 11]]
 
 
+def test_min_letters_bans_the_end_until_the_generated_text_holds_that_many_letters():
+    """Reference: the generated text of each row decoded and its letters counted by hand (the prompt's letters
+    do not count, "é" is a letter, digits and punctuation are not); a row may end (EOS 0, stop token 10) only
+    once it holds 3 letters. Other tokens are never touched."""
+    tokenizer = _CharTokenizer()
+    processors = build_processors(SamplingConfig(min_letters=3), tokenizer=tokenizer, prompt_length=2,
+                                  end_token_ids=[0, 10])
+    rows = [[1, 1],  # nothing generated yet: 0 letters
+            [1, 1, 4, 6],  # "-1": 0 letters
+            [1, 1, 9, 11],  # "éa b": 3 letters
+            [8, 8, 2, 5],  # " of,": 2 letters (the prompt's " the the" does not count)
+            [1, 1, 1, 7]]  # "Elf!": 3 letters
+    for row in rows:
+        ids = torch.tensor([row], dtype=torch.long)
+        letters = sum(ch.isalpha() for ch in tokenizer.batch_decode([row[2:]])[0])
+        kept = _kept(apply_processors(processors, torch.zeros(1, 13), ids, torch.ones_like(ids)))[0]
+        assert kept == (list(range(13)) if letters >= 3 else [i for i in range(13) if i not in (0, 10)]), row
+    # the rows of one batch are judged one by one
+    batch = torch.tensor([rows[1], rows[2], rows[3], rows[4]], dtype=torch.long)
+    kept = _kept(apply_processors(processors, torch.zeros(4, 13), batch, torch.ones_like(batch)))
+    assert [0 in k for k in kept] == [False, True, False, True]
+    from flash_experts.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="min_letters must be an integer >= 0"):
+        SamplingConfig(min_letters=-1)
+
+
 def test_first_token_regex_that_nothing_passes_is_one_error():
     from flash_experts.errors import UserError
 

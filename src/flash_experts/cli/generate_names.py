@@ -29,7 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--max-rounds", type=int, default=5, metavar="N",
                         help="sampling batches at most while looking for N distinct names (default 5)")
     parser.add_argument("--no-filter", action="store_true",
-                        help="let the model emit any token (default: only card-name characters, the first a capital)")
+                        help="let the model emit any token (default: only card-name characters, the first a capital, "
+                             "no end before 3 letters)")
     # None: the library's card-name setting (mtg.cleaning.NAME_TEMPERATURE / NAME_TOP_P), read when the verb runs
     # (the mtg package imports torch; the parser must start without it).
     add_sampling_arguments(parser, temperature=None, top_k=0, top_p=None, max_new_tokens=16)
@@ -45,6 +46,7 @@ def run(args: argparse.Namespace) -> int:
     from flash_experts.mtg.names import (
         CARD_NAME_FIRST_TOKEN_REGEX,
         CARD_NAME_REGEX,
+        MIN_NAME_LETTERS,
         NAME_TEMPERATURE,
         NAME_TOP_P,
         generate_card_names,
@@ -60,9 +62,10 @@ def run(args: argparse.Namespace) -> int:
     args.temperature = NAME_TEMPERATURE if args.temperature is None else args.temperature
     args.top_p = NAME_TOP_P if args.top_p is None else args.top_p
     config = sampling_config_from_args(args)
-    if not args.no_filter:  # card-name characters, and a capital letter to start, unless asked otherwise
+    if not args.no_filter:  # card-name characters, a capital letter to start, 3+ letters, unless asked otherwise
         config = replace(config, allowed_regex=config.allowed_regex or CARD_NAME_REGEX,
-                         first_token_regex=config.first_token_regex or CARD_NAME_FIRST_TOKEN_REGEX)
+                         first_token_regex=config.first_token_regex or CARD_NAME_FIRST_TOKEN_REGEX,
+                         min_letters=config.min_letters or MIN_NAME_LETTERS)
     reference, source = _reference_names(args.reference_names)
     model, tokenizer = load_for_generation(args.model, args.device, args.dtype, args.quantize)
 

@@ -47,6 +47,8 @@ class SamplingConfig:
     allowed_regex        emit only tokens whose decoded text fully matches this regex (plus EOS/stop)
     first_token_regex    the first generated token's decoded text must fully match this regex (so it is never
                          EOS or a stop token: at least one token comes out), e.g. a name starts with a capital
+    min_letters          suppress EOS (and stop tokens) until the generated text holds this many letters, e.g.
+                         a name is never a two-letter fragment ("Ca", "Po")
     """
 
     temperature: float = 1.0
@@ -61,6 +63,7 @@ class SamplingConfig:
     allowed_token_ids: Sequence[int] | None = None
     allowed_regex: str | None = None
     first_token_regex: str | None = None
+    min_letters: int = 0
 
     def __post_init__(self) -> None:
         finite = math.isfinite
@@ -73,6 +76,7 @@ class SamplingConfig:
         _check(_is_count(self.no_repeat_ngram_size), "no_repeat_ngram_size", "an integer >= 0 (0 = off)",
                self.no_repeat_ngram_size)
         _check(_is_count(self.min_new_tokens), "min_new_tokens", "an integer >= 0", self.min_new_tokens)
+        _check(_is_count(self.min_letters), "min_letters", "an integer >= 0", self.min_letters)
         _check(all(_is_count(i) for i in self.banned_token_ids), "banned_token_ids", "token ids (integers >= 0)",
                list(self.banned_token_ids))
         _check(all(isinstance(w, str) and w for w in self.banned_words), "banned_words", "non-empty strings",
@@ -184,6 +188,22 @@ def min_new_tokens(count: int, prompt_length: int, end_token_ids: Sequence[int])
     return apply
 
 
+def min_letters(count: int, letters_V: Tensor, prompt_length: int, end_token_ids: Sequence[int]) -> LogitsProcessor:
+    """Forbid EOS (and stop tokens) in the rows whose generated text holds fewer than `count` letters
+    (`letters_V`: the letters in each token's decoded text)."""
+    ban_end = ban_tokens(end_token_ids)
+
+    def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        generated_BT = input_ids[:, prompt_length:]
+        table = letters_V.to(generated_BT.device)
+        letters_B = table[generated_BT.clamp(max=table.numel() - 1)].sum(1)  # ids past the table: pads, no letters
+        short_B = letters_B < count
+        if bool(short_B.any()):
+            logits[short_B] = ban_end(logits[short_B], input_ids[short_B], attention_mask[short_B])
+        return logits
+    return apply
+
+
 def first_token_only(allow: LogitsProcessor, prompt_length: int) -> LogitsProcessor:
     """Apply the filter `allow` to the first generated token only."""
     def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
@@ -263,7 +283,9 @@ def allow_only(allowed_mask_V: Tensor, default: bool = False) -> LogitsProcessor
     return apply
 
 
-_REGEX_MASK_CACHE: "weakref.WeakKeyDictionary[object, dict[str, Tensor]]" = weakref.WeakKeyDictionary()
+# per tokenizer: a regex pattern -> its token mask, and _LETTERS -> the letters per token
+_REGEX_MASK_CACHE: "weakref.WeakKeyDictionary[object, dict[object, Tensor]]" = weakref.WeakKeyDictionary()
+_LETTERS = ("letters per token",)  # a key no pattern string can equal
 
 
 def tokens_matching_regex(tokenizer, pattern: str) -> Tensor:
@@ -277,14 +299,31 @@ def tokens_matching_regex(tokenizer, pattern: str) -> Tensor:
         per_tokenizer = {}
     if pattern not in per_tokenizer:
         regex = re.compile(pattern)
-        vocab_size = len(tokenizer)
-        texts = tokenizer.batch_decode([[i] for i in range(vocab_size)], skip_special_tokens=False,
-                                       clean_up_tokenization_spaces=False)
-        special = set(getattr(tokenizer, "all_special_ids", []) or [])
-        allowed = [i not in special and text != "" and regex.fullmatch(text) is not None
-                   for i, text in enumerate(texts)]
+        allowed = [not special and text != "" and regex.fullmatch(text) is not None
+                   for text, special in _decoded_vocabulary(tokenizer)]
         per_tokenizer[pattern] = torch.tensor(allowed, dtype=torch.bool)
     return per_tokenizer[pattern]
+
+
+def letters_per_token(tokenizer) -> Tensor:
+    """(len(tokenizer),) long: the letters in each token's decoded text (0 for special tokens); cached."""
+    try:
+        per_tokenizer = _REGEX_MASK_CACHE.setdefault(tokenizer, {})
+    except TypeError:
+        per_tokenizer = {}
+    if _LETTERS not in per_tokenizer:
+        per_tokenizer[_LETTERS] = torch.tensor(
+            [0 if special else sum(ch.isalpha() for ch in text) for text, special in _decoded_vocabulary(tokenizer)],
+            dtype=torch.long)
+    return per_tokenizer[_LETTERS]
+
+
+def _decoded_vocabulary(tokenizer) -> list[tuple[str, bool]]:
+    """Each token id's decoded text and whether it is a special token."""
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    return [(text, i in special) for i, text in enumerate(texts)]
 
 
 def word_token_sequences(tokenizer, words: Iterable[str]) -> list[list[int]]:
@@ -373,6 +412,11 @@ def build_processors(
         processors.append(first_token_only(allow_only(first), prompt_length))
     if config.min_new_tokens > 0:
         processors.append(min_new_tokens(config.min_new_tokens, prompt_length, end_token_ids))
+    if config.min_letters > 0:
+        if tokenizer is None:
+            raise UserError("min_letters needs a tokenizer to count the letters of each token")
+        processors.append(min_letters(config.min_letters, letters_per_token(tokenizer), prompt_length,
+                                      end_token_ids))
     if config.greedy:  # the warpers cannot change the argmax
         return processors
     if config.temperature != 1.0:

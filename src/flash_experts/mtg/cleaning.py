@@ -18,6 +18,7 @@ SMALL_WORDS = frozenset(
 # commas and hyphens; it starts with a letter and ends with a letter or an apostrophe ("Will-o'-the-Wisp").
 NAME_CHARS_RE = re.compile(r"[^\W\d_]|[ ',\-]")
 MAX_NAME_CHARS = 40  # the longest names outside joke sets are about 33 characters
+MIN_NAME_LETTERS = 3  # "Opt", "Fog": the shortest real names
 MAX_NAME_WORDS = 8
 SEPARATORS = ("|",)  # the conditioned format: "Creature — Elf | G | Llanowar Elves"
 SPLIT_CARD_SEPARATOR = " // "  # "Fire // Ice": two names on one card
@@ -100,7 +101,7 @@ def _is_valid_single_name(name: str) -> bool:
         if ch == "'" and not (before.isalpha() or after.isalpha()):
             return False
     words = name.split(" ")
-    if len(words) > MAX_NAME_WORDS or sum(ch.isalpha() for ch in name) < 3:
+    if len(words) > MAX_NAME_WORDS or sum(ch.isalpha() for ch in name) < MIN_NAME_LETTERS:
         return False
     if any(sum(ch.isupper() for ch in part) > 2 for part in re.split(r"[ \-]", name)):  # "McKenzie" at most
         return False

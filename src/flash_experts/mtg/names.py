@@ -21,6 +21,7 @@ from flash_experts.mtg.cards import conditioning_prefix, name_key
 from flash_experts.mtg.cleaning import (
     CARD_NAME_FIRST_TOKEN_REGEX,
     CARD_NAME_REGEX,
+    MIN_NAME_LETTERS,
     NAME_TEMPERATURE,
     NAME_TOP_P,
     clean_card_name,
@@ -129,9 +130,10 @@ def read_reference_names(path: str | Path) -> list[str]:
 # ----------------------------------------------------------------------------- generating names
 
 def name_sampling_config(**overrides) -> SamplingConfig:
-    """The sampling the library uses for card names: NAME_TEMPERATURE, NAME_TOP_P and both filters."""
+    """The sampling the library uses for card names: NAME_TEMPERATURE, NAME_TOP_P and the three filters of the
+    format (card-name characters, a capital first, no end before MIN_NAME_LETTERS letters)."""
     settings = dict(temperature=NAME_TEMPERATURE, top_p=NAME_TOP_P, allowed_regex=CARD_NAME_REGEX,
-                    first_token_regex=CARD_NAME_FIRST_TOKEN_REGEX)
+                    first_token_regex=CARD_NAME_FIRST_TOKEN_REGEX, min_letters=MIN_NAME_LETTERS)
     settings.update(overrides)
     return SamplingConfig(**settings)
 

@@ -257,6 +257,9 @@ def test_min_letters_bans_the_end_until_the_generated_text_holds_that_many_lette
     batch = torch.tensor([rows[1], rows[2], rows[3], rows[4]], dtype=torch.long)
     kept = _kept(apply_processors(processors, torch.zeros(4, 13), batch, torch.ones_like(batch)))
     assert [0 in k for k in kept] == [False, True, False, True]
+    # ids past the tokenizer (a model's padded vocabulary) hold no letters, whatever the last token holds
+    past = sampling.min_letters(3, torch.tensor([0, 3, 2]), prompt_length=0, end_token_ids=[0])
+    assert _kept(past(torch.zeros(1, 8), torch.tensor([[5, 7]]), torch.ones(1, 2))) == [list(range(1, 8))]
     from flash_experts.errors import ConfigError
 
     with pytest.raises(ConfigError, match="min_letters must be an integer >= 0"):

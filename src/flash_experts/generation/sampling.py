@@ -192,11 +192,11 @@ def min_letters(count: int, letters_V: Tensor, prompt_length: int, end_token_ids
     """Forbid EOS (and stop tokens) in the rows whose generated text holds fewer than `count` letters
     (`letters_V`: the letters in each token's decoded text)."""
     ban_end = ban_tokens(end_token_ids)
+    table = torch.cat([letters_V, letters_V.new_zeros(1)])  # the last entry: ids past the tokenizer, no letters
 
     def apply(logits: Tensor, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         generated_BT = input_ids[:, prompt_length:]
-        table = letters_V.to(generated_BT.device)
-        letters_B = table[generated_BT.clamp(max=table.numel() - 1)].sum(1)  # ids past the table: pads, no letters
+        letters_B = table.to(generated_BT.device)[generated_BT.clamp(max=letters_V.numel())].sum(1)
         short_B = letters_B < count
         if bool(short_B.any()):
             logits[short_B] = ban_end(logits[short_B], input_ids[short_B], attention_mask[short_B])

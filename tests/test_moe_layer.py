@@ -106,18 +106,23 @@ def test_moe_layer_matches_loop_reference(num_experts, top_k, capacity_factor, g
         assert expected_dropped > 0  # the setting really exercises dropping
 
 
+def _counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    return torch.bincount(experts_TK.reshape(-1), minlength=num_experts)
+
+
 def test_load_balancing_loss_hand_computed():
     # 4 tokens, 2 experts, top-1. Routed: e0, e0, e0, e1 -> f = [3/4, 1/4].
     probs = torch.tensor([[0.9, 0.1], [0.8, 0.2], [0.6, 0.4], [0.3, 0.7]])
     experts = torch.tensor([[0], [0], [0], [1]])
     # P = mean probs = [0.65, 0.35]; loss = E * sum f*P = 2 * (0.75*0.65 + 0.25*0.35) = 1.15
-    assert math.isclose(load_balancing_loss(probs, experts).item(), 1.15, rel_tol=1e-6)
+    assert math.isclose(load_balancing_loss(probs, _counts(experts, 2)).item(), 1.15, rel_tol=1e-6)
     # Uniform routing and uniform probabilities give the minimum, 1.0.
     uniform = torch.full((4, 4), 0.25)
-    assert math.isclose(load_balancing_loss(uniform, torch.tensor([[0], [1], [2], [3]])).item(), 1.0, rel_tol=1e-6)
+    assert math.isclose(load_balancing_loss(uniform, _counts(torch.tensor([[0], [1], [2], [3]]), 4)).item(), 1.0,
+                        rel_tol=1e-6)
     # top-2: assignments counted over T*K: tokens (0,1),(0,1) -> f = [0.5, 0.5, 0]; P = [0.5, 0.4, 0.1]
     probs3 = torch.tensor([[0.5, 0.4, 0.1], [0.5, 0.4, 0.1]])
-    value = load_balancing_loss(probs3, torch.tensor([[0, 1], [0, 1]])).item()
+    value = load_balancing_loss(probs3, _counts(torch.tensor([[0, 1], [0, 1]]), 3)).item()
     assert math.isclose(value, 3 * (0.5 * 0.5 + 0.5 * 0.4), rel_tol=1e-6)
 
 

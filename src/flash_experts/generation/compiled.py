@@ -108,7 +108,7 @@ class _DecodeMoELayer(MoELayer):
         stats = RouterStats(  # as MoELayer's, in fixed shapes (bincount's output shape depends on the data)
             layer=self.layer_index, tokens_per_expert=counts_E.long(),
             dropped_tokens=torch.zeros((), dtype=torch.long, device=x_TD.device),
-            load_balancing_loss=load_balancing_loss(probs_TE, experts_TK),
+            load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
             z_loss=router_z_loss(logits_TE),
             entropy=-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(-1).mean(),
         )

@@ -35,19 +35,17 @@ class RouterStats:
     entropy: Tensor  # () mean entropy of the routing distribution, in nats
 
 
-def load_balancing_loss(probs_TE: Tensor, experts_TK: Tensor) -> Tensor:
+def load_balancing_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
     """Switch Transformer load-balancing loss: E * sum_e f_e * P_e.
 
-    f_e is the share of the T*K assignments that went to expert e, P_e the mean router probability of e.
-    It is 1.0 when routing is uniform and grows as load concentrates on few experts.
+    f_e is the share of the T*K assignments that went to expert e (`counts_E`: assignments per expert, which
+    the dispatch has counted already), P_e the mean router probability of e. It is 1.0 when routing is
+    uniform and grows as load concentrates on few experts.
     """
-    num_experts = probs_TE.shape[-1]
-    # counted through one-hot rows, not bincount, whose output shape torch.compile treats as data-dependent:
-    # the compiled decode step (generation/compiled.py) computes the same loss in fixed shapes
-    counts_E = F.one_hot(experts_TK.reshape(-1), num_experts).sum(0).to(probs_TE.dtype)
-    fraction_E = counts_E / experts_TK.numel()
+    counts_E = counts_E.to(probs_TE.dtype)
+    fraction_E = counts_E / counts_E.sum()
     mean_prob_E = probs_TE.mean(dim=0)
-    return num_experts * torch.sum(fraction_E * mean_prob_E)
+    return probs_TE.shape[-1] * torch.sum(fraction_E * mean_prob_E)
 
 
 def router_z_loss(logits_TE: Tensor) -> Tensor:
@@ -342,7 +340,7 @@ class MoELayer(nn.Module):
             layer=self.layer_index,
             tokens_per_expert=counts_E.detach(),
             dropped_tokens=dropped.detach(),
-            load_balancing_loss=load_balancing_loss(probs_TE, experts_TK),
+            load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
             z_loss=router_z_loss(logits_TE),
             entropy=-(probs_TE * log_probs_TE).sum(-1).mean().detach(),
         )

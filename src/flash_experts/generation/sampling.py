@@ -284,8 +284,15 @@ def allow_only(allowed_mask_V: Tensor, default: bool = False) -> LogitsProcessor
 
 
 # per tokenizer: a regex pattern -> its token mask, and _LETTERS -> the letters per token
-_REGEX_MASK_CACHE: "weakref.WeakKeyDictionary[object, dict[object, Tensor]]" = weakref.WeakKeyDictionary()
+_VOCABULARY_CACHE: "weakref.WeakKeyDictionary[object, dict[object, Tensor]]" = weakref.WeakKeyDictionary()
 _LETTERS = ("letters per token",)  # a key no pattern string can equal
+
+
+def _tokenizer_cache(tokenizer) -> dict[object, Tensor]:
+    try:
+        return _VOCABULARY_CACHE.setdefault(tokenizer, {})
+    except TypeError:  # an object that cannot be weakly referenced: just don't cache
+        return {}
 
 
 def tokens_matching_regex(tokenizer, pattern: str) -> Tensor:
@@ -293,10 +300,7 @@ def tokens_matching_regex(tokenizer, pattern: str) -> Tensor:
 
     Decoding the whole vocabulary takes a fraction of a second for GPT-2, so it is done once per
     (tokenizer, pattern) and cached. Special tokens never match (their text is markup, not content)."""
-    try:
-        per_tokenizer = _REGEX_MASK_CACHE.setdefault(tokenizer, {})
-    except TypeError:  # an object that cannot be weakly referenced: just don't cache
-        per_tokenizer = {}
+    per_tokenizer = _tokenizer_cache(tokenizer)
     if pattern not in per_tokenizer:
         regex = re.compile(pattern)
         allowed = [not special and text != "" and regex.fullmatch(text) is not None
@@ -307,10 +311,7 @@ def tokens_matching_regex(tokenizer, pattern: str) -> Tensor:
 
 def letters_per_token(tokenizer) -> Tensor:
     """(len(tokenizer),) long: the letters in each token's decoded text (0 for special tokens); cached."""
-    try:
-        per_tokenizer = _REGEX_MASK_CACHE.setdefault(tokenizer, {})
-    except TypeError:
-        per_tokenizer = {}
+    per_tokenizer = _tokenizer_cache(tokenizer)
     if _LETTERS not in per_tokenizer:
         per_tokenizer[_LETTERS] = torch.tensor(
             [0 if special else sum(ch.isalpha() for ch in text) for text, special in _decoded_vocabulary(tokenizer)],

@@ -2,9 +2,9 @@
 
     python benchmarks/select_name_sampling.py MODEL_FOLDER [--names 200] [--seeds 1000 1001]
 
-Samples --names names per seed for each setting of a small grid (temperature x top-p; the library's two
-card-name filters, card-name characters and a capital first, always on) from MODEL_FOLDER (e.g. a sweep run's
-best checkpoint), with seeds that the demo and the sweep never report (they report seed 1337), and prints
+Samples --names names per seed for each setting of a small grid (temperature x top-p; the library's
+card-name filters always on: card-name characters, a capital first, 3+ letters) from MODEL_FOLDER (e.g. a
+sweep run's best checkpoint), with seeds that the demo and the sweep never report (they report seed 1337), and prints
 validity, uniqueness and novelty (against every real card name) per setting. The rule is
 `flash_experts.mtg.names.select_name_sampling`'s: of the settings meeting the targets of issue 11 (validity
 >= 95%, uniqueness >= 95%, novelty >= 90%), the one clearing the nearest target by the widest margin. The

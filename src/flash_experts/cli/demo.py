@@ -29,7 +29,7 @@ from flash_experts.cli.common import training_dtype_word
 
 RUNS = ("dense", "moe")
 PLAN_FILE = "plan.json"
-# The card-name temperatures each model chooses from on its selection samples (top-p 1.0, both name filters).
+# The card-name temperatures each model chooses from on its selection samples (top-p 1.0, the name filters on).
 NAME_TEMPERATURES = (0.5, 0.6, 0.7, 0.8)
 
 

@@ -204,7 +204,7 @@ def select_name_sampling(model, tokenizer, reference_names: list[str], *, temper
                          top_ps: Iterable[float] = (NAME_TOP_P,), count: int = 200,
                          seeds: Iterable[int] = (1000,)) -> tuple[SamplingTrial | None, list[SamplingTrial]]:
     """Choose temperature and top-p for card names on selection samples: `count` names per seed for every
-    setting of the grid (the two card-name filters always on). The rule: of the settings that meet all three
+    setting of the grid (the card-name filters of `name_sampling_config` always on). The rule: of the settings that meet all three
     targets (validity, uniqueness, novelty), the one that clears the nearest target by the widest margin,
     ties to the higher temperature, then the higher top-p. Lower temperatures trade distinct names for valid
     ones; a setting chosen for its validity alone sits at the uniqueness bar, where the noise of a few hundred

@@ -12,6 +12,7 @@ gradients (fresh copies each round), median over rounds; prints a Markdown table
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_train_step import adamw, hf_dense, ours_moe  # noqa: E402
+from bench_train_step import adamw, fresh_models  # noqa: E402
 from common import machine_description, markdown_table  # noqa: E402
 from flash_experts.training.optimizer import clipped_step, gradient_norm  # noqa: E402
 
@@ -48,7 +49,7 @@ def time_ways(model: torch.nn.Module, rounds: int) -> dict[str, float]:
             if round_index:
                 times[name].append(time.perf_counter() - start)
             optimizer.zero_grad(set_to_none=True)
-    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main() -> None:
@@ -60,10 +61,8 @@ def main() -> None:
     args = parser.parse_args()
     size = dict(layers=2, embd=64, heads=2, positions=64) if args.quick else dict(layers=12, embd=768, heads=12,
                                                                                   positions=1024)
-    dense = hf_dense(**size, seed=0)
-    models = {"HF GPT2LMHeadModel dense": dense,
-              f"ours: MoE upcycled ({args.experts} experts, every other layer)": ours_moe(
-                  hf_dense(**size, seed=0), args.experts, args.top_k)}
+    dense, moe = fresh_models(**size, experts=args.experts, top_k=args.top_k, seed=0)
+    models = {"HF GPT2LMHeadModel dense": dense, f"ours: MoE upcycled ({args.experts} experts, every other layer)": moe}
     rows = []
     for name, model in models.items():
         median = time_ways(model, args.rounds)

@@ -24,7 +24,8 @@ def make_layer(num_experts: int, top_k: int, capacity_factor: float, gated: bool
 
 def loop_reference(layer: MoELayer, x_BTD: torch.Tensor) -> torch.Tensor:
     """Token by token: softmax router, top-k, renormalise, each chosen expert's MLP, weighted sum.
-    Capacity: tokens are admitted to an expert in order (token 0 first) until it is full."""
+    Capacity: tokens are admitted to an expert in order (token 0 first) until it is full. The renormalising
+    sum is a constant to autograd (the layer's router-gradient estimator, tested on its own below)."""
     B, T, D = x_BTD.shape
     x = x_BTD.reshape(B * T, D)
     experts = layer.experts
@@ -35,7 +36,7 @@ def loop_reference(layer: MoELayer, x_BTD: torch.Tensor) -> torch.Tensor:
     for t in range(B * T):
         probs = torch.softmax(x[t].float() @ layer.router.weight.float().T, dim=-1)
         weights, chosen = probs.topk(layer.top_k)
-        weights = weights / weights.sum()
+        weights = weights / weights.sum().detach()
         decisions.append((weights, chosen))
     kept = {}
     for e in range(layer.num_experts):
@@ -212,3 +213,74 @@ def test_router_decides_in_fp32_under_autocast():
     assert logits.dtype == torch.float32
     assert torch.allclose(logits, x @ layer.router.weight.T, rtol=1e-6, atol=1e-6)  # bf16 would be ~1e-2 off
     assert torch.equal(experts, (x @ layer.router.weight.T).topk(2).indices)
+
+
+# ------------------------------------------------------------------------------------ the router's gradient
+
+
+def _expert_outputs_float64(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor:
+    """(T, E, D): every expert's MLP on every token, in float64, written out from the weights."""
+    experts = layer.experts
+    rows = []
+    for e in range(layer.num_experts):
+        if experts.gated:
+            hidden = F.silu(x_TD @ experts.w_gate[e].double()) * (x_TD @ experts.w_up[e].double())
+            rows.append(hidden @ experts.w_down[e].double())
+        else:
+            hidden = F.gelu(x_TD @ experts.w_up[e].double() + experts.b_up[e].double(), approximate="tanh")
+            rows.append(hidden @ experts.w_down[e].double() + experts.b_down[e].double())
+    return torch.stack(rows, dim=1)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("top_k", [1, 2])
+def test_router_gradient_matches_finite_differences_of_the_intended_formula(top_k, gated):
+    """Reference: central finite differences in float64 of the estimator's formula, written out here:
+    out_t = sum over the chosen experts k of p_tk(W) / S_t * y_k(x_t), where p = softmax(x W^T), the top-k
+    choice and S_t = sum_k p_tk are held at their values at W (the forward renormalises; the gradient flows
+    through p alone). The loss is <out, R> for a fixed random R."""
+    layer = make_layer(4, top_k, 0.0, gated, seed=3)
+    x_TD = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(7))
+    R = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(8))
+    out, _ = layer(x_TD)
+    (out * R).sum().backward()
+    grad = layer.router.weight.grad.double()
+
+    x64, R64 = x_TD[0].double(), R[0].double()
+    W0 = layer.router.weight.detach().double()
+    with torch.no_grad():
+        y_TED = _expert_outputs_float64(layer, x64)
+        probs0 = torch.softmax(x64 @ W0.T, dim=-1)
+        chosen_TK = probs0.topk(top_k, dim=-1).indices
+        S_T1 = probs0.gather(1, chosen_TK).sum(1, keepdim=True)
+
+    def loss(W: torch.Tensor) -> float:
+        p_TK = torch.softmax(x64 @ W.T, dim=-1).gather(1, chosen_TK) / S_T1
+        y_TKD = y_TED.gather(1, chosen_TK[..., None].expand(-1, -1, y_TED.shape[-1]))
+        return float(((p_TK[..., None] * y_TKD).sum(1) * R64).sum())
+
+    eps = 1e-6
+    expected = torch.zeros_like(W0)
+    for index in torch.cartesian_prod(torch.arange(W0.shape[0]), torch.arange(W0.shape[1])):
+        i, j = int(index[0]), int(index[1])
+        step = torch.zeros_like(W0)
+        step[i, j] = eps
+        expected[i, j] = (loss(W0 + step) - loss(W0 - step)) / (2 * eps)
+    assert expected.abs().max() > 1e-2  # the reference itself is not zero
+    assert torch.allclose(grad, expected, atol=1e-4, rtol=1e-3)
+
+
+def test_top1_router_learns_from_the_output_loss_alone():
+    """Reference: zero, the gradient a renormalised top-1 weight (p / p = 1) would give. The router must get a
+    gradient from a loss on the layer's output alone (no balancing or z terms), even with identical experts,
+    while the forward value stays exactly 1 (an upcycled model equals its source)."""
+    layer = make_layer(4, 1, 0.0, gated=False, seed=4)
+    with torch.no_grad():  # identical experts, as upcycling makes them
+        for p in layer.experts.parameters():
+            p.copy_(p[:1].expand_as(p))
+    x_TD = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(1))
+    weights_TK, _, _, _ = layer.router(x_TD.reshape(-1, 16))
+    assert torch.equal(weights_TK, torch.ones_like(weights_TK))
+    out, _ = layer(x_TD)
+    out.square().sum().backward()
+    assert layer.router.weight.grad.abs().max() > 1e-2

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.model.kv_cache import KVCache
-from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward, load_balancing_loss, router_z_loss
+from flash_experts.model.moe import MoELayer, RouterStats, expert_feed_forward, routing_stats
 from flash_experts.model.quantize import QuantizedGroupedExperts
 from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
@@ -104,14 +104,9 @@ class _DecodeMoELayer(MoELayer):
         else:  # every expert on every row, weighted by the router (0 where not chosen)
             weights_TE = (weights_TK[..., None] * chosen_TKE).sum(1)
             out_TD = torch.einsum("te,etd->td", weights_TE, _expert_outputs(self.experts, x_TD))
-        counts_E = chosen_TKE.sum((0, 1))
-        stats = RouterStats(  # as MoELayer's, in fixed shapes (bincount's output shape depends on the data)
-            layer=self.layer_index, tokens_per_expert=counts_E.long(),
-            dropped_tokens=torch.zeros((), dtype=torch.long, device=x_TD.device),
-            load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
-            z_loss=router_z_loss(logits_TE),
-            entropy=-(probs_TE * torch.log_softmax(logits_TE, dim=-1)).sum(-1).mean(),
-        )
+        # as MoELayer's; the counts in fixed shapes (bincount's output shape depends on the data)
+        stats = routing_stats(self.layer_index, logits_TE, probs_TE, chosen_TKE.sum((0, 1)),
+                              torch.zeros((), dtype=torch.long, device=x_TD.device))
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
 
 

@@ -33,6 +33,23 @@ class RouterStats:
     load_balancing_loss: Tensor  # () Switch loss, unweighted (1.0 = perfectly balanced)
     z_loss: Tensor  # () ST-MoE router z-loss, unweighted
     entropy: Tensor  # () mean entropy of the routing distribution, in nats
+    top1_prob: Tensor  # () mean over tokens of the largest routing probability (1/E uniform, 1.0 certain)
+
+
+def routing_stats(layer: int, logits_TE: Tensor, probs_TE: Tensor, counts_E: Tensor, dropped: Tensor) -> RouterStats:
+    """One forward's RouterStats from the router's logits and softmax and the assignments per expert: the one
+    place they are computed, for the training dispatch and the fixed-shape decode step alike. The balancing
+    and z losses keep their graph (they are trained); the descriptive numbers are detached."""
+    log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
+    return RouterStats(
+        layer=layer,
+        tokens_per_expert=counts_E.detach().long(),
+        dropped_tokens=dropped.detach(),
+        load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
+        z_loss=router_z_loss(logits_TE),
+        entropy=-(probs_TE * log_probs_TE).sum(-1).mean().detach(),
+        top1_prob=probs_TE.max(dim=-1).values.mean().detach(),
+    )
 
 
 def load_balancing_loss(probs_TE: Tensor, counts_E: Tensor) -> Tensor:
@@ -78,7 +95,13 @@ class Router(nn.Module):
         probs_TE = logits_TE.softmax(dim=-1)
         weights_TK, experts_TK = probs_TE.topk(self.top_k, dim=-1)
         if self.normalize_top_k:
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True)
+            # The value is renormalised (the K weights sum to 1, so identical upcycled experts reproduce the
+            # dense MLP exactly), but the sum is a constant to autograd: w_k = p_k / stop_gradient(sum_j p_j).
+            # Dividing by the live sum would make top-1's weight p / p = 1, whose derivative is 0: the router
+            # would learn nothing from the language-model loss. With the sum held constant the gradient is the
+            # Switch Transformer's (its output is p * expert(x), d/dp = expert(x)), scaled by 1/sum_j p_j; for
+            # top-1 this is the "p / stop_gradient(p)" estimator, forward value exactly 1.
+            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).detach()
         return weights_TK, experts_TK, logits_TE, probs_TE
 
 
@@ -335,13 +358,5 @@ class MoELayer(nn.Module):
         out_TD = torch.zeros(num_tokens, D, dtype=torch.float32, device=x_TD.device)
         out_TD.index_add_(0, token_N, expert_out_ND.float() * weight_N1)
 
-        log_probs_TE = torch.log_softmax(logits_TE, dim=-1)
-        stats = RouterStats(
-            layer=self.layer_index,
-            tokens_per_expert=counts_E.detach(),
-            dropped_tokens=dropped.detach(),
-            load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
-            z_loss=router_z_loss(logits_TE),
-            entropy=-(probs_TE * log_probs_TE).sum(-1).mean().detach(),
-        )
+        stats = routing_stats(self.layer_index, logits_TE, probs_TE, counts_E, dropped)
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats

@@ -55,7 +55,7 @@ def test_evaluate_cli_json_matches_library(saved_models, tmp_path):
     expected = evaluate_perplexity(loaded[0], ids, stride=32, quiet=True)
     assert numbers["perplexity"] == pytest.approx(expected.perplexity, rel=1e-5)
     assert numbers["tokens_scored"] == ids.numel() - 1 and numbers["context"] == 64
-    assert numbers["routing"] == {"layers": []}  # dense
+    assert numbers["routing"] == {"layers": [], "summary": {}}  # dense
 
 
 def test_evaluate_cli_errors_are_one_line(saved_models, tmp_path, capsys):
@@ -137,6 +137,10 @@ def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path)
     assert numbers["windows"] > len(ids) // 64 + 1  # the perplexity windows overlap
     (layer,) = numbers["routing"]["layers"]
     assert layer["tokens"] == len(ids) and layer["assignments"] == 2 * len(ids)
+    # The expert atlas routes the same windows once: its per-expert assignments are the routing table's.
+    (atlas_layer,) = numbers["expert_atlas"]["layers"]
+    assert numbers["expert_atlas"]["tokens"] == len(ids)
+    assert [e["assignments"] for e in atlas_layer["experts"]] == layer["tokens_per_expert"]
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,8 @@ from flash_experts.model.moe import MoELayer, RouterStats  # noqa: E402
 
 def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
     zero = torch.tensor(0.0)
-    return RouterStats(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy))
+    return RouterStats(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy),
+                       top1_prob=zero)
 
 
 def test_accumulator_matches_hand_computed_values():
@@ -46,6 +47,45 @@ def test_accumulator_matches_hand_computed_values():
     assert layer3.imbalance == pytest.approx(2.0)
     assert layer3.entropy == pytest.approx((1.2 * 4 + 0.6 * 2) / 6)
     assert layer3.dropped == 3 and layer3.dropped_share == pytest.approx(3 / 12)
+
+
+def test_top1_probability_is_token_weighted_and_the_summary_averages_layers():
+    """Reference: by hand. Layer 1: 4 tokens at mean top-1 0.5, then 2 at 0.8 -> (2 + 1.6) / 6 = 0.6; layer 3:
+    0.9 throughout. The summary: means over the two layers, the least and most loaded expert of any layer."""
+    accumulator = RouterStatsAccumulator()
+    zero = torch.tensor(0.0)
+    for layer, counts, top1, tokens in ((1, [3, 1], 0.5, 4), (3, [2, 2], 0.9, 4), (1, [2, 0], 0.8, 2),
+                                        (3, [1, 1], 0.9, 2)):
+        accumulator.add([RouterStats(layer, torch.tensor(counts), torch.tensor(0), zero, zero,
+                                     torch.tensor(math.log(2) / 2), torch.tensor(top1))], num_tokens=tokens)
+    result = accumulator.result(distances={1: 0.25, 3: 0.75})
+    layer1, layer3 = result.layers
+    assert layer1.top1_prob == pytest.approx(0.6) and layer3.top1_prob == pytest.approx(0.9)
+    assert layer1.entropy_ratio == pytest.approx(0.5)
+    summary = result.summary()
+    assert summary["top1_prob"] == pytest.approx(0.75)
+    assert summary["entropy_ratio"] == pytest.approx(0.5)
+    assert summary["load_min"] == pytest.approx(1 / 6) and summary["load_max"] == pytest.approx(5 / 6)
+    assert summary["expert_distance"] == pytest.approx(0.5)
+    assert result.as_dict()["layers"][0]["entropy_ratio"] == pytest.approx(0.5)
+
+
+def test_expert_distances_by_hand():
+    """Reference: float64 by hand on a two-expert layer whose weights are set: expert 0 all ones, expert 1
+    all twos (every weight and bias): ||W0 - W1|| / ((||W0|| + ||W1||) / 2) = sqrt(n) / (1.5 sqrt(n)) = 2/3.
+    Identical copies (what upcycling makes): 0."""
+    from flash_experts.model.routing import expert_distances
+
+    model = _OneMoELayerLM(experts=2, top_k=1)
+    with torch.no_grad():
+        for p in model.moe.experts.parameters():
+            p[0].fill_(1.0)
+            p[1].fill_(2.0)
+    assert expert_distances(model) == {0: pytest.approx(2 / 3)}
+    with torch.no_grad():
+        for p in model.moe.experts.parameters():
+            p[1].copy_(p[0])
+    assert expert_distances(model) == {0: 0.0}
 
 
 def test_dense_model_gives_empty_result():
@@ -91,6 +131,8 @@ def test_collect_over_stream_matches_direct_topk_count(capacity_factor):
     expected_counts = torch.bincount(experts_TK.reshape(-1), minlength=4)
     expected_entropy = -(probs_TE * probs_TE.log()).sum(-1).mean().item()
     assert layer.tokens_per_expert == expected_counts.tolist()
+    assert layer.top1_prob == pytest.approx(probs_TE.max(-1).values.mean().item(), rel=1e-4)
+    assert layer.entropy_ratio == pytest.approx(expected_entropy / math.log(4), rel=1e-4)
     assert layer.tokens == 100 and layer.assignments == 200
     assert layer.entropy == pytest.approx(expected_entropy, rel=1e-4)
     assert layer.imbalance == pytest.approx(expected_counts.max().item() / 50)

@@ -31,7 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lm-eval-task", metavar="DIR", default=None,
                         help="also write the text as a local lm-evaluation-harness task folder (one document), for "
                              "lm_eval --include_path DIR --tasks flash_experts_text")
-    parser.add_argument("--router-stats", action="store_true", help="also report per-layer expert load, entropy, drops")
+    parser.add_argument("--router-stats", action="store_true",
+                        help="also report per-layer routing (expert load, entropy / ln E, top-1 probability, the "
+                             "experts' distance, drops) and the expert atlas (which tokens each expert takes)")
     parser.add_argument("--json", metavar="FILE", default=None, help="also write the numbers to FILE as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -96,6 +98,16 @@ def run(args: argparse.Namespace) -> int:
             console.print("dense model: no router statistics")
         else:
             console.print(router_stats_table(routing, title=f"Routing of {args.model}"))
+            from flash_experts.evaluation.expert_atlas import expert_atlas
+
+            # what each expert takes from this text (every token routed once, in windows of the context)
+            atlas = expert_atlas(model, tokenizer, tokens, context=min(result.context, tokens.numel()),
+                                 batch_size=args.batch_size)
+            console.print(f"expert atlas: each expert's share of its layer, then its tokens of highest lift "
+                          f"(routed there at least {atlas.min_count} times; all of it in --json)", highlight=False)
+            for layer in atlas.layers:
+                console.print("  " + layer.line(tokens_each=3), highlight=False, markup=False)
+            numbers["expert_atlas"] = atlas.as_dict()
         numbers["routing"] = routing.as_dict()
     if args.json:
         Path(args.json).expanduser().write_text(json.dumps(numbers, indent=2) + "\n")

@@ -6,9 +6,7 @@ inside one call; nothing is approximated. The page draws these numbers and nothi
 
 from __future__ import annotations
 
-import contextlib
 import math
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flash_experts.errors import UserError
-from flash_experts.model.moe import MoELayer
+from flash_experts.model.routing import recording_routers
 
 
 @dataclass
@@ -34,29 +32,6 @@ class Trace:
     def as_dict(self) -> dict:
         return dict(token_ids=self.token_ids, tokens=self.tokens, logprobs=self.logprobs, moe_layers=self.moe_layers,
                     experts=self.experts, weights=self.weights, probs=self.probs)
-
-
-def moe_layers_of(model: torch.nn.Module) -> list[MoELayer]:
-    return sorted((m for m in model.modules() if isinstance(m, MoELayer)), key=lambda m: m.layer_index)
-
-
-@contextlib.contextmanager
-def recording_routers(model: torch.nn.Module) -> Iterator[dict[int, tuple[Tensor, Tensor, Tensor]]]:
-    """Inside the block, every MoE layer's router output of each forward is kept: layer -> (experts_TK,
-    weights_TK, probs_TE), the router's own tensors (its top-k after any renormalisation, its softmax)."""
-    seen: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
-    handles = []
-    for layer in moe_layers_of(model):
-        def keep(module, inputs, output, index=layer.layer_index):  # noqa: ANN001 (torch's hook signature)
-            weights_TK, experts_TK, _logits, probs_TE = output
-            seen[index] = (experts_TK.detach(), weights_TK.detach(), probs_TE.detach())
-
-        handles.append(layer.router.register_forward_hook(keep))
-    try:
-        yield seen
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 @torch.inference_mode()

@@ -144,3 +144,94 @@ def test_validation_curve_and_plot(tmp_path):
     assert curve == [(0.0, 6.0), (25.0, 4.0), (50.0, 3.5)]
     png = plot_validation_vs_compute({"dense": curve, "MoE": [(0.0, 6.0), (30.0, 4.2)]}, tmp_path / "c.png", "t")
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleaved_runs_take_turns_by_compute_spent_and_stop_at_their_budget(tmp_path, monkeypatch):
+    """Reference: a fake clock on which a step of run a costs 1 s and one of run b 1.5 s, budget 6 s each,
+    and the turns worked out by hand (the run that has spent less goes next, a first on a tie; a run stops once
+    another step would overshoot its budget by more than half a step): a b a b a a b a b a. The schedule
+    follows the share of the budget spent: b's steps start at 0, 1.5, 3, 4.5 s, i.e. at schedule positions
+    0, 2, 4, 6 of its 8 planned steps (lr_at, written with those positions)."""
+    from flash_experts.training import trainer as trainer_module
+    from flash_experts.training.schedule import lr_at
+    from test_trainer import metrics
+
+    data = make_data(tmp_path / "data")
+    cost = {"a": 1.0, "b": 1.5}
+    now, order = [0.0], []
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    real_step = trainer_module.Trainer.train_step
+
+    def step(self):
+        out = real_step(self)
+        order.append(self.run_dir.name)
+        now[0] += cost[self.run_dir.name]
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    settings = {"optim.time_budget": 6, "optim.max_steps": 8, "optim.warmup_steps": 2, "tracking.log_interval": 1,
+                "eval.interval": 100, "checkpoint.interval": 0}
+    configs = {name: tiny_config(data, tmp_path / name, **settings) for name in ("a", "b")}
+    results = equal_compute.train_interleaved(configs)
+    assert "".join(order) == "ababaababa"
+    assert (results["a"].steps, results["b"].steps) == (6, 4)
+    assert results["a"].train_seconds == results["b"].train_seconds == 6.0
+    optim = configs["b"].optim
+    expected = {step: lr_at(position, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=2, max_steps=8)
+                for step, position in zip((1, 2, 3, 4), (0.0, 2.0, 4.0, 6.0))}
+    assert metrics(tmp_path / "b", "train/lr") == pytest.approx(expected)
+    # Routing is recorded at every evaluation (step 0 and the end) and returned with the result.
+    for name, last in (("a", 6), ("b", 4)):
+        entropy = metrics(tmp_path / name, "router/entropy_ratio")
+        assert sorted(entropy) == [0, last]
+        assert results[name].final_routing["summary"]["entropy_ratio"] == pytest.approx(entropy[last])
+        assert results[name].initial_routing["summary"]["entropy_ratio"] == pytest.approx(entropy[0])
+        assert metrics(tmp_path / name, "train/seconds")[last] == 6.0
+
+
+def test_interleaved_runs_need_a_time_budget(tmp_path):
+    from flash_experts.errors import UserError
+
+    data = make_data(tmp_path / "data")
+    with pytest.raises(UserError, match="needs optim.time_budget > 0"):
+        equal_compute.train_interleaved({"a": tiny_config(data, tmp_path / "a")})
+
+
+def test_time_budget_run_resumes_where_its_compute_stopped(tmp_path, monkeypatch):
+    """Reference: the uninterrupted run on the same fake clock (1 s a step, budget 5 s): a run stopped after
+    its third step and resumed takes the same remaining steps, at the same learning rates, and ends with the
+    same realized compute (the spent seconds travel in the checkpoint)."""
+    from flash_experts.training import trainer as trainer_module
+    from test_trainer import metrics
+
+    data = make_data(tmp_path / "data")
+    now = [0.0]
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
+    real_step = trainer_module.Trainer.train_step
+
+    def step(self):
+        out = real_step(self)
+        now[0] += 1.0
+        return out
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
+    settings = {"optim.time_budget": 5, "optim.max_steps": 5, "optim.warmup_steps": 1, "tracking.log_interval": 1,
+                "eval.interval": 100, "checkpoint.interval": 3}
+    whole = trainer_module.train(tiny_config(data, tmp_path / "whole", **settings))
+    assert (whole.steps, whole.train_seconds) == (5, 5.0)
+
+    real_advance = trainer_module.Trainer.advance
+
+    def stop_after_three(self):
+        real_advance(self)
+        if self.step == 3:
+            self.stopped = "interrupted"
+
+    monkeypatch.setattr(trainer_module.Trainer, "advance", stop_after_three)
+    first = trainer_module.train(tiny_config(data, tmp_path / "parts", **settings))
+    assert (first.stopped, first.steps) == ("interrupted", 3)
+    monkeypatch.setattr(trainer_module.Trainer, "advance", real_advance)
+    rest = trainer_module.train(tiny_config(data, tmp_path / "parts", **settings), resume="auto")
+    assert (rest.steps, rest.train_seconds, rest.step_seconds) == (5, 5.0, 2.0)
+    assert metrics(tmp_path / "parts", "train/lr") == pytest.approx(metrics(tmp_path / "whole", "train/lr"))
+    assert metrics(tmp_path / "parts", "train/loss") == pytest.approx(metrics(tmp_path / "whole", "train/loss"))

@@ -105,6 +105,15 @@ class OptimConfig:
     # Experts and routers warm up to this peak instead of `lr` (re-warming towards the base's pretraining peak,
     # He et al. 2024), the rest of the model keeps `lr`; both follow the same warm-up and decay shape. None = lr.
     rewarm_peak: float | None = None
+    # The routers' rate as a multiple of their neighbours' (the experts'): a router is a small new matrix
+    # that must move far from its random start within a fine-tuning run, which the base's rate barely allows
+    # (docs/UPCYCLING.md, "Routers that learn"). 1.0 = no group of their own.
+    router_lr_scale: float = 1.0
+    # > 0: train for this many seconds of measured training steps (evaluation, checkpoints and start-up not
+    # counted) instead of a number of steps. The schedule keeps its shape (warmup_steps over max_steps, read
+    # as a plan), but advances with the fraction of the budget spent: on a machine whose speed drifts, the
+    # decay ends when the budget does. 0 = off (max_steps decides).
+    time_budget: float = 0.0
 
 
 @dataclass
@@ -533,6 +542,12 @@ def _validate(cfg: TrainConfig) -> None:
     if optim.rewarm_peak is not None:
         require(optim.rewarm_peak > 0, "optim.rewarm_peak", "must be > 0 (or null: experts follow optim.lr)", optim.rewarm_peak)
         require(moe is not None, "optim.rewarm_peak", "needs an moe section (the model is dense)", optim.rewarm_peak)
+    require(optim.router_lr_scale > 0 and math.isfinite(optim.router_lr_scale), "optim.router_lr_scale",
+            "must be a number > 0 (1 = the routers follow the experts' rate)", optim.router_lr_scale)
+    require(optim.router_lr_scale == 1.0 or moe is not None, "optim.router_lr_scale",
+            "needs an moe section (the model is dense)", optim.router_lr_scale)
+    require(0 <= optim.time_budget < float("inf"), "optim.time_budget",
+            "must be a number of seconds >= 0 (0 = train max_steps steps)", optim.time_budget)
     require(optim.weight_decay >= 0, "optim.weight_decay", "must be >= 0", optim.weight_decay)
     require(all(0.0 <= b < 1.0 for b in optim.betas), "optim.betas", "must both be in [0, 1)", list(optim.betas))
     require(optim.eps > 0, "optim.eps", "must be > 0", optim.eps)

@@ -4,7 +4,8 @@ A run whose step costs 1.5x another's gets 1/1.5 of its steps. Step times come f
 optimizers, built as the trainer builds them, with the contenders taking turns (round r times one step of
 each): a shared machine's speed drifts over minutes, and turns expose every contender to the same drift, so
 the ratios hold even when the absolute times move. Used by `flash-experts demo` (the dense model against the
-MoE) and by benchmarks/sweep_upcycling.py (every recipe).
+MoE) and by benchmarks/sweep_upcycling.py (every recipe). `train_interleaved` then trains the runs taking
+turns in one process, each until its own measured step time reaches the budget.
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 
 from flash_experts.training.config import TrainConfig, resolve_device, resolve_precision
 from flash_experts.training.optimizer import clipped_step, gradient_norm
+
+if TYPE_CHECKING:
+    from flash_experts.training.trainer import TrainResult
 
 
 def sync(device: str) -> None:
@@ -93,3 +97,54 @@ def measure_step_seconds(configs: dict[str, TrainConfig], rounds: int = 3,
 def steps_for_budget(seconds_per_step: float, budget_seconds: float) -> int:
     """Whole steps that fit the budget (at least one)."""
     return max(1, int(budget_seconds / seconds_per_step))
+
+
+def train_interleaved(configs: dict[str, TrainConfig], resume: str | None = None) -> dict[str, "TrainResult"]:
+    """Train several runs in this one process, taking turns, each until its own budget of measured
+    training-step time (`optim.time_budget`) is spent. Returns each run's TrainResult.
+
+    Planning steps from a timing taken before training trusts that the machine keeps its speed for the next
+    quarter of an hour, which a shared machine does not: the runs would get different compute and the verdict
+    would follow the drift. Here every turn steps the run that has spent the least step time so far (the
+    first named on a tie), so the runs keep pace in compute, a slow minute slows all of them, and each
+    stops within half a step of its budget. Runs with the same seed and data see the same batches in the
+    same order (a batch is a function of seed and step).
+
+    One process only (no torchrun). SIGINT/SIGTERM finish the current step and save every unfinished run;
+    `resume` ("auto" or None) continues each from its own folder.
+    """
+    import contextlib
+
+    from flash_experts.errors import UserError
+    from flash_experts.training import distributed as dist_utils
+    from flash_experts.training.run_lock import RunFolderLock
+    from flash_experts.training.trainer import StopRequest, Trainer
+
+    devices = {resolve_device(cfg.run.device) for cfg in configs.values()}
+    if len(devices) != 1 or dist_utils.launched_by_torchrun():
+        raise UserError("interleaved runs train in one process on one device")
+    for name, cfg in configs.items():
+        if not cfg.optim.time_budget > 0:
+            raise UserError(f"run {name!r} needs optim.time_budget > 0 to train interleaved")
+    info = dist_utils.init_distributed(devices.pop())
+    with contextlib.ExitStack() as held:
+        for cfg in configs.values():
+            held.enter_context(RunFolderLock(cfg.run.out_dir))
+        trainers: dict[str, Trainer] = {}
+        try:
+            for name, cfg in configs.items():
+                trainers[name] = Trainer(cfg, info, resume)
+            for trainer in trainers.values():
+                trainer.begin()
+            with StopRequest() as stop:
+                while running := [t for t in trainers.values() if not t.done]:
+                    min(running, key=lambda t: t.train_seconds).advance()
+                    if stop.requested:
+                        for trainer in running:
+                            if not trainer.done:
+                                trainer.stopped = "interrupted"
+                        break
+            return {name: trainer.end(stop.signal_name) for name, trainer in trainers.items()}
+        finally:
+            for trainer in trainers.values():
+                trainer.close()

@@ -6,6 +6,8 @@ loss.png             train/val loss and perplexity vs step (and loss_vs_tokens.p
 lr.png               learning rate vs step
 expert_load.png      layers x experts heatmap: fraction of routed tokens, averaged over the run
 expert_load_time.png each MoE layer's load per expert over training (stacked, sums to 1)
+router.png           the routers at each evaluation: entropy / ln E, top-1 probability, least used expert's share
+                     and the experts' relative distance, per MoE layer (did the routers learn?)
 """
 
 from __future__ import annotations
@@ -123,7 +125,8 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     import matplotlib.pyplot as plt
 
     written: list[Path] = []
-    for writer in (_plot_loss, _plot_loss_vs_tokens, _plot_lr, _plot_expert_load, _plot_expert_load_time):
+    for writer in (_plot_loss, _plot_loss_vs_tokens, _plot_lr, _plot_expert_load, _plot_expert_load_time,
+                   _plot_router):
         figure = writer(records, plt)
         if figure is None:
             continue
@@ -241,14 +244,57 @@ def _plot_expert_load_time(records: list[dict[str, Any]], plt: Any) -> Any:
     return figure
 
 
+_ROUTER_PANELS = (("entropy_ratio", "routing entropy / ln E (1 = uniform)"),
+                  ("top1_prob", "mean top-1 probability"),
+                  ("load_min", "least used expert's share"),
+                  ("expert_distance", "experts' relative distance"))
+
+
+def _plot_router(records: list[dict[str, Any]], plt: Any) -> Any:
+    """The routing numbers the trainer logs at each evaluation (router/<name>/layer_<i>), one line per layer."""
+    pattern = re.compile(r"^router/(?P<name>[a-z0-9_]+)/layer_(?P<layer>\d+)$")
+    keys: dict[str, list[tuple[int, str]]] = {}
+    for record in records:
+        for key in record:
+            match = pattern.match(key)
+            if match and (int(match["layer"]), key) not in keys.setdefault(match["name"], []):
+                keys[match["name"]].append((int(match["layer"]), key))
+    if not keys.get("entropy_ratio"):
+        return None
+    figure, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    for ax, (name, title) in zip(axes.flat, _ROUTER_PANELS):
+        for layer, key in sorted(keys.get(name, [])):
+            steps, values = series(records, key)
+            ax.plot(steps, values, marker="o", markersize=3, label=f"layer {layer}")
+        ax.set(title=title, xlabel="step")
+        ax.grid(True, alpha=0.3)
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    figure.legend(handles, labels, loc="center right", fontsize=7)
+    figure.suptitle("the routers over training (validation split)")
+    figure.tight_layout(rect=(0, 0, 0.88, 1))
+    return figure
+
+
 # ------------------------------------------------------------------------------ runs side by side, equal compute
 
 
-def validation_curve(run_dir: str | Path, seconds_per_step: float) -> list[tuple[float, float]]:
-    """(training compute in seconds = step x the run's measured step time, validation loss) for each
-    evaluation of the run, step 0 included."""
-    steps, losses = series(read_metrics(run_dir), "val/loss")
-    return [(float(step) * seconds_per_step, float(loss)) for step, loss in zip(steps, losses)]
+def validation_curve(run_dir: str | Path, seconds_per_step: float | None = None) -> list[tuple[float, float]]:
+    """(training compute in seconds, validation loss) for each evaluation of the run, step 0 included.
+
+    The compute is the run's own measured training-step time at that evaluation (`train/seconds`, logged by
+    the trainer): what the run really spent. `seconds_per_step` instead plans it as step x that time, for
+    runs whose metrics predate `train/seconds`."""
+    records = read_metrics(run_dir)
+    steps, losses = series(records, "val/loss")
+    if seconds_per_step is not None:
+        return [(float(step) * seconds_per_step, float(loss)) for step, loss in zip(steps, losses)]
+    seconds_steps, seconds = series(records, "train/seconds")
+    realized = dict(zip(seconds_steps.tolist(), seconds.tolist()))
+    missing = [int(step) for step in steps if step not in realized]
+    if missing:
+        raise UserError(f"{run_dir}: no train/seconds logged at step(s) {missing[:5]}; pass the planned "
+                        "seconds per step instead")
+    return [(realized[step], float(loss)) for step, loss in zip(steps.tolist(), losses)]
 
 
 def plot_validation_vs_compute(curves: dict[str, list[tuple[float, float]]], path: str | Path, title: str) -> Path:
@@ -264,7 +310,7 @@ def plot_validation_vs_compute(curves: dict[str, list[tuple[float, float]]], pat
             xs, ys = zip(*points)
             ax.plot(xs, [math.exp(min(y, 700.0)) for y in ys], marker="o", label=name)
     ax.set_yscale("log")
-    ax.set_xlabel("training compute on this machine, seconds (steps x step time measured side by side)")
+    ax.set_xlabel("training compute on this machine: seconds of training steps, as each run measured them")
     ax.set_ylabel("validation perplexity")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)

@@ -33,6 +33,7 @@ from torch import nn
 
 from flash_experts.data.tokens import load_meta, load_split
 from flash_experts.errors import UserError
+from flash_experts.model.routing import RouterStatsAccumulator, RouterStatsResult, expert_distances
 from flash_experts.training import checkpoint as ckpt
 from flash_experts.training import distributed as dist_utils
 from flash_experts.training.compile import compile_fail_safe
@@ -63,12 +64,33 @@ class TrainResult:
     initial_val_loss: float | None = None  # before the first step (the base model's), when this run started at 0
     initial_val_ppl: float | None = None
     losses: dict[int, float] = field(default_factory=dict)  # step (1-based) -> training objective, this invocation
-    # the training steps' own wall time, this invocation (no evaluation, checkpoint or start-up): what equal
-    # compute compares
+    # the training steps' own wall time, this invocation (no evaluation, checkpoint or start-up)
     step_seconds: float = 0.0
+    # the same over the whole run, resumed parts included: the realized compute that equal compute compares
+    train_seconds: float = 0.0
+    # routing on the validation windows (model/routing.py RouterStatsResult.as_dict()): before the first step
+    # (when this run started at 0) and at the last evaluation; None for a dense model
+    initial_routing: dict[str, Any] | None = None
+    final_routing: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k != "losses"}
+
+
+def routing_metrics(routing: RouterStatsResult | None) -> dict[str, float]:
+    """The tracked numbers of one evaluation's routing: per MoE layer, and their means over the layers."""
+    if routing is None or routing.is_empty:
+        return {}
+    metrics = {f"router/{name}": value for name, value in routing.summary().items()}
+    for row in routing.layers:
+        metrics.update({
+            f"router/entropy_ratio/layer_{row.layer}": row.entropy_ratio,
+            f"router/top1_prob/layer_{row.layer}": row.top1_prob,
+            f"router/load_min/layer_{row.layer}": min(row.load),
+            f"router/load_max/layer_{row.layer}": max(row.load),
+            f"router/expert_distance/layer_{row.layer}": row.expert_distance,
+        })
+    return metrics
 
 
 def perplexity(loss: float | None) -> float | None:
@@ -153,29 +175,38 @@ def set_dropout(model: nn.Module, p: float) -> None:
 
 def is_moe_parameter(name: str) -> bool:
     """Expert and router weights: what train="moe" trains."""
-    return ".mlp.experts." in name or ".mlp.router." in name
+    return ".mlp.experts." in name or is_router_parameter(name)
 
 
-def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float | None = None) -> list[dict[str, Any]]:
+def is_router_parameter(name: str) -> bool:
+    return ".mlp.router." in name
+
+
+def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float | None = None,
+                     router_lr_scale: float = 1.0) -> list[dict[str, Any]]:
     """AdamW groups: weight decay on matrices (incl. stacked experts), none on biases, norms and embeddings.
 
     With `moe_lr_scale` (optim.rewarm_peak / optim.lr) the expert and router parameters get groups of their
-    own whose rate is the schedule's times that scale; every group carries its "lr_scale" (1.0 elsewhere).
-    Without it there are two groups, as checkpoints written before the option expect.
+    own whose rate is the schedule's times that scale; with `router_lr_scale` != 1 (optim.router_lr_scale) the
+    routers get a group of their own at that multiple of their neighbours' rate. Every group carries its
+    "lr_scale" (1.0 elsewhere). Without either there are two groups, as checkpoints written before the
+    options expect.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    # key: (kind, decays) with kind 0 = the rest, 1 = experts (and routers) re-warmed, 2 = routers apart
+    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():  # tied weights appear once
         if not param.requires_grad:
             continue
         leaf = name.rsplit(".", 1)[-1]
         decays = not (param.ndim < 2 or id(param) in embeddings or "bias" in leaf or leaf in ("b_up", "b_down"))
-        rewarmed = moe_lr_scale is not None and is_moe_parameter(name)
-        groups.setdefault((rewarmed, decays), []).append(param)
-    order = [(False, True), (False, False)] + ([(True, True), (True, False)] if moe_lr_scale is not None else [])
-    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[1] else 0.0,
-             "lr_scale": moe_lr_scale if key[0] else 1.0}
-            for key in order if key in groups or not key[0]]
+        kind = 2 if router_lr_scale != 1.0 and is_router_parameter(name) else (
+            1 if moe_lr_scale is not None and is_moe_parameter(name) else 0)
+        groups.setdefault((kind, decays), []).append(param)
+    scales = {0: 1.0, 1: moe_lr_scale, 2: router_lr_scale * (moe_lr_scale or 1.0)}
+    order = [(0, True), (0, False), (1, True), (1, False), (2, True), (2, False)]
+    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[1] else 0.0, "lr_scale": scales[key[0]]}
+            for key in order if key in groups or key[0] == 0]
 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
@@ -198,7 +229,8 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
     # dozen per step, several times faster on CPU.
     optimizer = torch.optim.AdamW(
         optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
-                         else cfg.optim.rewarm_peak / cfg.optim.lr), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                         else cfg.optim.rewarm_peak / cfg.optim.lr, router_lr_scale=cfg.optim.router_lr_scale),
+        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
         eps=cfg.optim.eps, **({"foreach": True} if shard is not None else {"fused": True}),
     )
     return params, optimizer
@@ -335,6 +367,10 @@ class Trainer:
         self.initial_val_loss: float | None = None
         self.evals_without_improvement = 0
         self.last_checkpoint: Path | None = None
+        self.train_seconds = 0.0  # measured training-step time of the whole run (optim.time_budget spends it)
+        self.initial_routing: RouterStatsResult | None = None
+        self.last_routing: RouterStatsResult | None = None
+        self.stopped = "completed"
         if resume_folder is not None:
             self._resume(resume_folder)
         resumed_steps = dist_utils.gather_objects(self.step)  # collective; one process: [self.step]
@@ -388,6 +424,7 @@ class Trainer:
         self.best_val_loss, self.best_step = state["best_val_loss"], state["best_step"]
         self.last_val_loss = state.get("last_val_loss")
         self.evals_without_improvement = int(state["evals_without_improvement"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # absent from checkpoints of older versions
         self.last_checkpoint = folder
         sampler = state["sampler"]
         if sampler != self.train_batches.state_dict():
@@ -408,6 +445,7 @@ class Trainer:
             "best_step": self.best_step,
             "last_val_loss": self.last_val_loss,
             "evals_without_improvement": self.evals_without_improvement,
+            "train_seconds": self.train_seconds,
             # FSDP: sharded beside it (checkpoint.OPTIMIZER_DIR), written by every rank in save()
             "optimizer": None if self.fsdp else self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
@@ -450,7 +488,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches. Returns the step's rank-averaged numbers."""
         cfg = self.cfg
-        lr = lr_at(self.step, lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
+        lr = lr_at(self.schedule_position(), lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
                    max_steps=cfg.optim.max_steps, schedule=cfg.optim.schedule)
         for group in self.optimizer.param_groups:
             group["lr"] = lr * group.get("lr_scale", 1.0)
@@ -519,76 +557,125 @@ class Trainer:
         model = self.eval_model
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, predicted tokens
+        routing = RouterStatsAccumulator()
         for x in self.eval_batches:
             x = self._to_device(x)
             with self.autocast():
                 out = model(input_ids=x, labels=x)
+            routing.add(getattr(out, "router_stats", None), x.numel())
             lm_loss = getattr(out, "lm_loss", None)
             lm_loss = lm_loss if lm_loss is not None else out.loss
             predicted = x.shape[0] * (x.shape[1] - 1)  # labels are shifted inside: T-1 predictions per window
             totals[0] += lm_loss.double() * predicted
             totals[1] += predicted
         model.train()
+        # this process's windows (the routers' view; the loss below is summed across ranks)
+        self.last_routing = routing.result(expert_distances(self.raw_model))
         dist_utils.all_reduce_sum(totals)
         return float(totals[0] / totals[1])
 
     # ------------------------------------------------------------------------------------------- the loop
 
     def run(self) -> TrainResult:
-        cfg, started = self.cfg, time.perf_counter()
-        max_steps = cfg.optim.max_steps
-        losses: dict[int, float] = {}
-        step_seconds = 0.0
-        window = _LogWindow()
-        stopped, saved_this_step = "completed", False
+        """Train until the schedule is done (max_steps, or optim.time_budget seconds of steps), early stopping
+        or a stop request (SIGINT/SIGTERM: the step finishes and a checkpoint is saved)."""
+        self.begin()
+        with StopRequest() as stop:
+            while not self.done:
+                self.advance()
+                if not self.done and dist_utils.any_rank(stop.requested, self.device):
+                    self.stopped = "interrupted"
+        return self.end(stop.signal_name)
+
+    # The loop in three parts, so that several trainers can take turns in one process
+    # (training/equal_compute.py `train_interleaved`): begin, advance one step at a time, end.
+
+    def begin(self) -> None:
+        """Start (or continue) the run: its validation starting point when at step 0, the progress bar."""
+        cfg = self.cfg
+        self._started, self._invocation_seconds, self._losses = time.perf_counter(), 0.0, {}
+        self._window, self._saved_this_step = _LogWindow(), False
         self.model.train()
+        until = (f"{cfg.optim.time_budget:g} s of training steps" if cfg.optim.time_budget
+                 else f"step {cfg.optim.max_steps}")
         self._say(
             f"training {self.run_dir.name}: {sum(p.numel() for p in self.params):,} trainable parameters, "
             f"{self.info.world_size} process(es) on {self.device} ({self.precision}), global batch "
-            f"{self.train_batches.global_batch} x {cfg.data.block_size} tokens, steps {self.step} -> {max_steps}"
+            f"{self.train_batches.global_batch} x {cfg.data.block_size} tokens, step {self.step} -> {until}"
         )
         if self.step == 0 and self.last_val_loss is None:
             self._after_eval(self.evaluate())  # the starting point of the validation curve
-        progress = self._progress_bar(max_steps)
-        with StopRequest() as stop:
-            while self.step < max_steps:
-                step_started = time.perf_counter()
-                metrics = self.train_step()
-                elapsed = time.perf_counter() - step_started
-                step_seconds += elapsed
-                window.add(metrics, elapsed, self.tokens_per_step)
-                losses[self.step] = metrics["loss"]
-                if progress is not None:
-                    progress.update(1)
-                if self.step % cfg.tracking.log_interval == 0 or self.step == max_steps:
-                    self._log(window.flush(), progress)
-                saved_this_step = False
-                if self.step % cfg.eval.interval == 0 or self.step == max_steps:
-                    if self._after_eval(self.evaluate()):
-                        stopped = "early_stopping"
-                if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or self.step == max_steps:
-                    self.save()
-                    saved_this_step = True
-                if stopped != "completed":
-                    break
-                if dist_utils.any_rank(stop.requested, self.device):
-                    stopped = "interrupted"
-                    break
-            if stopped != "completed" and not saved_this_step:
-                self.save()
-        if progress is not None:
-            progress.close()
-        return self._finish(stopped, stop.signal_name, time.perf_counter() - started, losses, step_seconds)
+        self._progress = self._progress_bar()
+
+    @property
+    def done(self) -> bool:
+        return self.stopped != "completed" or self.schedule_finished()
+
+    def schedule_position(self) -> float:
+        """Where the run stands in its schedule, in steps: the step itself, or under optim.time_budget the
+        fraction of the budget spent times max_steps (the planned steps, which shape the schedule)."""
+        budget = self.cfg.optim.time_budget
+        if budget > 0:
+            return min(1.0, self.train_seconds / budget) * self.cfg.optim.max_steps
+        return self.step
+
+    def schedule_finished(self) -> bool:
+        """max_steps reached; or, under optim.time_budget, the budget spent as nearly as whole steps allow:
+        another step would overshoot it by more than it would fall short."""
+        budget = self.cfg.optim.time_budget
+        if budget <= 0:
+            return self.step >= self.cfg.optim.max_steps
+        if self._losses:  # the steps of this invocation: this machine, now
+            mean_step = self._invocation_seconds / len(self._losses)
+        elif self.step:  # resumed, no step taken yet: the run's own mean
+            mean_step = self.train_seconds / self.step
+        else:
+            return False
+        return self.train_seconds + mean_step / 2 >= budget
+
+    def advance(self) -> None:
+        """One optimizer step, then what follows it: logging, evaluation (early stopping), checkpoints."""
+        cfg = self.cfg
+        step_started = time.perf_counter()
+        metrics = self.train_step()
+        elapsed = time.perf_counter() - step_started
+        self._invocation_seconds += elapsed
+        self.train_seconds += elapsed
+        self._window.add(metrics, elapsed, self.tokens_per_step)
+        self._losses[self.step] = metrics["loss"]
+        if self._progress is not None:
+            self._progress.update(elapsed if cfg.optim.time_budget else 1)
+        last = self.schedule_finished()
+        if self.step % cfg.tracking.log_interval == 0 or last:
+            self._log(self._window.flush(), self._progress)
+        self._saved_this_step = False
+        if self.step % cfg.eval.interval == 0 or last:
+            if self._after_eval(self.evaluate()):
+                self.stopped = "early_stopping"
+        if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or last:
+            self.save()
+            self._saved_this_step = True
+
+    def end(self, signal_name: str | None = None) -> TrainResult:
+        """Save what a stop left unsaved and return the result of this invocation."""
+        if self.stopped != "completed" and not self._saved_this_step:
+            self.save()
+        if self._progress is not None:
+            self._progress.close()
+        return self._finish(self.stopped, signal_name, time.perf_counter() - self._started, self._losses,
+                            self._invocation_seconds)
 
     def _after_eval(self, val_loss: float) -> bool:
         """Record an evaluation: log it, keep the best checkpoint. Returns True when early stopping triggers."""
         cfg = self.cfg
         self.last_val_loss = val_loss
         if self.tracker is not None:
-            self.tracker.log(self.step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss)})
+            self.tracker.log(self.step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss),
+                                         "train/seconds": self.train_seconds, **routing_metrics(self.last_routing)})
         if self.step == 0:  # the untrained starting point: a baseline for the curve, not a candidate for best/
             self.initial_val_loss = val_loss
-            self._say(f"step 0: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
+            self.initial_routing = self.last_routing
+            self._say(f"{self._run_name()}step 0: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}")
             return False
         improved = self.best_val_loss is None or val_loss < self.best_val_loss
         if improved:
@@ -597,7 +684,7 @@ class Trainer:
         else:
             self.evals_without_improvement += 1
         best = " (best)" if improved else ""
-        self._say(f"step {self.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}{best}")
+        self._say(f"{self._run_name()}step {self.step}: val loss {val_loss:.4f}, ppl {perplexity(val_loss):.2f}{best}")
         if improved and cfg.eval.keep_best:
             self.save(best=True)
         patience = cfg.eval.early_stopping_patience
@@ -612,7 +699,7 @@ class Trainer:
             "train/loss": numbers["lm_loss"], "train/ppl": perplexity(numbers["lm_loss"]),
             "train/total_loss": numbers["loss"], "train/aux_loss": numbers["aux_loss"], "train/lr": numbers["lr"],
             "train/grad_norm": numbers["grad_norm"], "train/tokens": self.tokens_seen,
-            "train/tokens_per_sec": numbers["tokens_per_sec"],
+            "train/tokens_per_sec": numbers["tokens_per_sec"], "train/seconds": self.train_seconds,
         }
         for layer, counts in sorted(numbers["expert_counts"].items()):
             counts = dist_utils.all_reduce_sum(counts.double())
@@ -624,19 +711,31 @@ class Trainer:
                 loss=f"{numbers['lm_loss']:.4f}", tok_s=f"{numbers['tokens_per_sec']:,.0f}", refresh=False
             )
         elif self.info.is_main:
+            budget = self.cfg.optim.time_budget
+            where = (f"{self._run_name()}step {self.step} ({self.train_seconds:.0f}/{budget:g} s)" if budget
+                     else f"step {self.step}/{self.cfg.optim.max_steps}")
             print(
-                f"step {self.step}/{self.cfg.optim.max_steps}: loss {numbers['lm_loss']:.4f} "
+                f"{where}: loss {numbers['lm_loss']:.4f} "
                 f"aux {numbers['aux_loss']:.4f} "
                 f"lr {numbers['lr']:.2e} grad norm {numbers['grad_norm']:.3f} {numbers['tokens_per_sec']:,.0f} tok/s",
                 flush=True,
             )
 
-    def _progress_bar(self, max_steps: int) -> Any:
+    def _progress_bar(self) -> Any:
         if not self.info.is_main or self.cfg.run.quiet:
             return None
         from tqdm.auto import tqdm
 
-        return tqdm(total=max_steps, initial=self.step, unit="step", dynamic_ncols=True, desc=self.run_dir.name)
+        budget = self.cfg.optim.time_budget
+        if budget:  # seconds of training steps, the budget's own unit
+            return tqdm(total=round(budget), initial=min(self.train_seconds, budget), unit="s", dynamic_ncols=True,
+                        desc=self.run_dir.name, bar_format="{l_bar}{bar}| {n:.0f}/{total_fmt} s{postfix}")
+        return tqdm(total=self.cfg.optim.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                    desc=self.run_dir.name)
+
+    def _run_name(self) -> str:
+        """A prefix naming the run where runs take turns in one output (optim.time_budget), else nothing."""
+        return f"{self.run_dir.name} " if self.cfg.optim.time_budget else ""
 
     def _say(self, message: str) -> None:
         if self.info.is_main:
@@ -655,7 +754,11 @@ class Trainer:
             best_val_loss=self.best_val_loss, best_val_ppl=perplexity(self.best_val_loss), best_step=self.best_step,
             stopped=stopped, checkpoint=str(self.last_checkpoint) if self.last_checkpoint else None, losses=losses,
             initial_val_loss=self.initial_val_loss, initial_val_ppl=perplexity(self.initial_val_loss),
-            step_seconds=step_seconds,
+            step_seconds=step_seconds, train_seconds=self.train_seconds,
+            initial_routing=None if self.initial_routing is None or self.initial_routing.is_empty
+            else self.initial_routing.as_dict(),
+            final_routing=None if self.last_routing is None or self.last_routing.is_empty
+            else self.last_routing.as_dict(),
         )
         if self.tracker is not None:
             self.tracker.summary({f"final/{k}": v for k, v in result.as_dict().items() if k != "run_dir"})

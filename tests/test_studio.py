@@ -245,3 +245,22 @@ def test_page_generates_and_colours_tokens_in_headless_chromium(studio, tmp_path
 
     pixels = matplotlib.image.imread(tmp_path / "page.png")
     assert pixels.shape[0] > 100 and pixels.std() > 0.02  # not a blank page
+
+
+def test_run_atlas_is_served_from_the_run_folder(client, studio):
+    """Reference: the atlas file as written (atlas_from_assignments on a hand-made text, saved as the demo
+    saves it); a run without one gets one message, and the server keeps serving."""
+    from flash_experts.evaluation.expert_atlas import atlas_from_assignments
+
+    run = studio.runs[0]
+    missing = client.get("/api/runs/0/atlas")
+    assert missing.status_code == 400 and "has no expert_atlas.json" in missing.json()["error"]
+    atlas = atlas_from_assignments([5, 6, 5, 7], {1: [[0], [1], [0], [1]]}, 2, lambda ids: "".join(map(str, ids)),
+                                   min_count=1)
+    (run / "expert_atlas.json").write_text(json.dumps(atlas.as_dict()))
+    try:
+        served = client.get("/api/runs/0/atlas")
+        assert served.status_code == 200 and served.json() == json.loads(json.dumps(atlas.as_dict()))
+        assert client.get("/api/runs/3/atlas").status_code == 400
+    finally:
+        (run / "expert_atlas.json").unlink()

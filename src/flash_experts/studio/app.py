@@ -30,7 +30,8 @@ STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # the only files served besides the page
 MAX_ATTENTION_TOKENS = 96  # heatmaps of longer prompts would be unreadable and heavy to send
 MAX_MEMORY_LENGTH = 16384  # eager attention's scores at 16k and 32 heads are 32 GiB: the machine's limit, not ours
-PLOTS = ("loss", "loss_vs_tokens", "lr", "expert_load", "expert_load_time")
+PLOTS = ("loss", "loss_vs_tokens", "lr", "expert_load", "expert_load_time", "router")
+ATLAS_FILE = "expert_atlas.json"  # written into a MoE run's folder by `flash-experts demo`
 
 
 @dataclass
@@ -125,9 +126,23 @@ class Studio:
         return self._plots[(index, kind)]
 
 
+    def run_atlas(self, index: int) -> dict:
+        """The expert atlas a run's folder holds (the demo writes it beside the MoE run's metrics)."""
+        if not 0 <= index < len(self.runs):
+            raise UserError(f"there is no run {index}: the studio was started with {len(self.runs)}")
+        path = self.runs[index] / ATLAS_FILE
+        if not path.is_file():
+            raise UserError(f"{self.runs[index].name} has no {ATLAS_FILE} (the demo writes one for its MoE run; "
+                            "`flash-experts evaluate MODEL --router-stats --json FILE` computes one for any text)")
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as error:
+            raise UserError(f"{path} is not an expert atlas ({error})") from None
+
+
 def model_info(model, tokenizer) -> dict:  # noqa: ANN001
     from flash_experts.model.properties import model_max_positions
-    from flash_experts.studio.trace import moe_layers_of
+    from flash_experts.model.routing import moe_layers_of
 
     layers = moe_layers_of(model)
     config = model.config
@@ -279,6 +294,10 @@ def create_app(studio: Studio) -> FastAPI:
             raise UserError(f"length must be between 1 and {MAX_MEMORY_LENGTH}, got {length}")
         with studio.lock:
             return measure_attention_memory(slot.info["heads"], length, slot.info["head_dim"], studio.device)
+
+    @app.get("/api/runs/{index}/atlas")
+    def run_atlas(index: int) -> dict:
+        return studio.run_atlas(index)
 
     @app.get("/api/runs/{index}/{kind}.png")
     def run_plot(index: int, kind: str) -> Response:

@@ -224,8 +224,51 @@ function showRun() {
   const id = $("run-select").value;
   if (id === "") return;
   $("run-plots").dataset.shown = "1";
-  $("run-plots").innerHTML = ["loss", "expert_load", "expert_load_time", "lr"].map((kind) =>
+  $("run-plots").innerHTML = ["loss", "router", "expert_load", "expert_load_time", "lr"].map((kind) =>
     `<img alt="${kind}" src="/api/runs/${id}/${kind}.png" onerror="this.replaceWith(Object.assign(document.createElement('p'), {textContent: 'no ${kind} plot for this run'}))">`).join("");
+  showAtlas(id);
+}
+
+// The expert atlas of a run (expert_atlas.json beside its metrics): per MoE layer, each expert's share and
+// its tokens of highest lift; clicking an expert shows them highlighted in the contexts it took them from.
+let atlas = null;
+async function showAtlas(id) {
+  atlas = null;
+  $("atlas-layer").innerHTML = "";
+  $("atlas-table").innerHTML = "";
+  $("atlas-examples").innerHTML = "";
+  try {
+    atlas = await (await api(`/api/runs/${id}/atlas`)).json();
+  } catch (error) {
+    $("atlas-table").innerHTML = `<p class="small">${escapeHtml(error.message)}</p>`;
+    return;
+  }
+  $("atlas-layer").innerHTML = atlas.layers.map((l, i) => `<option value="${i}">${l.layer}</option>`).join("");
+  renderAtlasLayer();
+}
+
+function renderAtlasLayer() {
+  if (!atlas || !atlas.layers.length) return;
+  const layer = atlas.layers[Number($("atlas-layer").value || 0)];
+  const rows = layer.experts.map((e) => {
+    const tokens = e.top_tokens.map((t) =>
+      `<span class="tok" style="background:${expertColor(e.expert)}">${escapeHtml(escapeText(t.text))}</span> x${t.lift.toFixed(1)} (${t.count}/${t.occurrences})`).join(" ");
+    return `<tr data-expert="${e.expert}" class="atlas-row"><td>expert ${e.expert}</td><td>${(100 * e.share).toFixed(1)}%</td><td>${e.assignments.toLocaleString()}</td><td class="left">${tokens || "-"}</td></tr>`;
+  }).join("");
+  $("atlas-table").innerHTML = `<table><tr><th>expert</th><th>share</th><th>assignments</th><th>tokens of highest lift: lift (routed here / occurrences), at least ${atlas.min_count} routed here</th></tr>${rows}</table>`;
+  for (const row of document.querySelectorAll(".atlas-row")) row.onclick = () => showAtlasExpert(layer, Number(row.dataset.expert));
+  $("atlas-examples").innerHTML = "";
+}
+
+function showAtlasExpert(layer, expert) {
+  const entry = layer.experts.find((e) => e.expert === expert);
+  document.querySelectorAll(".atlas-row").forEach((r) => r.classList.toggle("selected", Number(r.dataset.expert) === expert));
+  const examples = entry.examples.map((text) => {
+    const open = text.indexOf("["), close = text.lastIndexOf("]");
+    if (open < 0 || close < open) return `<div>${escapeHtml(text)}</div>`;
+    return `<div>${escapeHtml(text.slice(0, open))}<mark style="background:${expertColor(expert)}">${escapeHtml(text.slice(open + 1, close))}</mark>${escapeHtml(text.slice(close + 1))}</div>`;
+  }).join("");
+  $("atlas-examples").innerHTML = `<p class="small">layer ${layer.layer}, expert ${expert}: where it took its top token</p>${examples || "<p class='small'>no token reached the minimum count</p>"}`;
 }
 
 for (const button of document.querySelectorAll("nav button")) {
@@ -243,6 +286,7 @@ $("att-layer").onchange = runAttention;
 $("att-head").onchange = runAttention;
 $("mem-run").onclick = runMemory;
 $("run-select").onchange = showRun;
+$("atlas-layer").onchange = renderAtlasLayer;
 $("cmp-b").onchange = () => { $("cmp-b").dataset.touched = "1"; };
 $("gen-mode").onchange = () => { $("card-fields").hidden = $("gen-mode").value !== "card"; };
 $("gen-layer").onchange = () => lastTrace && renderTokens(lastTrace.trace, $("gen-tokens"), Number($("gen-layer").value), lastTrace.prompt_tokens, $("gen-probs"));

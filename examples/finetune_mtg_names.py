@@ -7,9 +7,12 @@
     python examples/finetune_mtg_names.py --resume              # continue after Ctrl-C (which saves a checkpoint)
 
 The base is the one examples/prepare_mtg_data.py tokenised the names for (recorded in data/mtg/meta.json).
-By default the run is sized for a laptop CPU: 4 experts (top-2) on every other layer, experts and routers
-trained, 60 steps of 8 x 64 tokens, the whole validation split evaluated every 20 (a checkpoint at the end;
-Ctrl-C saves one too); `--full` trains the config's 8 experts, all weights, 2,000 steps.
+By default the run is sized for a laptop CPU and trains the main job's MoE recipe (`flash-experts demo`):
+4 experts (top-1, exact copies) on every other layer, all weights trained, routers that learn (their own
+learning rate, a balancing loss that keeps every expert in use), 60 steps of 8 x 64 tokens, 16 validation
+batches evaluated every 20 (a checkpoint at the end; Ctrl-C saves one too). It ends with what the demo prints
+of the routers: how far they moved from uniform, and the expert atlas (which tokens each expert takes).
+`--full` trains the config's 8 experts (top-2), 2,000 steps.
 Metrics go to models/mtg-names/metrics.jsonl, TensorBoard and Weights & Biases (offline files without an
 API key; `flash-experts plot models/mtg-names` draws them). The CLI equivalent: `flash-experts finetune
 --config configs/mtg_moe.yaml data.dir=data/mtg run.out_dir=models/mtg-names`.
@@ -20,9 +23,18 @@ from pathlib import Path
 
 from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_to_overwrite
 
-LAPTOP = ["moe.num_experts=4", "moe.num_experts_per_tok=2", "model.train=moe", "data.block_size=64", "data.batch_size=8",
-          "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60", "optim.warmup_steps=5",
-          "eval.interval=20", "eval.batches=16", "checkpoint.interval=0", "checkpoint.keep_last=1"]
+
+def laptop_recipe() -> list[str]:
+    """The demo's MoE recipe (flash_experts/cli/demo.py), at a laptop's step count."""
+    from flash_experts.cli.demo import ROUTER_AUX_LOSS_COEF, ROUTER_LR_SCALE
+
+    return ["moe.num_experts=4", "moe.num_experts_per_tok=1", "moe.expert_noise=0", "model.train=all",
+            f"moe.router_aux_loss_coef={ROUTER_AUX_LOSS_COEF}", f"optim.router_lr_scale={ROUTER_LR_SCALE}",
+            "data.block_size=64", "data.batch_size=8", "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60",
+            "optim.warmup_steps=6", "eval.interval=20", "eval.batches=16", "checkpoint.interval=0",
+            "checkpoint.keep_last=1"]
+
+
 TINY_RUN = ["optim.max_steps=2", "optim.warmup_steps=1", "eval.interval=1", "eval.batches=1", "data.batch_size=2",
         "data.block_size=16", "checkpoint.interval=0"]
 
@@ -49,7 +61,7 @@ def finetune() -> None:
     refuse_to_overwrite(out, args.resume)
     cfg = load_config(CONFIGS / "mtg_moe.yaml", args.overrides,
                       defaults=[f"model.base={base}", f"data.dir={data}", f"run.out_dir={out}",
-                                *laptop_defaults(LAPTOP, TINY_RUN, args.full)])
+                                *laptop_defaults(laptop_recipe(), TINY_RUN, args.full)])
     if args.base:  # the ids must be the base's: another tokenizer's ids would train on noise
         from flash_experts.evaluation.perplexity import check_data_tokenizer
         from flash_experts.model.loading import base_tokenizer
@@ -65,6 +77,10 @@ def finetune() -> None:
     before = "n/a (resumed)" if result.initial_val_ppl is None else f"{result.initial_val_ppl:.2f}"
     print(f"{result.stopped}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min; "
           f"validation perplexity {before} -> {result.best_val_ppl:.2f} (best, step {result.best_step})")
+    if cfg.moe is not None:  # what the routers learned, as the demo prints it
+        from flash_experts.cli.demo import expert_atlas_of, print_routing
+
+        print_routing(result, expert_atlas_of(result, str(data), cfg.data.block_size))
     print(f"model: {out / 'best'}\nnext: python examples/generate_mtg_names.py")
 
 

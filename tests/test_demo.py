@@ -31,15 +31,18 @@ def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base,
     assert main(argv) == 0
     out = capsys.readouterr().out
 
-    plan = json.loads((out_dir / "plan.json").read_text())
-    for name in ("dense", "moe"):
-        assert plan["steps"][name] == max(1, int(1 / plan["seconds_per_step"][name]))
-    dense_steps, moe_steps = (int(cell.split()[0]) for cell in summary_row(out, "steps (cost of a step, timed)"))
-    assert (dense_steps, moe_steps) == (plan["steps"]["dense"], plan["steps"]["moe"])
-    # The steps' own time is part of each run's wall time (which adds evaluations, checkpoints, start-up).
-    step_time = [float(cell.removesuffix(" s")) for cell in summary_row(out, "time in training steps")]
-    wall_time = [float(cell.removesuffix(" min")) * 60 for cell in summary_row(out, "wall time, evaluations")]
-    assert all(0 < steps <= wall + 3 for steps, wall in zip(step_time, wall_time))  # wall is rounded to 0.1 min
+    # Equal compute, realized: each run trained until its own measured step time reached the 1-second budget
+    # as nearly as whole steps allow (the stop rule: the spent time plus half a mean step reaches the budget);
+    # the summary's figure is the runs' own (their metrics' train/seconds, as the reference).
+    compute = [float(cell.removesuffix(" s")) for cell in summary_row(out, "training compute (realized)")]
+    for name, realized in zip(("dense", "moe"), compute):
+        seconds = [r["train/seconds"] for r in map(json.loads, (out_dir / name / "metrics.jsonl").read_text()
+                                                   .splitlines()) if "train/seconds" in r]
+        assert realized == pytest.approx(max(seconds), abs=0.05)
+        steps = int(summary_row(out, "steps (cost of a step)")[0 if name == "dense" else 1].split()[0])
+        mean_step = realized / steps
+        assert realized + mean_step / 2 >= 1 - 0.05  # 0.05: the summary's rounding to 0.1 s
+    assert re.search(r"at (un)?equal compute \(MoE / dense realized compute \d\.\d{3}", out)
 
     # Exact copies: the upcycled model at step 0 is the dense model (each measured on its own model).
     dense0, moe0 = map(float, summary_row(out, "val perplexity, step 0"))
@@ -49,34 +52,56 @@ def test_demo_trains_both_at_equal_compute_and_sets_them_side_by_side(tiny_base,
     assert [cell.endswith("of 20") for cell in summary_row(out, "names valid/unique/novel")] == [True, True]
     # Each model's sampling: a temperature of the demo's grid chosen on selection samples, or the library's
     # default where none reached the targets (a random tiny model's names do not).
-    from flash_experts.cli.demo import NAME_TEMPERATURES
     from flash_experts.mtg.cleaning import NAME_TEMPERATURE
+    from flash_experts.mtg.names import NAME_TEMPERATURES
     for cell in summary_row(out, "names' temperature, top-p"):
         temperature = float(cell.split(",")[0])
         assert (temperature in NAME_TEMPERATURES if "chosen on selection" in cell else
                 temperature == NAME_TEMPERATURE and "no setting reached the targets" in cell)
-    assert re.search(r"MoE / dense validation perplexity \d+\.\d{3}", out)
+    assert re.search(r"MoE / dense validation perplexity \d+\.\d{3}; a tie band of \+-1%", out)
+    # The routers: step 0 against the end, and the atlas (one line per MoE layer of the tiny base: layer 1).
+    assert re.search(r"routing entropy / ln E\s+\d\.\d{3} -> \d\.\d{3}", out)
+    assert re.search(r"^    layer 1: e0 \d+%", out, flags=re.M)
+    atlas = json.loads((out_dir / "moe" / "expert_atlas.json").read_text())
+    assert [layer["layer"] for layer in atlas["layers"]] == [1]
+    routing = json.loads((out_dir / "moe" / "routing.json").read_text())
+    assert routing["initial"]["summary"]["expert_distance"] == 0.0  # exact copies at step 0
+    assert routing["final"]["summary"]["expert_distance"] > 0
     assert (out_dir / "val_vs_compute.png").read_bytes()[:4] == b"\x89PNG"
     assert (out_dir / "dense" / "best").is_dir() and (out_dir / "moe" / "best").is_dir()
 
-    # --resume keeps the plan it was started with (the steps are not measured again).
+    # --resume keeps the plan it was started with (nothing measured again) and, both budgets spent, no step.
     assert main([*argv, "--resume"]) == 0
     again = capsys.readouterr().out
     assert "the plan of the earlier run" in again
-    assert summary_row(again, "steps (cost of a step, timed)")[0].split()[0] == str(dense_steps)
+    assert summary_row(again, "training compute (realized)") == summary_row(out, "training compute (realized)")
 
 
 def test_realized_step_cost_is_the_ratio_of_mean_step_times():
-    """Reference: the arithmetic (mean MoE step / mean dense step); None after a resume (initial_val_ppl None),
-    when the invocation timed only part of a run."""
+    """Reference: the arithmetic (mean MoE step / mean dense step over each whole run)."""
     from types import SimpleNamespace
 
     from flash_experts.cli.demo import realized_step_cost
 
-    dense = SimpleNamespace(steps=10, step_seconds=20.0, initial_val_ppl=700.0)
-    moe = SimpleNamespace(steps=8, step_seconds=24.0, initial_val_ppl=700.0)
+    dense = SimpleNamespace(steps=10, train_seconds=20.0)
+    moe = SimpleNamespace(steps=8, train_seconds=24.0)
     assert realized_step_cost(dense, moe) == pytest.approx(1.5)
-    assert realized_step_cost(dense, SimpleNamespace(steps=8, step_seconds=24.0, initial_val_ppl=None)) is None
+    assert realized_step_cost(SimpleNamespace(steps=0, train_seconds=0.0), moe) is None
+
+
+@pytest.mark.parametrize(("ratio", "compute", "words"), [
+    (0.985, 1.0, "at equal compute (MoE / dense realized compute 1.000) the MoE is better"),
+    (0.995, 1.02, "at equal compute (MoE / dense realized compute 1.020) a tie"),
+    (1.005, 0.97, "a tie"),
+    (1.02, 1.0, "the dense model is better"),
+    (0.9, 1.2, "at unequal compute (MoE / dense realized compute 1.200, more than 5% apart) the MoE is better"),
+])
+def test_verdict_says_better_only_outside_the_band_and_equal_only_within_5_percent(ratio, compute, words):
+    """Reference: the rule written out: a tie inside [1 - band, 1 + band] (band 1%), "equal compute" only
+    when the realized compute of the two runs is within 5%."""
+    from flash_experts.cli.demo import verdict
+
+    assert words in verdict(ratio, compute, band=0.01)
 
 
 @pytest.mark.slow
@@ -99,6 +124,10 @@ def test_demo_quick_on_smollm2(tmp_path, capsys, monkeypatch):
     (["--top-k", "5", "--experts", "4"], "error: --top-k (5) cannot exceed --experts (4)"),
     (["--lr", "-1"], "error: --lr must be > 0"),
     (["--names", "0"], "error: --names must be >= 1"),
+    (["--router-lr-scale", "0"], "error: --router-lr-scale must be a number > 0"),
+    (["--router-lr-scale", "inf"], "error: --router-lr-scale must be a number > 0"),
+    (["--aux-loss", "-0.1"], "error: --aux-loss must be a number >= 0"),
+    (["--resume"], "error: nothing to resume in"),
     (["--base", "/nonexistent/model"], "error: model folder not found"),
 ])
 def test_demo_bad_arguments_are_one_error_line(argv, expected, tmp_path, capsys):
@@ -130,23 +159,24 @@ def test_demo_refuses_a_corrupt_plan_on_resume(tmp_path, tiny_base, capsys):
 
 
 def test_demo_interrupted_run_stops_the_job_and_says_how_to_resume(tmp_path, tiny_base, capsys, monkeypatch):
-    """Reference: the trainer's Ctrl-C contract (it saves and returns "interrupted"): the demo must not go on
-    to the MoE run, and says how to continue."""
-    from flash_experts.training import trainer
+    """Reference: the interleaved trainer's Ctrl-C contract (every unfinished run saves and returns
+    "interrupted"): the demo stops before scoring anything and says how to continue."""
+    from flash_experts.training import equal_compute
 
-    real_train = trainer.train
+    real = equal_compute.train_interleaved
 
-    def interrupted(cfg, resume=None):
-        result = real_train(cfg, resume=resume)
-        result.stopped = "interrupted"
-        return result
+    def interrupted(configs, resume=None):
+        results = real(configs, resume=resume)
+        results["moe"].stopped = "interrupted"
+        return results
 
-    monkeypatch.setattr(trainer, "train", interrupted)
+    monkeypatch.setattr(equal_compute, "train_interleaved", interrupted)
     out_dir = tmp_path / "demo"
     assert main(["demo", "--base", str(tiny_base), "--out", str(out_dir), "--budget", "0.5", "--names", "5",
                  "--block-size", "32", "--wandb", "off"]) == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "dense run was interrupted" in errors[0] and "--resume" in errors[0]
+    assert len(errors) == 1 and "interrupted at dense step" in errors[0] and "--resume" in errors[0]
     assert "Traceback" not in err
-    assert (out_dir / "dense").is_dir() and not (out_dir / "moe").exists()
+    assert (out_dir / "dense").is_dir() and (out_dir / "moe").is_dir()
+    assert not (out_dir / "val_vs_compute.png").exists()

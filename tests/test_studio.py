@@ -264,3 +264,48 @@ def test_run_atlas_is_served_from_the_run_folder(client, studio):
         assert client.get("/api/runs/3/atlas").status_code == 400
     finally:
         (run / "expert_atlas.json").unlink()
+
+
+@pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
+                    reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
+def test_page_shows_the_atlas_and_an_experts_tokens_in_headless_chromium(studio, tmp_path):
+    """The Runs tab in a real browser: the atlas table has one row per expert of the chosen layer, with the
+    shares and lifts of the file (the reference: atlas_from_assignments on a hand-made text), and clicking an
+    expert shows its top token highlighted in its contexts."""
+    from playwright.sync_api import sync_playwright
+
+    from flash_experts.evaluation.expert_atlas import atlas_from_assignments
+
+    run = studio.runs[0]
+    atlas = atlas_from_assignments([5, 6, 5, 7, 5, 6], {1: [[0], [1], [0], [1], [1], [1]]}, 2,
+                                   lambda ids: "".join(f" w{i}" for i in ids), min_count=1, window=1)
+    (run / "expert_atlas.json").write_text(json.dumps(atlas.as_dict()))
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "studio", studio.slots[0].source,
+                               "--run", str(run), "--port", str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for _ in range(240):
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.25)
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.click("nav button[data-tab='runs']")
+            page.wait_for_selector(".atlas-row", timeout=60_000)
+            rows = page.eval_on_selector_all(".atlas-row", "rows => rows.map(r => r.innerText)")
+            page.click(".atlas-row[data-expert='0']")
+            marked = page.eval_on_selector_all("#atlas-examples mark", "marks => marks.map(m => m.textContent)")
+            page.screenshot(path=str(tmp_path / "atlas.png"))
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        (run / "expert_atlas.json").unlink()
+    assert len(rows) == 2 and "33.3%" in rows[0] and "66.7%" in rows[1]
+    assert "x2.0" in rows[0] and "x1.5" in rows[1]
+    assert marked == [" w5", " w5"]  # expert 0's top token, at both places it took it

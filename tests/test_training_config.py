@@ -158,6 +158,14 @@ def test_unknown_key_in_yaml(tmp_path: Path):
         (["run.compile=perhaps"], "run.compile"),
         (["moe.router_jitter=1.5"], "moe.router_jitter"),
         (["checkpoint.keep_last=0"], "checkpoint.keep_last"),
+        (["optim.router_lr_scale=0"], "optim.router_lr_scale"),
+        (["moe.router_detach_input=maybe"], "moe.router_detach_input"),
+        (["optim.router_lr_scale=inf"], "optim.router_lr_scale"),
+        (["optim.router_lr_scale=nan"], "optim.router_lr_scale"),
+        (["moe=null", "optim.router_lr_scale=10"], "optim.router_lr_scale"),
+        (["optim.time_budget=-1"], "optim.time_budget"),
+        (["optim.time_budget=inf"], "optim.time_budget"),
+        (["optim.time_budget=nan"], "optim.time_budget"),
     ],
 )
 def test_bad_values_raise_value_error_naming_the_field(overrides: list[str], field: str):

@@ -163,6 +163,37 @@ def test_rewarm_peak_gives_experts_and_routers_their_own_schedule(tmp_path):
         trainer.close()
 
 
+@pytest.mark.parametrize("rewarm_peak", [None, 4e-3])
+def test_router_lr_scale_gives_the_routers_their_own_rate(tmp_path, rewarm_peak):
+    """Reference: the rule written out: the routers (and only they) in groups of their own, at router_lr_scale
+    times the rate of their neighbours (the experts': optim.lr, or the re-warm peak's scale)."""
+    from flash_experts.training import distributed as dist_utils
+    from flash_experts.training.trainer import Trainer, is_moe_parameter, is_router_parameter
+
+    lr, scale = 1e-3, 25.0
+    cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "router", **{
+        "optim.lr": lr, "optim.router_lr_scale": scale, "checkpoint.interval": 0, "moe.moe_layers": [1],
+        **({} if rewarm_peak is None else {"optim.rewarm_peak": rewarm_peak})})
+    trainer = Trainer(cfg, dist_utils.init_distributed("cpu"), resume=None)
+    try:
+        names = {id(p): n for n, p in trainer.raw_model.named_parameters()}
+        trainer.train_step()
+        experts = 1.0 if rewarm_peak is None else rewarm_peak / lr
+        for group in trainer.optimizer.param_groups:
+            # without a re-warm the experts share the groups of the rest of the model
+            kinds = {(is_router_parameter(names[id(p)]), is_moe_parameter(names[id(p)]) and rewarm_peak is not None)
+                     for p in group["params"]}
+            assert len(kinds) == 1, kinds
+            router, rewarmed = kinds.pop()
+            expected = scale * experts if router else experts if rewarmed else 1.0
+            assert group["lr_scale"] == pytest.approx(expected)
+            assert group["lr"] == pytest.approx(group["lr_scale"] * trainer.optimizer.param_groups[0]["lr"])
+        routers = [g for g in trainer.optimizer.param_groups if is_router_parameter(names[id(g["params"][0])])]
+        assert routers and sum(len(g["params"]) for g in routers) == 1  # the one MoE layer's router
+    finally:
+        trainer.close()
+
+
 def test_rewarm_peak_run_resumes_exactly(tmp_path):
     """Reference: the same run without interruption (its four parameter groups and their rates come back)."""
     from flash_experts.training.trainer import train

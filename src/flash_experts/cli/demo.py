@@ -33,7 +33,8 @@ PLAN_FILE = "plan.json"
 ATLAS_FILE = "expert_atlas.json"  # in the MoE's run folder, where the studio's --run finds it
 # The main job's MoE recipe (docs/UPCYCLING.md, "Routers that learn"): the routers at ROUTER_LR_SCALE x the
 # rate of the rest (a new matrix must move far within a few minutes), the Switch balancing loss at
-# ROUTER_AUX_LOSS_COEF (keeps every expert in use while the routers grow confident).
+# ROUTER_AUX_LOSS_COEF (keeps every expert in use while the routers grow confident), and the routers' input
+# detached (moe.router_detach_input: the routers learn, the pretrained model below feels neither pull).
 ROUTER_LR_SCALE = 200.0
 ROUTER_AUX_LOSS_COEF = 1.0
 # MoE / dense validation perplexity inside [1 - TIE_BAND, 1 + TIE_BAND] is a tie: the seed-to-seed spread of
@@ -173,9 +174,10 @@ def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path
         "run": {"name": run_dir.name, "out_dir": str(run_dir), "seed": args.seed, "precision": args.dtype},
         "model": {"base": base, "attention": "auto", "train": args.train if moe else "all"},
         # The sweep's recipe (docs/UPCYCLING.md): exact copies, top-1, routers that learn (their own rate, the
-        # Switch balancing loss strong enough to keep every expert in use).
+        # Switch balancing loss strong enough to keep every expert in use, their input detached so that neither
+        # pulls on the pretrained model below).
         "moe": {"num_experts": args.experts, "num_experts_per_tok": args.top_k, "moe_layers": "every_other",
-                "router_aux_loss_coef": args.aux_loss} if moe else None,
+                "router_aux_loss_coef": args.aux_loss, "router_detach_input": True} if moe else None,
         "data": {"dir": data_dir, "block_size": args.block_size, "batch_size": args.batch_size},
         "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": max(1, steps // 10), "max_steps": steps,
                   "time_budget": budget, "router_lr_scale": args.router_lr_scale if moe else 1.0},
@@ -370,7 +372,8 @@ def print_routing(moe: Any, atlas: Any) -> None:
                        ("load_max", "most used expert's share (any layer)"),
                        ("expert_distance", "experts' relative distance")):
         before = "n/a (resumed)" if start is None else f"{start[key]:.3f}"
-        print(f"    {label:<38} {before} -> {end.get(key, float('nan')):.3f}")
+        after = f"{end[key]:.3f}" if end else "n/a (no evaluation in this invocation)"
+        print(f"    {label:<38} {before} -> {after}")
     if end:
         met = end["entropy_ratio"] <= TARGET_ENTROPY_RATIO and end["load_min"] >= TARGET_MIN_LOAD
         print(f"    target (entropy <= {TARGET_ENTROPY_RATIO} ln E, no expert under {TARGET_MIN_LOAD:.0%}): "

@@ -23,6 +23,11 @@ MOE_DEFAULTS: dict[str, Any] = {
     "router_aux_loss_coef": 0.01,  # Switch load-balancing loss weight
     "router_z_loss_coef": 0.001,  # ST-MoE router z-loss weight
     "router_jitter": 0.0,  # multiplicative input noise on the router while training (Switch)
+    # The router reads its input without sending gradient back into it: the router still learns from the task
+    # loss, but the model below learns only from what the experts compute, never from the balancing terms nor
+    # from the routing (docs/UPCYCLING.md, "Routers that learn": what an upcycled model fine-tuned for minutes
+    # needs). False = the usual MoE, whose routing gradients also shape the hidden states.
+    "router_detach_input": False,
     "capacity_factor": 0.0,  # 0 = dropless; else capacity = ceil(factor * tokens * top_k / experts)
     # Renormalise the top-k routing weights to sum to 1. Needed for the upcycled model to equal the dense one.
     "normalize_top_k": True,
@@ -82,8 +87,9 @@ def validate_moe_fields(config: Any, num_layers: int | None) -> None:
             raise ConfigError(f"{name} must be a number >= 0 (got {value!r})")
     if config.router_jitter >= 1:
         raise ConfigError(f"router_jitter must be < 1 (got {config.router_jitter!r})")
-    if not isinstance(config.normalize_top_k, bool):
-        raise ConfigError(f"normalize_top_k must be true or false (got {config.normalize_top_k!r})")
+    for name in ("normalize_top_k", "router_detach_input"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name} must be true or false (got {getattr(config, name)!r})")
     attention = getattr(config, "attention_implementation", "auto")  # the trainer keeps it in model.attention
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(

@@ -73,15 +73,19 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 class Router(nn.Module):
     """Linear scores -> softmax (in fp32) -> top-k experts and their weights."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float, normalize_top_k: bool):
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int, jitter: float, normalize_top_k: bool,
+                 detach_input: bool = False):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, hidden_size))
         self.top_k = top_k
         self.jitter = jitter
         self.normalize_top_k = normalize_top_k
+        self.detach_input = detach_input
 
     def forward(self, x_TD: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Returns (weights_TK fp32, experts_TK long, logits_TE fp32, probs_TE fp32)."""
+        if self.detach_input:  # the router learns from its input; the input learns nothing from routing
+            x_TD = x_TD.detach()
         with torch.autocast(x_TD.device.type, enabled=False):
             return self._route(x_TD.float())
 
@@ -303,23 +307,26 @@ class MoELayer(nn.Module):
 
     def __init__(self, hidden_size: int, ffn_size: int, num_experts: int, top_k: int,
                  activation: Callable[[Tensor], Tensor], gated: bool, bias: bool, layer_index: int,
-                 capacity_factor: float = 0.0, jitter: float = 0.0, normalize_top_k: bool = True):
+                 capacity_factor: float = 0.0, jitter: float = 0.0, normalize_top_k: bool = True,
+                 router_detach_input: bool = False):
         super().__init__()
         self.num_experts = num_experts
         self.top_k = top_k
         self.capacity_factor = capacity_factor
         self.layer_index = layer_index
-        self.router = Router(hidden_size, num_experts, top_k, jitter, normalize_top_k)
+        self.router = Router(hidden_size, num_experts, top_k, jitter, normalize_top_k, router_detach_input)
         self.experts = GroupedExperts(num_experts, hidden_size, ffn_size, activation, gated, bias)
 
     @classmethod
     def from_config(cls, config, *, hidden_size: int, ffn_size: int, activation: Callable[[Tensor], Tensor],
                     gated: bool, bias: bool, layer_index: int) -> "MoELayer":
         """The layer a model config's MoE fields describe (num_experts, num_experts_per_tok, capacity_factor,
-        router_jitter, normalize_top_k: the same names for every family); the rest is the family's MLP shape."""
+        router_jitter, normalize_top_k, router_detach_input: the same names for every family); the rest is the
+        family's MLP shape."""
         return cls(hidden_size, ffn_size, config.num_experts, config.num_experts_per_tok, activation=activation,
                    gated=gated, bias=bias, layer_index=layer_index, capacity_factor=config.capacity_factor,
-                   jitter=config.router_jitter, normalize_top_k=config.normalize_top_k)
+                   jitter=config.router_jitter, normalize_top_k=config.normalize_top_k,
+                   router_detach_input=config.router_detach_input)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take, or None when dropless."""

@@ -70,6 +70,7 @@ class MoEConfig:
     router_jitter: float = 0.0  # multiplicative router-input noise in [1 - jitter, 1 + jitter] while training
     capacity_factor: float = 0.0  # 0 = dropless
     normalize_top_k: bool = True
+    router_detach_input: bool = False  # the router learns; its routing sends no gradient into the model below
     expert_noise: float = 0.0  # relative noise added to the upcycled expert copies to break their symmetry
     drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's hidden units re-initialised (0 = exact copies)
 

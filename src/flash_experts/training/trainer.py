@@ -339,6 +339,9 @@ class Trainer:
         )
         self.tokens_per_step = self.train_batches.global_batch * cfg.data.block_size
 
+        if cfg.optim.time_budget and info.enabled:  # each process would time its own steps and stop on its own
+            raise UserError("optim.time_budget trains in one process; with several, set optim.max_steps instead")
+
         # -- sharding, trainable parameters and optimizer
         self.fsdp = cfg.run.parallel == "fsdp" and info.enabled
         if cfg.run.parallel == "fsdp" and not info.enabled:
@@ -569,8 +572,9 @@ class Trainer:
             totals[0] += lm_loss.double() * predicted
             totals[1] += predicted
         model.train()
-        # this process's windows (the routers' view; the loss below is summed across ranks)
-        self.last_routing = routing.result(expert_distances(self.raw_model))
+        # this process's windows (the routers' view; the loss below is summed across ranks); FSDP holds only a
+        # shard of each expert stack here, so the experts' distances are measured on whole weights only
+        self.last_routing = routing.result(None if self.fsdp else expert_distances(self.raw_model))
         dist_utils.all_reduce_sum(totals)
         return float(totals[0] / totals[1])
 

@@ -31,7 +31,12 @@ def _synthetic_records() -> list[dict]:
                 record[f"expert_load/layer_{layer}"] = (load / load.sum()).tolist()
         records.append(record)
         if step % 10 == 0:
-            records.append({"step": step, "val/loss": 5.0 * math.exp(-step / 25) + 1.2})
+            evaluation = {"step": step, "val/loss": 5.0 * math.exp(-step / 25) + 1.2}
+            for layer in (1, 3):  # the routers leave uniform as the trainer logs it at each evaluation
+                evaluation.update({f"router/entropy_ratio/layer_{layer}": 1.0 - step / 100,
+                                   f"router/top1_prob/layer_{layer}": 0.25 + step / 100,
+                                   f"router/load_min/layer_{layer}": 0.2, f"router/expert_distance/layer_{layer}": step / 1e3})
+            records.append(evaluation)
     return records
 
 
@@ -53,7 +58,8 @@ def test_plot_run_writes_valid_pngs(tmp_path: Path):
     """Reference: the PNG signature and IHDR header, parsed by hand."""
     run_dir = _write_run(tmp_path / "run", _synthetic_records())
     paths = plot_run(run_dir)
-    assert {p.name for p in paths} == {"loss.png", "loss_vs_tokens.png", "lr.png", "expert_load.png", "expert_load_time.png"}
+    assert {p.name for p in paths} == {"loss.png", "loss_vs_tokens.png", "lr.png", "expert_load.png", "expert_load_time.png",
+                                       "router.png"}
     for path in paths:
         assert path.parent == run_dir / "plots" and path.stat().st_size > 0
         width, height = _png_size(path)
@@ -61,8 +67,9 @@ def test_plot_run_writes_valid_pngs(tmp_path: Path):
 
 
 def test_plot_run_out_dir_and_partial_metrics(tmp_path: Path):
-    """Reference: a dense run logs no expert load and no tokens, so only loss and lr plots can exist."""
-    records = [{k: v for k, v in r.items() if not k.startswith("expert_load") and k != "train/tokens"} for r in _synthetic_records()]
+    """Reference: a dense run logs no expert load, no routing and no tokens, so only loss and lr plots can exist."""
+    records = [{k: v for k, v in r.items() if not k.startswith(("expert_load", "router/")) and k != "train/tokens"}
+               for r in _synthetic_records()]
     paths = plot_run(_write_run(tmp_path / "run", records), tmp_path / "elsewhere")
     assert sorted(p.name for p in paths) == ["loss.png", "lr.png"]
     assert all(p.parent == tmp_path / "elsewhere" for p in paths)
@@ -130,4 +137,4 @@ def test_cli_plot_writes_and_lists_pngs(tmp_path: Path, capsys: pytest.CaptureFi
     run_dir = _write_run(tmp_path / "run", _synthetic_records())
     assert cli_main(["plot", str(run_dir), "--out", str(tmp_path / "out")]) == 0
     printed = capsys.readouterr().out.split()
-    assert sorted(printed) == sorted(str(p) for p in (tmp_path / "out").glob("*.png")) and len(printed) == 5
+    assert sorted(printed) == sorted(str(p) for p in (tmp_path / "out").glob("*.png")) and len(printed) == 6

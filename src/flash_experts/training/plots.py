@@ -262,10 +262,12 @@ def _plot_router(records: list[dict[str, Any]], plt: Any) -> Any:
     if not keys.get("entropy_ratio"):
         return None
     figure, axes = plt.subplots(2, 2, figsize=(11, 7), squeeze=False)
+    depth = sorted({layer for layer, _ in keys["entropy_ratio"]})
+    colours = {layer: plt.cm.viridis(i / max(1, len(depth) - 1)) for i, layer in enumerate(depth)}  # shallow -> deep
     for ax, (name, title) in zip(axes.flat, _ROUTER_PANELS):
         for layer, key in sorted(keys.get(name, [])):
             steps, values = series(records, key)
-            ax.plot(steps, values, marker="o", markersize=3, label=f"layer {layer}")
+            ax.plot(steps, values, marker="o", markersize=3, label=f"layer {layer}", color=colours.get(layer))
         ax.set(title=title, xlabel="step")
         ax.grid(True, alpha=0.3)
     handles, labels = axes.flat[0].get_legend_handles_labels()

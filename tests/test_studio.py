@@ -8,6 +8,7 @@ HTTP behaviour through FastAPI's TestClient; the page itself in headless Chromiu
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import shutil
@@ -200,18 +201,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-@pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
-                    reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
-def test_page_generates_and_colours_tokens_in_headless_chromium(studio, tmp_path):
-    """Starts `flash-experts studio` on a free port, lets the page generate (autorun) in headless Chromium
-    driven by Playwright, reads the coloured tokens from the DOM (each the expert the server's trace shows),
-    clicks one for its router probabilities, and checks the screenshot is not blank."""
+@contextlib.contextmanager
+def browser_page(*studio_arguments: str):
+    """`flash-experts studio ARGUMENTS` on a free port and a headless Chromium page (Playwright): yields
+    (page, base URL); the browser and the server are stopped afterwards."""
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    folder = studio.slots[0].source
-    server = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "studio", folder, "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "studio", *studio_arguments,
+                               "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for _ in range(240):
             try:
@@ -221,18 +219,29 @@ def test_page_generates_and_colours_tokens_in_headless_chromium(studio, tmp_path
                 time.sleep(0.25)
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/?prompt=Sword%20of&autorun=1&temperature=0&max_new_tokens=6")
-            page.wait_for_selector(".tok[data-expert]", timeout=120_000)
-            shown = page.eval_on_selector_all(".tok", "spans => spans.map(s => [Number(s.dataset.id), "
-                                                      "Number(s.dataset.expert), s.style.background])")
-            page.click(".tok[data-token='1']")
-            probabilities = page.inner_text("#gen-probs")
-            page.screenshot(path=str(tmp_path / "page.png"))
-            browser.close()
+            try:
+                yield browser.new_page(viewport={"width": 1200, "height": 900}), f"http://127.0.0.1:{port}"
+            finally:
+                browser.close()
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
+                    reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
+def test_page_generates_and_colours_tokens_in_headless_chromium(studio, tmp_path):
+    """Starts `flash-experts studio` on a free port, lets the page generate (autorun) in headless Chromium
+    driven by Playwright, reads the coloured tokens from the DOM (each the expert the server's trace shows),
+    clicks one for its router probabilities, and checks the screenshot is not blank."""
+    with browser_page(studio.slots[0].source) as (page, url):
+        page.goto(f"{url}/?prompt=Sword%20of&autorun=1&temperature=0&max_new_tokens=6")
+        page.wait_for_selector(".tok[data-expert]", timeout=120_000)
+        shown = page.eval_on_selector_all(".tok", "spans => spans.map(s => [Number(s.dataset.id), "
+                                                  "Number(s.dataset.expert), s.style.background])")
+        page.click(".tok[data-token='1']")
+        probabilities = page.inner_text("#gen-probs")
+        page.screenshot(path=str(tmp_path / "page.png"))
     slot = studio.slots[0]
     prompt = slot.tokenizer("Sword of", add_special_tokens=False)["input_ids"]
     token_ids = [token for token, _, _ in shown]
@@ -272,39 +281,22 @@ def test_page_shows_the_atlas_and_an_experts_tokens_in_headless_chromium(studio,
     """The Runs tab in a real browser: the atlas table has one row per expert of the chosen layer, with the
     shares and lifts of the file (the reference: atlas_from_assignments on a hand-made text), and clicking an
     expert shows its top token highlighted in its contexts."""
-    from playwright.sync_api import sync_playwright
-
     from flash_experts.evaluation.expert_atlas import atlas_from_assignments
 
     run = studio.runs[0]
     atlas = atlas_from_assignments([5, 6, 5, 7, 5, 6], {1: [[0], [1], [0], [1], [1], [1]]}, 2,
                                    lambda ids: "".join(f" w{i}" for i in ids), min_count=1, window=1)
     (run / "expert_atlas.json").write_text(json.dumps(atlas.as_dict()))
-    port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "flash_experts.cli.main", "studio", studio.slots[0].source,
-                               "--run", str(run), "--port", str(port)],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        for _ in range(240):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.25)
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
-            page = browser.new_page(viewport={"width": 1200, "height": 900})
-            page.goto(f"http://127.0.0.1:{port}/")
+        with browser_page(studio.slots[0].source, "--run", str(run)) as (page, url):
+            page.goto(f"{url}/")
             page.click("nav button[data-tab='runs']")
             page.wait_for_selector(".atlas-row", timeout=60_000)
             rows = page.eval_on_selector_all(".atlas-row", "rows => rows.map(r => r.innerText)")
             page.click(".atlas-row[data-expert='0']")
             marked = page.eval_on_selector_all("#atlas-examples mark", "marks => marks.map(m => m.textContent)")
             page.screenshot(path=str(tmp_path / "atlas.png"))
-            browser.close()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
         (run / "expert_atlas.json").unlink()
     assert len(rows) == 2 and "33.3%" in rows[0] and "66.7%" in rows[1]
     assert "x2.0" in rows[0] and "x1.5" in rows[1]

@@ -130,14 +130,14 @@ def run(args: argparse.Namespace) -> int:
     configs = {name: run_config(args, base, data_dir, out / name, moe=name == "moe", steps=1) for name in RUNS}
     plan = equal_compute_plan(args, configs, out / PLAN_FILE)
     print(f"[4/6] fine-tuning the dense model and its upcycle to {args.experts} experts (top-{args.top_k}, every "
-          f"other layer, exact copies), taking turns, {args.budget:g} s of training steps each", flush=True)
+          f"other layer, exact copies), taking turns, {plan['budget_seconds']:g} s of training steps each", flush=True)
     results = fine_tune_both(args, base, data_dir, out, plan)
 
     print("[5/6] the routers on the validation split: step 0 against the end, and what each expert took", flush=True)
     atlas = expert_atlas_of(results["moe"], data_dir, args.block_size)
     print(f"[6/6] test split (scored once) and {args.names} card names from each best checkpoint", flush=True)
     scores = {name: score_run(results[name], args, data_dir, reference_names, test_documents) for name in RUNS}
-    png = plot_comparison(out, base, args.budget)
+    png = plot_comparison(out, base, plan["budget_seconds"])
     print_summary(args, base, plan, results, scores, png, (time.perf_counter() - started) / 60)
     print_routing(results["moe"], atlas)
     return 0
@@ -189,8 +189,9 @@ def run_config(args: argparse.Namespace, base: str, data_dir: str, run_dir: Path
 
 
 def equal_compute_plan(args: argparse.Namespace, configs: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Each run's steps for `--budget` seconds of training: one step of each model timed in turns. Saved, so
-    that --resume continues the runs with the steps they were planned with."""
+    """Each run's planned steps for `--budget` seconds of training, from one step of each model timed in turns:
+    they shape each run's schedule (warm-up, decay, the half-way evaluation); the runs themselves train until
+    their measured step time reaches the budget. Saved, so that --resume continues with the same plan."""
     from flash_experts.errors import UserError
     from flash_experts.training.equal_compute import measure_step_seconds, steps_for_budget
 
@@ -199,10 +200,11 @@ def equal_compute_plan(args: argparse.Namespace, configs: dict[str, Any], path: 
             plan = json.loads(path.read_text())
             steps = {name: int(plan["steps"][name]) for name in RUNS}
             seconds = {name: float(plan["seconds_per_step"][name]) for name in RUNS}
+            budget = float(plan["budget_seconds"])
         except (ValueError, KeyError, TypeError) as error:
             raise UserError(f"{path} is not a demo plan ({error}); use another --out") from None
         print(f"[3/6] equal compute: the plan of the earlier run ({path})", flush=True)
-        return {**plan, "steps": steps, "seconds_per_step": seconds}
+        return {**plan, "steps": steps, "seconds_per_step": seconds, "budget_seconds": budget}
     rounds = 1 if args.quick else 5  # a step's time varies by 10-30% here from one step to the next
     print(f"[3/6] equal compute: timing one training step of each model side by side ({rounds} rounds)", flush=True)
     seconds = measure_step_seconds(configs, rounds=rounds)
@@ -223,7 +225,7 @@ def fine_tune_both(args: argparse.Namespace, base: str, data_dir: str, out: Path
     from flash_experts.training.equal_compute import train_interleaved
 
     configs = {name: run_config(args, base, data_dir, out / name, moe=name == "moe", steps=plan["steps"][name],
-                                budget=args.budget) for name in RUNS}
+                                budget=plan["budget_seconds"]) for name in RUNS}
     for cfg in configs.values():
         cfg.run.quiet = True  # two progress bars would overwrite each other: log lines, each named by its run
     results = train_interleaved(configs, resume="auto" if args.resume else None)

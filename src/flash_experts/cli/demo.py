@@ -30,7 +30,6 @@ from flash_experts.cli.common import training_dtype_word
 
 RUNS = ("dense", "moe")
 PLAN_FILE = "plan.json"
-ATLAS_FILE = "expert_atlas.json"  # in the MoE's run folder, where the studio's --run finds it
 # The main job's MoE recipe (docs/UPCYCLING.md, "Routers that learn"): the routers at ROUTER_LR_SCALE x the
 # rate of the rest (a new matrix must move far within a few minutes), the Switch balancing loss at
 # ROUTER_AUX_LOSS_COEF (keeps every expert in use while the routers grow confident), and the routers' input
@@ -239,14 +238,19 @@ def fine_tune_both(args: argparse.Namespace, base: str, data_dir: str, out: Path
     return results
 
 
+def best_weights(result: Any) -> str:
+    """The run's best checkpoint (its last one where no evaluation improved on step 0)."""
+    best = Path(result.run_dir) / "best"
+    return str(best if best.exists() else result.checkpoint)
+
+
 def expert_atlas_of(result: Any, data_dir: str, block_size: int) -> Any:
     """The expert atlas of the MoE's best checkpoint on the validation split (evaluation/expert_atlas.py)."""
     from flash_experts.data.tokens import load_split
     from flash_experts.evaluation.expert_atlas import expert_atlas
     from flash_experts.model.loading import load_model
 
-    best = Path(result.run_dir) / "best"
-    model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))
+    model, tokenizer = load_model(best_weights(result))
     model.eval()
     tokens = load_split(data_dir, "val", model.get_input_embeddings().num_embeddings)
     return expert_atlas(model, tokenizer, tokens, context=block_size)
@@ -259,8 +263,7 @@ def score_run(result: Any, args: argparse.Namespace, data_dir: str, reference_na
     from flash_experts.model.loading import load_model
     from flash_experts.mtg.names import choose_name_sampling, generate_card_names
 
-    best = Path(result.run_dir) / "best"
-    model, tokenizer = load_model(str(best if best.exists() else result.checkpoint))
+    model, tokenizer = load_model(best_weights(result))
     model.eval()
     bpc = split_bits_per_character(model, data_dir, "test", test_documents, args.block_size)
     # The temperature is chosen for this model on selection samples of another seed, then the reported names
@@ -385,6 +388,8 @@ def print_routing(moe: Any, atlas: Any) -> None:
           f"tokens of highest lift, routed there at least {atlas.min_count} times):")
     for layer in atlas.layers:
         print("    " + layer.line())
+    from flash_experts.evaluation.expert_atlas import ATLAS_FILE
+
     run_dir = Path(moe.run_dir)
     (run_dir / "routing.json").write_text(json.dumps({"initial": moe.initial_routing, "final": moe.final_routing},
                                                      indent=1))

@@ -25,6 +25,9 @@ import torch
 from flash_experts.errors import UserError
 from flash_experts.model.routing import recording_routers
 
+# Where a run keeps its atlas: the demo writes it into the MoE's run folder, the studio's --run reads it there.
+ATLAS_FILE = "expert_atlas.json"
+
 
 @dataclass
 class AtlasToken:

@@ -31,7 +31,6 @@ STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # the only 
 MAX_ATTENTION_TOKENS = 96  # heatmaps of longer prompts would be unreadable and heavy to send
 MAX_MEMORY_LENGTH = 16384  # eager attention's scores at 16k and 32 heads are 32 GiB: the machine's limit, not ours
 PLOTS = ("loss", "loss_vs_tokens", "lr", "expert_load", "expert_load_time", "router")
-ATLAS_FILE = "expert_atlas.json"  # written into a MoE run's folder by `flash-experts demo`
 
 
 @dataclass
@@ -128,6 +127,8 @@ class Studio:
 
     def run_atlas(self, index: int) -> dict:
         """The expert atlas a run's folder holds (the demo writes it beside the MoE run's metrics)."""
+        from flash_experts.evaluation.expert_atlas import ATLAS_FILE
+
         if not 0 <= index < len(self.runs):
             raise UserError(f"there is no run {index}: the studio was started with {len(self.runs)}")
         path = self.runs[index] / ATLAS_FILE

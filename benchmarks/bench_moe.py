@@ -25,12 +25,12 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker  # noqa: E402
-from flash_experts.model.moe import MoELayer  # noqa: E402
+from flash_experts.model.moe import MoELayer, MoESettings  # noqa: E402
 
 
 def ours(d: int, f: int, experts: int, top_k: int) -> torch.nn.Module:
-    layer = MoELayer(d, f, experts, top_k, activation=lambda x: F.gelu(x, approximate="tanh"), gated=False,
-                     bias=True, layer_index=0)
+    layer = MoELayer(MoESettings(num_experts=experts, num_experts_per_tok=top_k), hidden_size=d, ffn_size=f,
+                     activation=lambda x: F.gelu(x, approximate="tanh"), gated=False, bias=True, layer_index=0)
     with torch.no_grad():
         for p in layer.parameters():
             p.normal_(0, 0.02)

@@ -101,24 +101,25 @@ def test_an_moe_model_compiles_and_decodes_the_eager_greedy_tokens():
 @pytest.mark.parametrize("gated", [True, False])  # Llama's SwiGLU experts; GPT-2's, with biases
 @pytest.mark.parametrize(("rows", "top_k"), [(1, 1), (1, 2), (3, 2), (5, 1)])
 def test_decode_moe_layer_equals_the_training_dispatch(gated, rows, top_k, monkeypatch):
-    """Reference: MoELayer.forward (sort by expert, grouped products) on the same layer and rows: the outputs
-    and the router statistics of the fixed-shape routing used inside the compiled step."""
-    from flash_experts.model.moe import MoELayer
+    """Reference: MoELayer's sorted dispatch (sort by expert, grouped products) on the same layer and rows: the
+    outputs and the router statistics of the fixed-shape dispatch the layer takes inside a compiled step."""
+    from flash_experts.model.moe import MoELayer, MoESettings
 
     torch.manual_seed(rows * 10 + top_k)
-    layer = MoELayer(16, 24, num_experts=4, top_k=top_k, activation=torch.nn.functional.silu, gated=gated,
-                     bias=not gated, layer_index=1).eval()
+    layer = MoELayer(MoESettings(num_experts=4, num_experts_per_tok=top_k), hidden_size=16, ffn_size=24,
+                     activation=torch.nn.functional.silu, gated=gated, bias=not gated, layer_index=1).eval()
     with torch.no_grad():
         for param in layer.parameters():
             param.normal_(0, 0.5)
     x = torch.randn(1, rows, 16)
+    taken = []
+    sorted_dispatch, fixed_dispatch = MoELayer._dispatch_sorted, MoELayer._dispatch_fixed_shapes
+    monkeypatch.setattr(MoELayer, "_dispatch_fixed_shapes", lambda self, *a: taken.append(1) or fixed_dispatch(self, *a))
     with torch.no_grad():
         want, want_stats = layer(x)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-        with compiled.decode_products(layer):
-            assert type(layer) is compiled._DecodeMoELayer
-            got, stats = layer(x)
-    assert type(layer) is MoELayer  # the class is restored
+        got, stats = layer(x)
+    assert taken == [1] and sorted_dispatch is MoELayer._dispatch_sorted  # the fixed-shape dispatch ran
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
     assert torch.equal(stats.tokens_per_expert, want_stats.tokens_per_expert)
     for name in ("load_balancing_loss", "z_loss", "entropy"):
@@ -155,8 +156,8 @@ def test_cache_lengths_come_in_buckets_within_the_model():
 @pytest.mark.parametrize("kind", ["linear", "conv1d"])  # GPT-2's Conv1D keeps its own product
 @pytest.mark.parametrize("rows", [1, 3, 40])
 def test_reduction_products_equal_float64_math(kind, rows, monkeypatch):
-    """The compiled step's one-row products (multiply and sum; reference: float64 x @ W + b) replace the module's
-    own only while compiling, without gradients, for at most COMPILED_SUM_MAX_ROWS rows."""
+    """The compiled step's one-row products (multiply and sum; reference: float64 x @ W + b) replace F.linear
+    under `OneRowProducts` only while compiling, without gradients, for at most COMPILED_SUM_MAX_ROWS rows."""
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(rows)
@@ -167,11 +168,10 @@ def test_reduction_products_equal_float64_math(kind, rows, monkeypatch):
     sums = []
     monkeypatch.setattr(torch.Tensor, "sum", lambda self, *a, **k: sums.append(1) or torch.sum(self, *a, **k))
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    with compiled.decode_products(model), torch.no_grad():
+    with compiled.OneRowProducts(), torch.no_grad():
         y = model(x)
     assert torch.allclose(y.double(), reference, rtol=0, atol=1e-5)
     assert bool(sums) == (kind == "linear" and rows <= COMPILED_SUM_MAX_ROWS)
-    assert type(model[0]) in (torch.nn.Linear, Conv1D)  # the class is restored
 
 
 def test_int8_compiled_product_equals_float64_math(monkeypatch):

@@ -62,35 +62,33 @@ def test_tied_embeddings_stay_tied():
     assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()
 
 
-def test_transposed_lm_head_equals_linear_and_leaves_the_model_as_it_was():
-    """Reference: F.linear with the same weight. Inside `transposed_lm_head` the head's decode-sized calls take
-    the transposed copy and give the same logits; training-sized calls and gradients take
-    nn.Linear's path; afterwards the model holds no copy and its head is a plain nn.Linear again."""
+def test_decode_head_equals_linear_and_leaves_the_model_as_it_was():
+    """Reference: F.linear with the same weight. The decode loop's head takes the transposed copy for
+    decode-sized calls and gives the same logits; training-sized calls and gradients take nn.Linear's path;
+    the model's head stays a plain nn.Linear, untouched."""
     import torch.nn.functional as F
 
-    from flash_experts.generation.decode_head import transposed_lm_head
+    from flash_experts.generation.decode_head import decode_head
 
     torch.manual_seed(0)
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0)).eval()
     head = model.lm_head
-    assert type(head) is torch.nn.Linear  # the model file keeps the plain layer
     width = head.in_features
     one_row, many_rows = torch.randn(1, 1, width), torch.randn(2, 20, width)
     decode_batch, last_positions = torch.randn(3, 1, width), torch.randn(3, 5, width)[:, -1:]
-    with transposed_lm_head(model):
-        assert "forward" in vars(head)
-        with torch.no_grad():
-            for x in (one_row, many_rows, decode_batch, last_positions):
-                torch.testing.assert_close(head(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
-        x = one_row.clone().requires_grad_()
-        head(x).sum().backward()  # with gradients it is nn.Linear (the copy would cut the graph)
-        assert head.weight.grad is not None and x.grad is not None
-    assert "forward" not in vars(head)  # nothing left behind: no second copy of the head
+    logits = decode_head(model)
+    assert logits is not head  # CPU, no bias, a plain nn.Linear: the transposed copy
+    with torch.no_grad():
+        for x in (one_row, many_rows, decode_batch, last_positions):
+            torch.testing.assert_close(logits(x), F.linear(x, head.weight), rtol=1e-5, atol=1e-6)
+    x = one_row.clone().requires_grad_()
+    logits(x).sum().backward()  # with gradients it is nn.Linear (the copy would cut the graph)
+    assert head.weight.grad is not None and x.grad is not None
+    assert type(model.lm_head) is torch.nn.Linear and "forward" not in vars(model.lm_head)
 
 
-def test_generate_uses_the_transposed_head_and_gives_the_plain_heads_tokens(monkeypatch):
-    """Reference: greedy decoding with the plain nn.Linear head (the context manager replaced by a no-op)."""
-    import contextlib
+def test_generate_uses_the_decode_head_and_gives_the_plain_heads_tokens(monkeypatch):
+    """Reference: greedy decoding with the model's own nn.Linear head."""
     import importlib
 
     from flash_experts.generation.sampling import SamplingConfig
@@ -100,7 +98,7 @@ def test_generate_uses_the_transposed_head_and_gives_the_plain_heads_tokens(monk
     torch.manual_seed(0)
     model = GPT2MoEForCausalLM(GPT2MoEConfig(**BASE, bos_token_id=0, eos_token_id=0)).eval()
     used = []
-    real = generate_module.transposed_lm_head
+    real = generate_module.decode_head
 
     def recording(m):
         used.append(m)
@@ -108,10 +106,10 @@ def test_generate_uses_the_transposed_head_and_gives_the_plain_heads_tokens(monk
 
     prompt = torch.tensor([[3, 5, 7], [2, 4, 6]])
     greedy = SamplingConfig(temperature=0.0)
-    monkeypatch.setattr(generate_module, "transposed_lm_head", recording)
+    monkeypatch.setattr(generate_module, "decode_head", recording)
     fast = generate_module.generate(model, None, prompt, greedy, max_new_tokens=12).token_ids
     assert used == [model]
-    monkeypatch.setattr(generate_module, "transposed_lm_head", lambda m: contextlib.nullcontext())
+    monkeypatch.setattr(generate_module, "decode_head", lambda m: m.lm_head)
     plain = generate_module.generate(model, None, prompt, greedy, max_new_tokens=12).token_ids
     assert fast == plain
 

@@ -16,13 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from flash_experts.model.buffers import ReusableBuffer, _held_elsewhere
-from flash_experts.model.moe import MoELayer
+from flash_experts.model.moe import MoELayer, MoESettings
 
 
 def make_pair(gated: bool, seed: int = 0) -> tuple[MoELayer, MoELayer]:
     """(layer with reused buffers, the same layer allocating fresh memory every step)."""
     torch.manual_seed(seed)
-    layer = MoELayer(hidden_size=16, ffn_size=24, num_experts=4, top_k=2,
+    layer = MoELayer(MoESettings(num_experts=4, num_experts_per_tok=2), hidden_size=16, ffn_size=24,
                      activation=F.silu if gated else (lambda x: F.gelu(x, approximate="tanh")),
                      gated=gated, bias=not gated, layer_index=0)
     with torch.no_grad():

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flash_experts.model.moe import MoELayer, load_balancing_loss, router_z_loss
+from flash_experts.model.moe import MoELayer, MoESettings, load_balancing_loss, router_z_loss
 
 
 def make_layer(num_experts: int, top_k: int, capacity_factor: float, gated: bool, seed: int = 0) -> MoELayer:
     torch.manual_seed(seed)
-    layer = MoELayer(hidden_size=16, ffn_size=24, num_experts=num_experts, top_k=top_k,
+    settings = MoESettings(num_experts=num_experts, num_experts_per_tok=top_k, capacity_factor=capacity_factor)
+    layer = MoELayer(settings, hidden_size=16, ffn_size=24,
                      activation=F.silu if gated else (lambda x: F.gelu(x, approximate="tanh")),
-                     gated=gated, bias=not gated, layer_index=0, capacity_factor=capacity_factor)
+                     gated=gated, bias=not gated, layer_index=0)
     with torch.no_grad():
         for param in layer.parameters():
             param.normal_(0.0, 0.5)

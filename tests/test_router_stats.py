@@ -18,7 +18,7 @@ from flash_experts.evaluation.router_stats import (  # noqa: E402
     router_stats_markdown,
     router_stats_table,
 )
-from flash_experts.model.moe import MoELayer, RouterStats  # noqa: E402
+from flash_experts.model.moe import MoELayer, MoESettings, RouterStats  # noqa: E402
 
 
 def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
@@ -105,8 +105,9 @@ class _OneMoELayerLM(torch.nn.Module):
         super().__init__()
         self.config = SimpleNamespace(n_positions=32, vocab_size=vocab)
         self.embed = torch.nn.Embedding(vocab, width)
-        self.moe = MoELayer(width, 32, experts, top_k, torch.nn.functional.gelu, gated=False, bias=True,
-                            layer_index=0, capacity_factor=capacity_factor)
+        self.moe = MoELayer(MoESettings(num_experts=experts, num_experts_per_tok=top_k, capacity_factor=capacity_factor),
+                            hidden_size=width, ffn_size=32, activation=torch.nn.functional.gelu, gated=False,
+                            bias=True, layer_index=0)
         for p in self.moe.parameters():
             torch.nn.init.normal_(p, std=0.5)
         self.head = torch.nn.Linear(width, vocab)

@@ -284,12 +284,19 @@ def test_resolve_device_and_precision():
 @pytest.mark.parametrize("old,new", [("top_k", "num_experts_per_tok"), ("layers", "moe_layers"),
                                      ("aux_loss_coef", "router_aux_loss_coef"), ("jitter", "router_jitter")])
 def test_the_trainers_old_moe_keys_name_their_new_name(old, new):
-    """One MoE schema: the trainer's section uses the model config's names (model/config.py MOE_DEFAULTS), and
-    a config written with the old short names gets the new one in its error."""
-    from flash_experts.model.config import MOE_DEFAULTS
+    """One MoE schema: the trainer's section is the model's MoESettings (model/moe.py) plus the upcycling options,
+    the model config holds the same fields, and a config written with the old short names gets the new one in
+    its error."""
+    import dataclasses
+
+    from flash_experts.model.config import GPT2MoEConfig
+    from flash_experts.model.moe import MoESettings
     from flash_experts.training.config import MoEConfig
 
-    assert set(MoEConfig().model_fields()) == set(MOE_DEFAULTS) - {"attention_implementation"}
+    settings = {f.name for f in dataclasses.fields(MoESettings)}
+    assert {f.name for f in dataclasses.fields(MoEConfig)} == settings | {"expert_noise", "drop_ratio"}
+    assert MoEConfig().settings() == MoESettings()
+    assert GPT2MoEConfig(n_layer=2).moe_settings() == MoESettings()
     with pytest.raises(ValueError, match=f"'moe.{old}' is now 'moe.{new}'"):
         load_config(None, [f"moe.{old}=1"])
 

@@ -60,7 +60,10 @@ def training_dtype_word(text: str) -> str:
 
 def dtype_word(text: str) -> str:
     """argparse type of --dtype: the project's precision words (run.precision's), other spellings named."""
-    from flash_experts.training.config import OTHER_PRECISION_SPELLINGS, PRECISIONS  # no torch: --help stays instant
+    from flash_experts.training.config_convert import (  # no torch: --help stays instant
+        OTHER_PRECISION_SPELLINGS,
+        PRECISIONS,
+    )
 
     if text in PRECISIONS:
         return text

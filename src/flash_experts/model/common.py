@@ -79,10 +79,10 @@ def positions_and_padding(attention_mask: Tensor | None, position_ids: Tensor | 
 
 
 
-class MoECausalLMMixin:
-    """The causal-LM forward both families share: cache arguments, positions and padding, the decoder (the
-    family's own), the LM head with `logits_to_keep`, router losses and the output. A family provides
-    `_default_cache`, `_check_length` and `_decode` (embeddings -> blocks -> final norm)."""
+class CausalLMForward:
+    """The causal-LM forward both families share, around the family's own `backbone` (embeddings -> blocks ->
+    final norm): the cache arguments, positions and padding, the LM head with `logits_to_keep`, the router
+    losses and the output. A family provides `backbone`, `default_cache` and `check_length`."""
 
     def forward(
         self,
@@ -106,15 +106,9 @@ class MoECausalLMMixin:
         if unknown:
             raise TypeError(f"{type(self).__name__}.forward() got unexpected keyword argument(s): "
                             f"{', '.join(sorted(unknown))}")
-        B, T = input_ids.shape
         given = past_key_values if past_key_values is not None else cache
-        cache = given if given is not None or not use_cache else self._default_cache(B)
-        past = cache.get_seq_length() if cache is not None else 0
-        self._check_length(past + T)
-        position_ids, key_padding_mask = positions_and_padding(
-            attention_mask, position_ids, past, B, T, input_ids.device
-        )
-        x, router_stats = self._decode(input_ids, position_ids, key_padding_mask, cache)
+        cache = given if given is not None or not use_cache else self.default_cache(input_ids.shape[0])
+        x, router_stats = self.hidden_states(input_ids, attention_mask, position_ids, cache)
         logits = self.lm_head(x[:, -logits_to_keep:] if logits_to_keep else x)
 
         aux_loss = weighted_router_loss(
@@ -128,6 +122,19 @@ class MoECausalLMMixin:
             loss=loss, logits=logits, cache=cache if use_cache or given is not None else None,
             lm_loss=lm_loss, aux_loss=aux_loss, router_stats=router_stats, hidden_states=x,
         )
+
+    def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                      position_ids: Tensor | None = None, cache: LayerCache | None = None
+                      ) -> tuple[Tensor, list[RouterStats]]:
+        """The forward without the head: the final hidden states (B, T, D) and what each MoE layer's router did.
+        The decode loop applies its own head to the last position (generation/decode_head.py)."""
+        B, T = input_ids.shape
+        past = cache.get_seq_length() if cache is not None else 0
+        self.check_length(past + T)
+        position_ids, key_padding_mask = positions_and_padding(
+            attention_mask, position_ids, past, B, T, input_ids.device
+        )
+        return self.backbone(input_ids, position_ids, key_padding_mask, cache)
 
     def save_pretrained(self, save_directory: str | Path, *args: object, **kwargs: object) -> None:
         """transformers' `save_pretrained`, plus the modeling code and `auto_map` (see `remote_code`), so the
@@ -144,12 +151,12 @@ class MoECausalLMMixin:
         self.config.auto_map = write_modeling_code(type(self), type(self.config), folder)
         super().save_pretrained(save_directory, *args, **kwargs)
 
-    def _default_cache(self, batch_size: int) -> LayerCache:
+    def default_cache(self, batch_size: int) -> LayerCache:
         raise NotImplementedError
 
-    def _check_length(self, total_length: int) -> None:
+    def check_length(self, total_length: int) -> None:
         raise NotImplementedError
 
-    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+    def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         raise NotImplementedError

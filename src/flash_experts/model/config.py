@@ -1,46 +1,32 @@
 """Configurations of our MoE models: HF-compatible `PretrainedConfig`s with validated MoE settings.
 
-Both families (GPT-2 and Llama) share one set of Mixture-of-Experts fields, defined once in `MOE_DEFAULTS`
-and validated once in `validate_moe_fields`. Every invalid value raises a `ValueError` that names the field.
+Both families (GPT-2 and Llama) share one set of Mixture-of-Experts fields, defined once in `MoESettings`
+(model/moe.py) and validated once in `validate_moe_fields`. Every invalid value raises a `ValueError` that names the field.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from transformers import PretrainedConfig
 
 from flash_experts.attention.dispatch import ATTENTION_IMPLEMENTATIONS
 from flash_experts.errors import ConfigError
+from flash_experts.model.moe import MoESettings
 
-MOE_DEFAULTS: dict[str, Any] = {
-    "num_experts": 8,
-    # top-k: experts per token. Named as in HF Mixtral because transformers reserves `top_k` for generation.
-    "num_experts_per_tok": 2,
-    # "all", "every_other" (layers 1, 3, 5, ... as in GShard/Switch), or an explicit list of layer indices;
-    # [] gives a dense model that runs our code (dense baselines).
-    "moe_layers": "every_other",
-    "router_aux_loss_coef": 0.01,  # Switch load-balancing loss weight
-    "router_z_loss_coef": 0.001,  # ST-MoE router z-loss weight
-    "router_jitter": 0.0,  # multiplicative input noise on the router while training (Switch)
-    # The router reads its input without sending gradient back into it: the router still learns from the task
-    # loss, but the model below learns only from what the experts compute, never from the balancing terms nor
-    # from the routing (docs/UPCYCLING.md, "Routers that learn": what an upcycled model fine-tuned for minutes
-    # needs). False = the usual MoE, whose routing gradients also shape the hidden states.
-    "router_detach_input": False,
-    "capacity_factor": 0.0,  # 0 = dropless; else capacity = ceil(factor * tokens * top_k / experts)
-    # Renormalise the top-k routing weights to sum to 1. Needed for the upcycled model to equal the dense one.
-    "normalize_top_k": True,
-    "attention_implementation": "sdpa",
-}
+# The attention every layer runs (attention/dispatch.py); "auto" is the fastest measured for the device.
+DEFAULT_ATTENTION = "auto"
 
 
 def _moe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """Pop the MoE fields out of `kwargs` (so the rest can go to PretrainedConfig), with defaults.
-    `top_k` is accepted as another name for `num_experts_per_tok`."""
+    """Pop the MoE fields (`MoESettings`) and the attention choice out of `kwargs`, so the rest can go to
+    PretrainedConfig, with their defaults. `top_k` is accepted as another name for `num_experts_per_tok`."""
     if "top_k" in kwargs:
         kwargs["num_experts_per_tok"] = kwargs.pop("top_k")
-    return {name: kwargs.pop(name, default) for name, default in MOE_DEFAULTS.items()}
+    fields = {f.name: kwargs.pop(f.name, getattr(MoESettings, f.name)) for f in dataclasses.fields(MoESettings)}
+    fields["attention_implementation"] = kwargs.pop("attention_implementation", DEFAULT_ATTENTION)
+    return fields
 
 
 def resolve_moe_layers(moe_layers: str | list[int] | tuple[int, ...], num_layers: int | None) -> list[int]:
@@ -108,13 +94,13 @@ class MoEConfigMixin:
     def moe_layer_indices(self) -> list[int]:
         return resolve_moe_layers(self.moe_layers, self.num_hidden_layers)  # type: ignore[attr-defined]
 
-    def moe_settings(self) -> dict[str, Any]:
-        """The MoE fields as a dict (what `upcycle` takes as keyword arguments)."""
-        return {name: getattr(self, name) for name in MOE_DEFAULTS}
+    def moe_settings(self) -> MoESettings:
+        """The MoE fields, as the layers read them."""
+        return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
 
 
 class GPT2MoEConfig(MoEConfigMixin, PretrainedConfig):
-    """GPT-2's configuration plus the MoE fields (see `MOE_DEFAULTS`)."""
+    """GPT-2's configuration plus the MoE fields (see `MoESettings`)."""
 
     model_type = "gpt2_moe"
     keys_to_ignore_at_inference = ["past_key_values"]

@@ -19,7 +19,7 @@ from transformers.pytorch_utils import Conv1D
 
 from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
-from flash_experts.model.common import MoECausalLMMixin
+from flash_experts.model.common import CausalLMForward
 from flash_experts.model.config import GPT2MoEConfig
 from flash_experts.model.kv_cache import KVCache, LayerCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
@@ -27,7 +27,7 @@ from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStat
 
 def activation_fn(name: str):
     """HF's activation by name, except GPT-2's `gelu_new`: the same tanh approximation as one fused kernel
-    (`F.gelu(approximate="tanh")`) instead of five elementwise ops, ~20% faster per MLP on CPU."""
+    (`F.gelu(approximate="tanh")`) instead of five elementwise ops: one pass over the activations instead of five."""
     if name in ("gelu_new", "gelu_pytorch_tanh"):
         return functools.partial(F.gelu, approximate="tanh")
     return ACT2FN[name]
@@ -82,8 +82,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
         self.is_moe = is_moe
         if is_moe:
-            self.mlp = MoELayer.from_config(
-                config, hidden_size=config.n_embd, ffn_size=config.intermediate_size,
+            self.mlp = MoELayer(
+                config.moe_settings(), hidden_size=config.n_embd, ffn_size=config.intermediate_size,
                 activation=activation_fn(config.activation_function), gated=False, bias=True, layer_index=layer_index,
             )
             self.mlp_dropout = nn.Dropout(config.resid_pdrop)
@@ -110,7 +110,7 @@ class GPT2MoEModel(nn.Module):
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
 
 
-class GPT2MoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
+class GPT2MoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
     config_class = GPT2MoEConfig
     base_model_prefix = "transformer"
     main_input_name = "input_ids"
@@ -171,17 +171,17 @@ class GPT2MoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
         return KVCache(self.config.n_layer, batch_size, self.config.n_head, max_length,
                        self.config.n_embd // self.config.n_head, param.dtype, param.device)
 
-    # -- forward (the shared tail is MoECausalLMMixin.forward) ---------------------------------------------
-    def _default_cache(self, batch_size: int) -> KVCache:
+    # -- forward: the backbone here; positions, padding, head and losses in common.py CausalLMForward ------
+    def default_cache(self, batch_size: int) -> KVCache:
         return self.make_cache(batch_size, self.config.n_positions)
 
-    def _check_length(self, total_length: int) -> None:
+    def check_length(self, total_length: int) -> None:
         if total_length > self.config.n_positions:
             raise ConfigError(
                 f"sequence of {total_length} tokens is longer than the model's {self.config.n_positions} positions"
             )
 
-    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+    def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         t = self.transformer
         x = t.drop(t.wte(input_ids) + t.wpe(position_ids))

@@ -24,7 +24,7 @@ from transformers.models.llama.modeling_llama import (
 
 from flash_experts.attention import attention
 from flash_experts.errors import ConfigError
-from flash_experts.model.common import MoECausalLMMixin
+from flash_experts.model.common import CausalLMForward
 from flash_experts.model.config import LlamaMoEConfig
 from flash_experts.model.kv_cache import KVCache, LayerCache
 from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
@@ -86,8 +86,8 @@ class LlamaDecoderLayer(nn.Module):
         self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.is_moe = is_moe
         if is_moe:
-            self.mlp = MoELayer.from_config(
-                config, hidden_size=config.hidden_size, ffn_size=config.intermediate_size,
+            self.mlp = MoELayer(
+                config.moe_settings(), hidden_size=config.hidden_size, ffn_size=config.intermediate_size,
                 activation=ACT2FN[config.hidden_act], gated=True, bias=False, layer_index=layer_index,
             )
         else:
@@ -114,7 +114,7 @@ class LlamaMoEModel(nn.Module):
         self.rotary_emb = LlamaRotaryEmbedding(config)  # inv_freq is a non-persistent buffer: not in checkpoints
 
 
-class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
+class LlamaMoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
     config_class = LlamaMoEConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
@@ -168,13 +168,13 @@ class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
         return KVCache(self.config.num_hidden_layers, batch_size, self.config.num_key_value_heads, max_length,
                        self.config.head_dim, param.dtype, param.device)
 
-    # -- forward (the shared tail is MoECausalLMMixin.forward) ---------------------------------------------
-    def _default_cache(self, batch_size: int) -> LayerCache:
+    # -- forward: the backbone here; positions, padding, head and losses in common.py CausalLMForward ------
+    def default_cache(self, batch_size: int) -> LayerCache:
         # A growing transformers DynamicCache: a static cache sized for the whole context of a long-context
         # model would waste memory; pass `make_cache(...)` for the preallocated one.
         return DynamicCache()
 
-    def _check_length(self, total_length: int) -> None:
+    def check_length(self, total_length: int) -> None:
         window = self.config.sliding_window
         if window is not None and total_length > window:
             raise ConfigError(
@@ -182,7 +182,7 @@ class LlamaMoEForCausalLM(MoECausalLMMixin, PreTrainedModel, GenerationMixin):
                 f"({window}), which is not implemented here"
             )
 
-    def _decode(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
+    def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         m = self.model
         x = m.embed_tokens(input_ids)

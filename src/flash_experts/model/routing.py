@@ -172,8 +172,7 @@ def recording_routers(model: torch.nn.Module) -> Iterator[dict[int, tuple[Tensor
     handles = []
     for layer in moe_layers_of(model):
         def keep(module, inputs, output, index=layer.layer_index):  # noqa: ANN001 (torch's hook signature)
-            weights_TK, experts_TK, _logits, probs_TE = output
-            seen[index] = (experts_TK.detach(), weights_TK.detach(), probs_TE.detach())
+            seen[index] = (output.experts_TK.detach(), output.weights_TK.detach(), output.probs_TE.detach())
 
         handles.append(layer.router.register_forward_hook(keep))
     try:

@@ -12,6 +12,7 @@ giving up exactness at step 0: `expert_noise` (small Gaussian noise on every cop
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
@@ -19,24 +20,29 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from flash_experts.errors import ConfigError, UserError
-from flash_experts.model.config import MOE_DEFAULTS, GPT2MoEConfig, LlamaMoEConfig
+from flash_experts.model.config import GPT2MoEConfig, LlamaMoEConfig
 from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
 from flash_experts.model.llama_moe import LlamaMoEForCausalLM
+from flash_experts.model.moe import MoESettings
 
+# The dense model types we upcycle, by the block layout they share: GPT-2's, and Llama's (attention + gated
+# SwiGLU MLP + RMSNorm: Llama, Mistral, Qwen2). The one list of supported families.
 GPT2_FAMILY = ("gpt2",)
-LLAMA_FAMILY = ("llama", "mistral", "qwen2")  # same block layout: attention + gated (SwiGLU) MLP + RMSNorm
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+SUPPORTED_FAMILIES = GPT2_FAMILY + LLAMA_FAMILY
 
 
-def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
-            moe_layers: str | list[int] = "every_other", expert_noise: float = 0.0, seed: int | None = None,
-            drop_ratio: float = 0.0, **moe_overrides: Any) -> PreTrainedModel:
+def upcycle(source: PreTrainedModel | str, settings: MoESettings | None = None, *, expert_noise: float = 0.0,
+            drop_ratio: float = 0.0, seed: int | None = None, attention_implementation: str | None = None,
+            **setting_overrides: Any) -> PreTrainedModel:
     """Upcycle a dense GPT-2 or Llama-family model (a module, a hub id or a local folder) into our MoE form.
 
-    `moe_overrides` are the other MoE fields (see `MOE_DEFAULTS`: router_aux_loss_coef, capacity_factor,
-    attention_implementation, ...). `expert_noise` > 0 perturbs each expert copy by that relative std;
-    `drop_ratio` in (0, 1] re-initialises that share of each expert's hidden units (`drop_upcycle`). Either
-    breaks the experts' symmetry and the model then no longer equals the dense one exactly. `moe_layers=[]`
-    converts the dense model to our code without experts (dense baselines).
+    `settings` (default `MoESettings()`) with `setting_overrides` on top: any MoESettings field by name
+    (num_experts, num_experts_per_tok or top_k, moe_layers, router_aux_loss_coef, capacity_factor, ...).
+    `expert_noise` > 0 perturbs each expert copy by that relative std; `drop_ratio` in (0, 1] re-initialises
+    that share of each expert's hidden units (`drop_upcycle`). Either breaks the experts' symmetry and the
+    model then no longer equals the dense one exactly. `moe_layers=[]` converts the dense model to our code
+    without experts (dense baselines).
     """
     from flash_experts.model.loading import load_dense_model
 
@@ -44,11 +50,15 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
         raise UserError(f"drop_ratio must be in [0, 1], got {drop_ratio}")
     if expert_noise < 0:
         raise UserError(f"expert_noise must be >= 0, got {expert_noise}")
-    dense = load_dense_model(source) if isinstance(source, str) else source
-    unknown = set(moe_overrides) - set(MOE_DEFAULTS)
+    if "top_k" in setting_overrides:
+        setting_overrides["num_experts_per_tok"] = setting_overrides.pop("top_k")
+    unknown = set(setting_overrides) - {f.name for f in dataclasses.fields(MoESettings)}
     if unknown:
         raise ConfigError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
-    moe = dict(MOE_DEFAULTS, **moe_overrides, num_experts=num_experts, num_experts_per_tok=top_k, moe_layers=moe_layers)
+    moe = dataclasses.asdict(dataclasses.replace(settings or MoESettings(), **setting_overrides))
+    if attention_implementation is not None:
+        moe["attention_implementation"] = attention_implementation
+    dense = load_dense_model(source) if isinstance(source, str) else source
     model_type = dense.config.model_type
     if model_type in GPT2_FAMILY:
         model = _upcycle_gpt2(dense, moe)
@@ -57,7 +67,7 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
     else:
         raise UserError(
             f"cannot upcycle a model of type {model_type!r}: supported are GPT-2 and the Llama family "
-            f"({', '.join(GPT2_FAMILY + LLAMA_FAMILY)})"
+            f"({', '.join(SUPPORTED_FAMILIES)})"
         )
     if drop_ratio > 0:
         drop_upcycle(model, drop_ratio, seed)
@@ -66,10 +76,9 @@ def upcycle(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
     return model
 
 
-def upcycle_gpt2(source: PreTrainedModel | str, num_experts: int = 8, top_k: int = 2,
-                 moe_layers: str | list[int] = "every_other", **kwargs: Any) -> PreTrainedModel:
+def upcycle_gpt2(source: PreTrainedModel | str, settings: MoESettings | None = None, **kwargs: Any) -> PreTrainedModel:
     """`upcycle` for a GPT-2 source (a `GPT2LMHeadModel`, a hub id or a local folder)."""
-    return upcycle(source, num_experts=num_experts, top_k=top_k, moe_layers=moe_layers, **kwargs)
+    return upcycle(source, settings, **kwargs)
 
 
 # Config fields that describe the dense source, not the model it becomes. `quantization_config` is how the
@@ -98,7 +107,7 @@ def _upcycle_gpt2(dense: PreTrainedModel, moe: dict[str, Any]) -> GPT2MoEForCaus
 def upcycle_llama(dense: PreTrainedModel, moe: dict[str, Any]) -> LlamaMoEForCausalLM:
     """A dense Llama-family model -> `LlamaMoEForCausalLM` with every expert a copy of the dense MLP.
 
-    `moe` holds every MoE field (see `MOE_DEFAULTS`). Called through `upcycle`.
+    `moe` holds every MoE field (`MoESettings`) and the attention choice. Called through `upcycle`.
     """
     fields = dense.config.to_dict()
     for name in _CONFIG_FIELDS_NOT_COPIED:

@@ -3,8 +3,7 @@
     cfg = load_config("configs/mtg_moe.yaml", ["optim.lr=1e-4", "--moe.num_experts", "4", "moe=null"])
     cfg.optim.lr, cfg.moe (None = dense), cfg.run.out_dir ...
 
-Every key is checked: an unknown key is a ValueError that names it and suggests the close valid ones, every
-value is coerced to its field's type (YAML reads `3e-4` as a string; it becomes a float here) and every
+Every key is checked and every value coerced to its field's type (training/config_convert.py), and every
 impossible value is a ValueError that names the field ("optim.lr must be > 0, got -0.1"). Nothing but
 ValueError escapes validation, whatever the input (a property test checks this).
 """
@@ -12,20 +11,27 @@ ValueError escapes validation, whatever the input (a property test checks this).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import math
 import os
 import sys
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Any, Literal
 
 import yaml
 
 from flash_experts.errors import ConfigError, UserError
-from flash_experts.model.config import MOE_DEFAULTS, validate_moe_fields
+from flash_experts.model.config import validate_moe_fields
+from flash_experts.model.moe import MoESettings
+from flash_experts.training.config_convert import (  # noqa: F401 (PRECISIONS, parse_overrides: public here too)
+    OTHER_PRECISION_SPELLINGS,
+    PRECISIONS,
+    apply_override,
+    build_section,
+    check_key,
+    parse_overrides,
+    read_yaml,
+)
 
 
 @dataclass
@@ -58,30 +64,22 @@ class ModelConfig:
 
 
 @dataclass
-class MoEConfig:
-    """The model config's MoE fields under the model config's names (model/config.py MOE_DEFAULTS: one schema,
-    one validation), plus the two that only say how upcycled experts start."""
+class MoEConfig(MoESettings):
+    """The model's MoE settings (model/moe.py `MoESettings`: one schema, one validation), plus the two that only
+    say how upcycled experts start."""
 
-    num_experts: int = 8
-    num_experts_per_tok: int = 2  # top-k: experts per token
-    moe_layers: Union[Literal["all", "every_other"], list[int]] = "every_other"
-    router_aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.001
-    router_jitter: float = 0.0  # multiplicative router-input noise in [1 - jitter, 1 + jitter] while training
-    capacity_factor: float = 0.0  # 0 = dropless
-    normalize_top_k: bool = True
-    router_detach_input: bool = False  # the router learns; its routing sends no gradient into the model below
     expert_noise: float = 0.0  # relative noise added to the upcycled expert copies to break their symmetry
     drop_ratio: float = 0.0  # Drop-Upcycling: share of each expert's hidden units re-initialised (0 = exact copies)
 
-    def model_fields(self) -> dict[str, Any]:
+    def settings(self) -> MoESettings:
         """The fields the model config holds (everything but the upcycling-only ones)."""
-        return {name: getattr(self, name) for name in MOE_DEFAULTS if hasattr(self, name)}
+        return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
 
 
-# The trainer's MoE keys before they took the model config's names: an old config gets the new name.
-RENAMED_MOE_KEYS = {"top_k": "num_experts_per_tok", "layers": "moe_layers", "aux_loss_coef": "router_aux_loss_coef",
-                    "z_loss_coef": "router_z_loss_coef", "jitter": "router_jitter"}
+# Keys of a section renamed since: an old config gets one line naming the new key. The trainer's MoE keys took the
+# model config's names.
+RENAMED_KEYS = {"moe": {"top_k": "num_experts_per_tok", "layers": "moe_layers", "aux_loss_coef": "router_aux_loss_coef",
+                        "z_loss_coef": "router_z_loss_coef", "jitter": "router_jitter"}}
 
 
 @dataclass
@@ -172,13 +170,13 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | tuple[str
     """
     raw: dict[str, Any] = {}
     if path is not None:
-        raw = _read_yaml(Path(path))
+        raw = read_yaml(Path(path))
     for dotted, text in parse_overrides(list(defaults)):
-        _apply_override(raw, dotted, text)
+        apply_override(raw, dotted, text, SECTIONS, RENAMED_KEYS)
     pairs = parse_overrides(list(overrides or []))
     planned_steps = _optim_value(raw, "max_steps")
     for dotted, text in pairs:
-        _apply_override(raw, dotted, text)
+        apply_override(raw, dotted, text, SECTIONS, RENAMED_KEYS)
     if not any(dotted in ("optim", "optim.warmup_steps") for dotted, _ in pairs):
         _shorten_warmup(raw, planned_steps)
     return config_from_dict(raw)
@@ -216,11 +214,11 @@ def config_from_dict(raw: Any) -> TrainConfig:
         raise ConfigError(f"a training config must be a mapping of sections, got {type(raw).__name__}")
     sections: dict[str, Any] = {}
     for key, value in raw.items():
-        name = _check_key(key, SECTIONS, prefix="")
+        name = check_key(key, SECTIONS, prefix="")
         if name == "moe" and value is None:
             sections["moe"] = None
             continue
-        sections[name] = _build_section(name, SECTIONS[name], value)
+        sections[name] = build_section(name, SECTIONS[name], value, RENAMED_KEYS.get(name))
     cfg = TrainConfig(**sections)
     _validate(cfg)
     return cfg
@@ -245,28 +243,6 @@ def save_config(cfg: TrainConfig, path: str | os.PathLike) -> None:
     path.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 
-def parse_overrides(items: list[str]) -> list[tuple[str, str]]:
-    """["a.b=1", "--c.d", "2", "--e.f=3"] -> [("a.b", "1"), ("c.d", "2"), ("e.f", "3")]."""
-    pairs: list[tuple[str, str]] = []
-    i = 0
-    while i < len(items):
-        item = str(items[i])
-        flag = item.startswith("--")
-        body = item[2:] if flag else item
-        if "=" in body:
-            dotted, text = body.split("=", 1)
-        elif flag and i + 1 < len(items):
-            dotted, text = body, str(items[i + 1])
-            i += 1
-        else:
-            raise ConfigError(f"override {item!r} must look like section.key=value (e.g. optim.lr=1e-4)")
-        if not dotted.strip():
-            raise ConfigError(f"override {item!r} names no key")
-        pairs.append((dotted.strip(), text))
-        i += 1
-    return pairs
-
-
 def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"."""
     import torch
@@ -276,13 +252,6 @@ def resolve_device(device: str) -> str:
     if device == "cuda" and not torch.cuda.is_available():
         raise UserError("run.device=cuda but no CUDA device is visible; use run.device=auto or cpu")
     return device
-
-
-# One vocabulary for precision: run.precision here and every verb's --dtype. Other common spellings are
-# refused with the word to use, never silently mapped.
-PRECISIONS = ("fp32", "bf16", "fp16")
-OTHER_PRECISION_SPELLINGS = {"float32": "fp32", "float": "fp32", "f32": "fp32", "bfloat16": "bf16",
-                             "float16": "fp16", "half": "fp16", "f16": "fp16"}
 
 
 def resolve_precision(precision: str, device: str) -> str:
@@ -300,196 +269,11 @@ def resolve_precision(precision: str, device: str) -> str:
 
 
 def cpu_has_native_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run at about twice the fp32 rate (without them, emulated and slower)."""
+    """AVX-512 BF16 or AMX: bf16 matmuls run natively, faster than fp32 (without them, emulated and slower)."""
     import torch
 
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
-
-
-# ---------------------------------------------------------------------------------------- reading & building
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(f"config file not found: {path}" + (" (that is a folder)" if path.is_dir() else ""))
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise UserError(f"config file {path} is not valid YAML: {' '.join(str(error).split())}") from None
-    except UnicodeDecodeError as error:
-        raise UserError(f"config file {path} is not UTF-8 text ({error.reason} at byte {error.start})") from None
-    except OSError as error:
-        raise UserError(f"cannot read config file {path}: {error.strerror or error}") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise UserError(f"config file {path} must be a mapping of sections, got {type(data).__name__}")
-    return data
-
-
-def _apply_override(raw: dict[str, Any], dotted: str, text: str) -> None:
-    parts = dotted.split(".")
-    section = _check_key(parts[0], SECTIONS, prefix="")
-    value = _parse_value(text)
-    if len(parts) == 1:  # a whole section, e.g. "moe=null" or "moe={num_experts: 4}"
-        raw[section] = value
-        return
-    if len(parts) != 2:
-        raise ConfigError(f"override key {dotted!r} must be section.key (e.g. optim.lr)")
-    key = _check_key(parts[1], _field_types(SECTIONS[section]), prefix=f"{section}.")
-    annotation = _field_types(SECTIONS[section])[key]
-    if str in (annotation, *typing.get_args(annotation)) and value is not None:
-        value = text  # keep names verbatim: "run.name=1e3" stays "1e3", not 1000.0
-    target = raw.get(section)
-    if not isinstance(target, dict):  # absent, or `moe: null` being re-enabled by "moe.num_experts_per_tok=1"
-        target = {}
-        raw[section] = target
-    target[key] = value
-
-
-def _parse_value(text: str) -> Any:
-    try:
-        return yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        return text
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def _check_key(key: Any, valid: dict[str, Any], prefix: str) -> str:
-    if not isinstance(key, str):
-        raise ConfigError(f"config key {prefix}{key!r} must be a string")
-    if key in valid:
-        return key
-    if prefix == "moe." and key in RENAMED_MOE_KEYS:
-        raise ConfigError(f"config key 'moe.{key}' is now 'moe.{RENAMED_MOE_KEYS[key]}' (the model config's name)")
-    close = difflib.get_close_matches(key, list(valid), n=3, cutoff=0.5)
-    hint = f"did you mean {', '.join(prefix + c for c in close)}?" if close else f"valid keys: {', '.join(prefix + v for v in valid)}"
-    raise ConfigError(f"unknown config key {prefix + key!r}; {hint}")
-
-
-def _build_section(name: str, cls: type, value: Any) -> Any:
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ConfigError(f"config section {name!r} must be a mapping of keys, got {type(value).__name__}")
-    types_ = _field_types(cls)
-    kwargs = {}
-    for key, item in value.items():
-        key = _check_key(key, types_, prefix=f"{name}.")
-        kwargs[key] = _coerce(item, types_[key], f"{name}.{key}")
-    return cls(**kwargs)
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Coerce one value to the annotated type; ValueError naming `where` if impossible."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        for option in args:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, where)
-            except ValueError:
-                pass
-        raise ConfigError(f"{where} must be {_describe(annotation)}, got {value!r}")
-    if origin is Literal:
-        is_precision = set(PRECISIONS) <= set(args)  # run.precision's choices; other Literal fields keep theirs
-        if is_precision and isinstance(value, str) and value.lower() in OTHER_PRECISION_SPELLINGS:
-            raise ConfigError(f"{where}={value!r} is spelled {OTHER_PRECISION_SPELLINGS[value.lower()]!r} here "
-                              f"(the words of every verb's --dtype: {', '.join(PRECISIONS)})")
-        if isinstance(value, bool) and ("on" if value else "off") in args:
-            value = "on" if value else "off"  # YAML 1.1 reads a bare off/on as false/true
-        if isinstance(value, str) and value.lower() in args:
-            return value.lower()
-        raise ConfigError(f"{where} must be one of {', '.join(map(repr, args))}, got {value!r}")
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where} must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, t, f"{where}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
-    if annotation is bool:
-        return _to_bool(value, where)
-    if annotation is int:
-        return _to_int(value, where)
-    if annotation is float:
-        return _to_float(value, where)
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)
-        raise ConfigError(f"{where} must be a string, got {value!r}")
-    raise TypeError(f"internal: no coercion for {annotation!r} at {where}")  # a schema bug, not user input
-
-
-def _describe(annotation: Any) -> str:
-    """Human words for a field type, for error messages."""
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (Union, types.UnionType):
-        return " or ".join(_describe(a) for a in args)
-    if origin is Literal:
-        return " or ".join(map(repr, args))
-    if origin is list:
-        return "a list of " + {int: "integers", float: "numbers", str: "strings"}.get(args[0], str(args[0]))
-    if annotation is type(None):
-        return "null"
-    return {bool: "true/false", int: "an integer", float: "a number", str: "a string"}.get(annotation, str(annotation))
-
-
-def _to_bool(value: Any, where: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str):
-        word = value.strip().lower()
-        if word in ("true", "yes", "on", "1"):
-            return True
-        if word in ("false", "no", "off", "0"):
-            return False
-    raise ConfigError(f"{where} must be true or false, got {value!r}")
-
-
-def _to_float(value: Any, where: str) -> float:
-    if isinstance(value, bool):
-        raise ConfigError(f"{where} must be a number, got {value!r}")
-    try:
-        if isinstance(value, (int, float)):
-            number = float(value)
-        elif isinstance(value, str):
-            number = float(value.strip())
-        else:
-            raise ConfigError
-    except (ValueError, OverflowError):
-        raise ConfigError(f"{where} must be a number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise ConfigError(f"{where} must be a finite number, got {value!r}")
-    return number
-
-
-def _to_int(value: Any, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        try:
-            return int(value.strip().replace("_", ""))
-        except ValueError:
-            pass
-    if isinstance(value, (str, float)) and not isinstance(value, bool):
-        number = _to_float(value, where)  # "1e3" and 2000.0 are fine, 2.5 is not
-        if number.is_integer():
-            return int(number)
-    raise ConfigError(f"{where} must be an integer, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -15,6 +15,7 @@ many (torchrun + DDP). What it guarantees:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import random
 import shutil
@@ -111,12 +112,14 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     """
     from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM, upcycle
     from flash_experts.model.loading import load_model
+    from flash_experts.model.moe import MoESettings
+    from flash_experts.model.upcycle import SUPPORTED_FAMILIES
 
     moe = cfg.moe
-    # The trainer's moe section uses the model config's names: its model fields go to the config as they are.
-    moe_fields: dict[str, Any] = moe.model_fields() if moe is not None else {
-        "num_experts": 1, "num_experts_per_tok": 1, "moe_layers": []}
-    moe_fields["attention_implementation"] = cfg.model.attention
+    # The trainer's moe section is the model's MoESettings plus two upcycling options; a dense run is a model of
+    # our code with no MoE layer.
+    settings = moe.settings() if moe is not None else MoESettings(num_experts=1, num_experts_per_tok=1, moe_layers=[])
+    moe_fields: dict[str, Any] = dict(dataclasses.asdict(settings), attention_implementation=cfg.model.attention)
 
     if cfg.model.base == "scratch":
         meta = read_meta(cfg.data.dir)
@@ -135,11 +138,10 @@ def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
     if already_moe:
         if moe is not None:
             warnings.warn(f"{cfg.model.base} is already an MoE model; the moe section is ignored", stacklevel=2)
-    elif moe is not None or model.config.model_type in ("gpt2", "llama", "mistral", "qwen2"):
-        fields = dict(moe_fields)
-        model = upcycle(model, num_experts=fields.pop("num_experts"), top_k=fields.pop("num_experts_per_tok"),
-                        moe_layers=fields.pop("moe_layers"), expert_noise=moe.expert_noise if moe else 0.0,
-                        drop_ratio=moe.drop_ratio if moe else 0.0, seed=cfg.run.seed, **fields)
+    elif moe is not None or model.config.model_type in SUPPORTED_FAMILIES:
+        model = upcycle(model, settings, expert_noise=moe.expert_noise if moe else 0.0,
+                        drop_ratio=moe.drop_ratio if moe else 0.0, seed=cfg.run.seed,
+                        attention_implementation=cfg.model.attention)
     set_dropout(model, cfg.model.dropout)
     return model, tokenizer
 

@@ -9,7 +9,8 @@ from typing import Any, Callable
 from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
-from flash_experts.model.moe import GroupedExperts, _expert_slices, expert_compute_dtype, expert_feed_forward
+from flash_experts.model.expert_products import expert_slices
+from flash_experts.model.moe import GroupedExperts, expert_compute_dtype, expert_mlp
 
 # Inside a compiled graph (the decode step) a product of this many rows or fewer is written as a multiply and a
 # sum over the input features, one loop that streams the weight once; with more rows that loop reads the weight
@@ -82,8 +83,8 @@ class QuantizedGroupedExperts(nn.Module):
     def forward(self, x_ND: Tensor, counts_E: Tensor) -> Tensor:
         x_ND = x_ND.to(expert_compute_dtype(x_ND))
         out_ND = x_ND.new_empty(x_ND.shape)
-        for e, rows in _expert_slices(counts_E.tolist()):
+        for e, rows in expert_slices(counts_E.tolist()):
             expert = self.experts[e]
-            out_ND[rows] = expert_feed_forward(x_ND[rows], expert["w_up"], expert["w_gate"] if self.gated else None,
-                                               expert["w_down"], self.activation)
+            out_ND[rows] = expert_mlp(x_ND[rows], lambda name, h, expert=expert: expert[name](h), self.gated,
+                                      self.activation)
         return out_ND

@@ -35,7 +35,7 @@ def quantize_weight_int8(w_OI: Tensor) -> tuple[Tensor, Tensor]:
 
 
 # Whether torch._weight_int8pack_mm gives the right product for an inner size, checked once per size on this
-# machine (the kernel is internal and CPU-specific: torch 2.13 on AVX-512 gave NaN for 8 and 50% errors for 24).
+# machine (the kernel is internal and CPU-specific: some inner sizes give NaN or wrong products on some CPUs).
 _KERNEL_CORRECT: dict[int, bool] = {}
 
 

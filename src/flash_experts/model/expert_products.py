@@ -1,0 +1,167 @@
+"""The experts' matrix products, made fast: what `model/moe.py` calls, kept beside it as `attention/flash_triton.py`
+sits beside `attention/flash.py`.
+
+`moe.py` says what the products compute; this file says how they are made fast:
+- `grouped_linear`: y[rows of expert e] = x[rows of expert e] @ w[e] + b[e], for rows already sorted by expert.
+  Two interchangeable backends (the tests hold both to the same loop reference): `torch._grouped_mm`, one kernel
+  for all experts where it is a fused kernel (CUDA, bf16, Hopper or newer), and elsewhere (CPU included) one BLAS
+  call per expert written into one output, with a hand-written backward of the same shape (no split/cat copies,
+  no per-row bias gather), reusing the weights' compute-dtype copy and gradient from one step to the next
+  (`model/buffers.py` says why that matters on CPU). benchmarks/bench_moe.py prints both backends.
+- `chosen_experts_products` and `every_expert_products`: the products of the compiled one-token decode step
+  (`generation/compiled.py`), in fixed shapes: no sort, no per-expert row counts read on the host, which would
+  give the compiled graph a new shape every step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from flash_experts.errors import ConfigError
+from flash_experts.model.buffers import ExpertWeightBuffers
+
+GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
+
+
+def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto",
+                   buffers: ExpertWeightBuffers | None = None) -> Tensor:
+    """y[rows of expert e] = x[rows of expert e] @ w[e] + b[e]; rows sorted by expert, `counts_E` rows each.
+
+    The product runs in x's dtype: `w` may be stored in another (fp32 master weights under bf16 autocast) and
+    its gradient comes back in its own dtype; `b` must already be in x's dtype. `buffers` (the weight's own,
+    kept by its module) lets the loop reuse memory from one training step to the next. "auto" takes
+    `_grouped_mm` where it is one fused kernel, else the loop: on CPU `_grouped_mm` is itself a loop of
+    per-expert matmuls, and ours is at least as fast with less peak memory.
+    """
+    if backend == "auto":
+        backend = "grouped_mm" if _fused_grouped_mm(x_ND, w_EDF) else "loop"
+    if backend == "grouped_mm":
+        offsets_E = torch.cumsum(counts_E, dim=0).to(torch.int32)
+        y_NF = torch._grouped_mm(x_ND, w_EDF.to(x_ND.dtype), offs=offsets_E)
+        if b_EF is None:
+            return y_NF
+        # index_select rather than b[experts]: its backward is index_add_ (parallel on CPU), where advanced
+        # indexing's is an accumulating index_put_ (serial on CPU).
+        experts_N = torch.repeat_interleave(torch.arange(len(counts_E), device=x_ND.device), counts_E,
+                                            output_size=x_ND.shape[0])
+        return y_NF + b_EF.index_select(0, experts_N)
+    if backend != "loop":
+        raise ConfigError(f"unknown grouped backend {backend!r}; choose from {GROUPED_BACKENDS}")
+    training = torch.is_grad_enabled() and w_EDF.requires_grad
+    if not training:
+        buffers = None  # inference allocates plainly: concurrent forwards (the studio's) never share memory
+    if w_EDF.dtype == x_ND.dtype:
+        w_compute_EDF = w_EDF.detach()
+    elif buffers is not None:
+        w_compute_EDF = buffers.compute_copy.take(w_EDF.shape, x_ND.dtype, w_EDF.device)
+        with torch.no_grad():
+            # Every forward casts again: optimizers update weights in place without always bumping their
+            # version counter (fused AdamW does not), so no "weights unchanged, skip the cast" test is safe.
+            w_compute_EDF.copy_(w_EDF)
+    else:
+        w_compute_EDF = w_EDF.detach().to(x_ND.dtype)
+    return _LoopGroupedLinear.apply(x_ND, w_EDF, w_compute_EDF, b_EF, counts_E.tolist(), buffers)
+
+
+def _fused_grouped_mm(x: Tensor, w: Tensor) -> bool:
+    """True where `torch._grouped_mm` is one fused kernel: CUDA, bf16, Hopper or newer, 16-byte aligned rows."""
+    return (
+        hasattr(torch, "_grouped_mm")
+        and x.device.type == "cuda"
+        and x.dtype == w.dtype == torch.bfloat16
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+        and x.shape[-1] % 8 == 0
+        and w.shape[-1] % 8 == 0
+    )
+
+
+def expert_slices(counts: list[int]):
+    """(expert, its rows) for every expert that received rows, rows sorted by expert with `counts` each."""
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            yield e, slice(start, start + n)
+        start += n
+
+
+class _LoopGroupedLinear(torch.autograd.Function):
+    """Per-expert matmuls over contiguous row slices, written in place into one output (and one gradient).
+    `w_EDF` is the parameter (its gradient is returned in its dtype); the products read `w_compute_EDF`, the
+    same weights in x's dtype, cast once for the forward and the backward together."""
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, w_EDF: Tensor, w_compute_EDF: Tensor, b_EF: Tensor | None,
+                counts: list[int], buffers: ExpertWeightBuffers | None) -> Tensor:
+        y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
+        for e, rows in expert_slices(counts):
+            if b_EF is None:
+                torch.mm(x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
+            else:
+                torch.addmm(b_EF[e], x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
+        ctx.save_for_backward(x_ND, w_compute_EDF)
+        ctx.counts = counts
+        ctx.has_bias = b_EF is not None
+        ctx.weight_dtype = w_EDF.dtype
+        ctx.buffers = buffers
+        return y_NF
+
+    @staticmethod
+    def backward(ctx, grad_NF: Tensor):
+        x_ND, w_compute_EDF = ctx.saved_tensors
+        grad_NF = grad_NF.contiguous()
+        need_x, need_w, _, need_b = ctx.needs_input_grad[:4]
+        grad_x = torch.empty_like(x_ND) if need_x else None
+        grad_w = None
+        if need_w:
+            shape = w_compute_EDF.shape
+            if ctx.buffers is None:
+                grad_w = w_compute_EDF.new_empty(shape, dtype=ctx.weight_dtype)
+            else:
+                # A view of the buffer, not the buffer: autograd then keeps it as the weight's .grad without a
+                # copy, and the buffer sees that it is held until the optimizer has let it go.
+                grad_w = ctx.buffers.gradient.take(shape, ctx.weight_dtype, w_compute_EDF.device).view(shape)
+        grad_b = grad_NF.new_empty(w_compute_EDF.shape[0], w_compute_EDF.shape[-1]) if need_b and ctx.has_bias else None
+        # Experts that received no rows get exactly zero gradient (zeroing only those saves a pass over all
+        # E x D x F weights).
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                for grad in (grad_w, grad_b):
+                    if grad is not None:
+                        grad[e].zero_()
+        # A weight gradient is computed in the compute dtype, as autocast computes a dense weight's gradient,
+        # into one scratch matrix reused for every expert, then written into the fp32 gradient.
+        scratch_DF = None
+        if grad_w is not None and grad_w.dtype != x_ND.dtype:
+            scratch_DF = x_ND.new_empty(w_compute_EDF.shape[1:])
+        for e, rows in expert_slices(ctx.counts):
+            g = grad_NF[rows]
+            if grad_x is not None:
+                torch.mm(g, w_compute_EDF[e].t(), out=grad_x[rows])
+            if grad_w is not None:
+                if scratch_DF is None:
+                    torch.mm(x_ND[rows].t(), g, out=grad_w[e])
+                else:
+                    grad_w[e].copy_(torch.mm(x_ND[rows].t(), g, out=scratch_DF))
+            if grad_b is not None:
+                torch.sum(g, dim=0, out=grad_b[e])
+        return grad_x, grad_w, None, grad_b, None, None
+
+
+# -- the compiled decode step's products (fixed shapes) ------------------------------------------------------
+
+def chosen_experts_product(experts: nn.Module, expert_T: Tensor, name: str, x_TD: Tensor) -> Tensor:
+    """In fp32, y[t] = x[t] @ w[expert_T[t]] + b[expert_T[t]] for the experts' projection `name`: each row
+    through its own expert, as a multiply and a sum that inductor turns into one loop loading the weights
+    through the index (nothing is gathered, and only the chosen experts' weights are read)."""
+    w_EIO, b_EO = getattr(experts, name), experts.bias(name)
+    y_TO = (x_TD[:, :, None].float() * w_EIO[expert_T].float()).sum(1)
+    return y_TO if b_EO is None else y_TO + b_EO[expert_T].float()
+
+
+def every_expert_product(experts: nn.Module, name: str, x_ETD: Tensor) -> Tensor:
+    """In fp32, (E, T, O): every row through every expert's projection `name` (batched products, each weight
+    read once). `x_ETD` may be (1, T, D), the same rows for every expert."""
+    w_EIO, b_EO = getattr(experts, name), experts.bias(name)
+    y_ETO = torch.matmul(x_ETD.float(), w_EIO.float())
+    return y_ETO if b_EO is None else y_ETO + b_EO.float()[:, None, :]

@@ -100,11 +100,13 @@ def test_folders_load_with_remote_code_where_flash_experts_cannot_be_imported(tm
     assert sorted(p.name for p in again.glob("*.py")) == sorted(p.name for p in folders["llama"].glob("*.py"))
 
 
-@pytest.mark.parametrize("order", ["flash_experts first", "transformers first"])
-def test_plain_package_import_registers_the_auto_classes(tmp_path, order):
+@pytest.mark.parametrize("order", ["flash_experts.model", "transformers first"])
+def test_package_import_registers_the_auto_classes(tmp_path, order):
+    """`import flash_experts.model` registers our types (no import hook: the package's modules run as read);
+    so does a plain `import flash_experts` once transformers is imported. Reference: the in-process model."""
     moe, folder = saved_moe(tmp_path, "llama")
-    imports = ("import flash_experts, sys\ntorch_early = 'torch' in sys.modules\nimport transformers\n"
-               if order == "flash_experts first" else
+    imports = ("import flash_experts, sys\ntorch_early = 'torch' in sys.modules\nimport flash_experts.model\n"
+               if order == "flash_experts.model" else
                "import transformers, sys\nimport flash_experts\ntorch_early = False\n")
     code = imports + REPORT + (
         "from transformers import AutoModelForCausalLM\n"

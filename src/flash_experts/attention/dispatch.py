@@ -5,6 +5,8 @@
 - "sdpa":   PyTorch's `scaled_dot_product_attention` (its fused kernels; the fast default on CPU).
 - "eager":  plain softmax(q k^T) v with the full T x T matrix (the textbook reference).
 - "auto":   the fastest measured: "sdpa" (see AUTO_PICKS_TRITON for when it will take "triton" on CUDA)
+- an object with the same call as `attention` minus `implementation` (`recording.RecordingAttention`, which
+  keeps the probabilities the studio draws): a model whose config names it runs that object.
 
 All of them share one set of semantics (see docs/ARCHITECTURE.md): causal masks are aligned bottom-right so a
 query shorter than the keys (KV-cache decoding) sees the whole past, `key_padding_mask` (B, Tk) marks real
@@ -12,6 +14,8 @@ tokens, and a query with no visible key returns zeros.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -24,9 +28,11 @@ ATTENTION_IMPLEMENTATIONS = ("sdpa", "flash", "eager", "triton", "auto")
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
-              implementation: str = "sdpa", scale: float | None = None) -> Tensor:
+              implementation: str | Callable[..., Tensor] = "sdpa", scale: float | None = None) -> Tensor:
     """q: (B, H, Tq, Dh); k, v: (B, H, Tk, Dh). Returns (B, H, Tq, Dh); causal rows before the first key
     (Tq > Tk) see no key and return zeros."""
+    if callable(implementation):
+        return implementation(q, k, v, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     if implementation == "auto":
         implementation = resolve_auto(q)
     if implementation == "sdpa":
@@ -47,9 +53,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask
 
 
 # Whether "auto" takes our Triton kernel on CUDA (fp16/bf16, head_dim 64/128). The kernel matches a float64
-# reference under Triton's interpreter, but its GPU speed against SDPA's flash backend has not been measured
-# yet (no GPU lent so far; `bash benchmarks/gpu_check.sh` measures it): until a run shows it at least as fast,
-# "auto" keeps SDPA, whose CUDA flash backend is known to be fast. "triton" selects the kernel explicitly.
+# reference under Triton's interpreter; "auto" takes it only once a GPU run (`bash benchmarks/gpu_check.sh`,
+# figures in BENCHMARKS.md) shows it at least as fast as SDPA's flash backend. "triton" selects it explicitly.
 AUTO_PICKS_TRITON = False
 
 

@@ -1,12 +1,11 @@
 """What the studio page shows, computed from one forward pass: routing, token log-probabilities, attention.
 
-Everything here reads the model as it runs, with hooks and a swapped attention function that exist only
-inside one call; nothing is approximated. The page draws these numbers and nothing else.
+Everything here reads the model as it runs, with router hooks and a recording attention implementation that
+exist only inside one call; nothing is approximated. The page draws these numbers and nothing else.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -61,33 +60,15 @@ def attention_maps(model: torch.nn.Module, token_ids: list[int]) -> list[Tensor]
     """Every layer's attention probabilities for `token_ids`: a list (one per layer) of (H, T, T) float32.
 
     Our models compute attention through `flash_experts.attention.attention`, which never forms the
-    probabilities; for this one call each model file's `attention` is swapped for a function that records
-    softmax(q k^T * scale) under the same causal and padding masks, then returns the usual output.
+    probabilities; for this one forward the model runs a recording implementation (attention/recording.py)
+    that keeps softmax(q k^T * scale) under the same masks, then returns the usual output.
     """
-    from flash_experts.attention import attention as dispatch
-    from flash_experts.attention.contract import visibility_mask
-    from flash_experts.model import gpt2_moe, llama_moe
+    from flash_experts.attention.recording import RecordingAttention, running_attention
 
-    maps: list[Tensor] = []
-
-    def recording(q, k, v, causal=True, key_padding_mask=None, implementation="auto", scale=None):  # noqa: ANN001
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-        allowed = visibility_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, -math.inf)
-        maps.append(scores.softmax(dim=-1)[0].cpu())
-        return dispatch(q, k, v, causal=causal, key_padding_mask=key_padding_mask, implementation=implementation,
-                        scale=scale)
-
-    modules = [m for m in (gpt2_moe, llama_moe) if type(model).__module__ == m.__name__]
-    if not modules:
+    if not type(model).__module__.startswith("flash_experts.model."):
         raise UserError(f"attention maps are drawn for this package's models; {type(model).__name__} is not one")
+    recorder = RecordingAttention(model.config.attention_implementation)
     device = next(model.parameters()).device
-    saved = modules[0].attention
-    modules[0].attention = recording
-    try:
+    with running_attention(model, recorder):
         model(input_ids=torch.tensor([token_ids], device=device))
-    finally:
-        modules[0].attention = saved
-    return maps
+    return recorder.maps

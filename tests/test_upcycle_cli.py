@@ -26,3 +26,21 @@ def test_upcycle_cli_bad_layers_is_one_error_line(tiny_gpt2_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --layers")
     assert not (tmp_path / "x").exists()  # nothing written on bad input
+
+
+def test_upcycle_refuses_an_output_folder_that_holds_files(tiny_gpt2_dir, tmp_path, capsys):
+    """As `export` does (the same helper): an older model's files would stay beside the new one's. Reference:
+    the folder's contents before the call, byte for byte. An empty folder is fine."""
+    out = tmp_path / "older-model"
+    out.mkdir()
+    (out / "model-00002-of-00002.safetensors").write_bytes(b"an older model's second shard")
+    assert main(["upcycle", str(tiny_gpt2_dir), str(out), "--experts", "2", "--top-k", "1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {out} already exists")
+    assert [p.name for p in out.iterdir()] == ["model-00002-of-00002.safetensors"]
+    assert (out / "model-00002-of-00002.safetensors").read_bytes() == b"an older model's second shard"
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["upcycle", str(tiny_gpt2_dir), str(empty), "--experts", "2", "--top-k", "1"]) == 0
+    assert (empty / "config.json").exists()

@@ -40,6 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from flash_experts.errors import UserError
+    from flash_experts.export.common import refuse_existing_output
     from flash_experts.model import upcycle
     from flash_experts.model.loading import load_model, quiet_transformers_progress
 
@@ -55,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--drop-ratio must be in [0, 1], got {args.drop_ratio}")
     if args.expert_noise < 0:
         raise UserError(f"--expert-noise must be >= 0, got {args.expert_noise}")
+    refuse_existing_output(args.out, empty_folder_ok=True)
     dense, tokenizer = load_model(args.source)
     model = upcycle(dense, num_experts=args.experts, top_k=args.top_k, moe_layers=layers,
                     capacity_factor=args.capacity_factor, attention_implementation=args.attention,

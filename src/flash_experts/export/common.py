@@ -105,10 +105,15 @@ def expert_tensors(model: PreTrainedModel) -> Iterator[LayerExperts]:
             )
 
 
-def refuse_existing_output(out: Path) -> None:
-    """Export never overwrites: a UserError when `out` exists (callers check early, before loading a model)."""
-    if Path(out).exists():
-        raise UserError(f"{out} already exists: choose a new output path (export never overwrites)")
+def refuse_existing_output(out: Path, empty_folder_ok: bool = False) -> None:
+    """Commands that write a model never overwrite: a UserError when `out` exists (with `empty_folder_ok`, when
+    it is anything but an empty folder). Callers check early, before loading a model. An older model's files
+    left beside a new one (extra shards, another tokenizer) would make a folder that loads as neither."""
+    out = Path(out)
+    if empty_folder_ok and out.is_dir() and not any(out.iterdir()):
+        return
+    if out.exists():
+        raise UserError(f"{out} already exists: choose a new output path (models are never written over others)")
 
 
 @contextlib.contextmanager

@@ -204,7 +204,7 @@ def equal_compute_plan(args: argparse.Namespace, configs: dict[str, Any], path: 
             raise UserError(f"{path} is not a demo plan ({error}); use another --out") from None
         print(f"[3/6] equal compute: the plan of the earlier run ({path})", flush=True)
         return {**plan, "steps": steps, "seconds_per_step": seconds, "budget_seconds": budget}
-    rounds = 1 if args.quick else 5  # a step's time varies by 10-30% here from one step to the next
+    rounds = 1 if args.quick else 5  # one step's time varies from the next on a shared CPU: the median of several
     print(f"[3/6] equal compute: timing one training step of each model side by side ({rounds} rounds)", flush=True)
     seconds = measure_step_seconds(configs, rounds=rounds)
     steps = {name: steps_for_budget(seconds[name], args.budget) for name in RUNS}

@@ -15,8 +15,8 @@ import sys
 from collections.abc import Callable
 
 # Before anything imports torch (its CPU allocator reads this once): back large tensors with transparent huge
-# pages. Fresh activations and gradients then take far fewer page faults: our MoE layer's forward+backward
-# measured 4-8% faster on CPU (benchmarks/bench_moe.py). Set THP_MEM_ALLOC_ENABLE=0 to turn it off.
+# pages. Fresh activations and gradients then take far fewer page faults, which makes our MoE layer's
+# forward+backward faster on CPU (BENCHMARKS.md, benchmarks/bench_moe.py). Set THP_MEM_ALLOC_ENABLE=0 to turn it off.
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 from flash_experts.errors import UserError  # noqa: E402

@@ -30,7 +30,7 @@ from flash_experts.evaluation.perplexity import (
     tokenize_text,
 )
 from flash_experts.evaluation.router_stats import RouterStatsResult, router_stats_markdown
-from flash_experts.model.properties import model_device, model_max_positions
+from flash_experts.model.properties import model_device, model_max_positions, synchronize
 from flash_experts.model.quantize import quantization_of, quantized_parameter_counts
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
@@ -132,20 +132,15 @@ def forward_tokens_per_second(model: torch.nn.Module, input_ids_BT: torch.Tensor
     model.eval()
     try:
         model(input_ids=input_ids_BT, use_cache=False)  # warm-up: allocator, kernels, autotuning
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(iterations):
             model(input_ids=input_ids_BT, use_cache=False)
-        _synchronize(device)
+        synchronize(device)
         seconds = time.perf_counter() - start
     finally:
         model.train(was_training)
     return input_ids_BT.numel() * iterations / seconds
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def _speed_batch(stream: torch.Tensor | None, vocab_size: int, batch_size: int, seq_len: int) -> torch.Tensor:
@@ -176,10 +171,10 @@ def _timed_generations(entry: ModelEntry, prompts, seeds, sampling, max_new_toke
     _generate(entry.model, entry.tokenizer, prompts[:1], sampling, min(4, max_new_tokens), seeds[0])  # warm-up
     generations, new_tokens, seconds = [], 0, 0.0
     for seed in seeds:
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         outputs = _generate(entry.model, entry.tokenizer, prompts, sampling, max_new_tokens, seed)
-        _synchronize(device)
+        synchronize(device)
         seconds += time.perf_counter() - start
         for prompt, (text, count) in zip(prompts, outputs):
             generations.append(Generation(prompt=prompt, seed=seed, text=text, new_tokens=count))

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from flash_experts.data.text import read_text
 from flash_experts.errors import NonFiniteOutput, UserError
 from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult
-from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size
+from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size, synchronize
 
 
 @dataclass
@@ -136,11 +136,6 @@ def forward_logits(model: torch.nn.Module, input_ids: torch.Tensor) -> Any:
     return model(input_ids=input_ids, use_cache=False)
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ---------------------------------------------------------------------------------------------------
 # Perplexity
 
@@ -183,7 +178,7 @@ def evaluate_perplexity(
     nll_sum = 0.0  # float64 on the host: 1e6 tokens of float32 partial sums lose digits
     scored = 0
     progress = tqdm(total=len(windows), desc="perplexity", unit="window", disable=quiet, leave=False)
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     try:
         for batch in _batches_of_equal_length(windows, batch_size):
@@ -198,7 +193,7 @@ def evaluate_perplexity(
             if router_stats is not None:
                 router_stats.add(getattr(out, "router_stats", None), num_tokens=input_ids_BT.numel())
             progress.update(len(batch))
-        _synchronize(device)
+        synchronize(device)
     finally:
         progress.close()
         model.train(was_training)

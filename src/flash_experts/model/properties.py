@@ -29,3 +29,9 @@ def model_vocab_size(model: torch.nn.Module) -> int | None:
     """The vocabulary size its config names (None if unknown)."""
     value = getattr(getattr(model, "config", None), "vocab_size", None)
     return value if isinstance(value, int) else None
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock read after it measures it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

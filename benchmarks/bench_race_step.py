@@ -1,0 +1,139 @@
+"""The from-scratch race's training step: a small byte-level GPT against its iso-FLOP MoE twin (issue 28).
+
+Both are our `GPT2MoEForCausalLM` trained from random weights, as the race trains them: vocabulary 256 (bytes),
+4 layers, d=256, 4 heads, context 128, batch 32. The dense twin's MLP has hidden size 4d; the MoE twin has E=8
+experts of hidden 4d/k with top-k=2 in every layer, so a token's MLP arithmetic is the same (the script computes
+both models' FLOPs per token and prints them). Each step is the trainer's (`equal_compute.training_step`:
+forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
+fp32 and bf16 autocast. `--wide` doubles the width (d=512). `--profile` prints where the MoE step's time goes
+(torch.profiler, CPU time by operator).
+
+    python benchmarks/bench_race_step.py [--wide] [--rounds 7] [--profile] [--quick]
+
+Issue 28's target: a MoE step <= 1.10x a dense step, in fp32 and in bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_description, markdown_table  # noqa: E402
+from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM  # noqa: E402
+from flash_experts.training.equal_compute import training_step  # noqa: E402
+
+TARGET = 1.10
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def twins(width: int, layers: int, heads: int, context: int, experts: int, top_k: int) -> dict[str, GPT2MoEForCausalLM]:
+    """The dense model and its iso-FLOP MoE twin (every layer MoE, expert hidden size 4d/k), random weights."""
+    common = dict(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0,
+                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attention_implementation="auto")
+    torch.manual_seed(0)
+    dense = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * width, num_experts=1, num_experts_per_tok=1, moe_layers=[],
+                                             **common))
+    torch.manual_seed(0)
+    moe = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * width // top_k, num_experts=experts, num_experts_per_tok=top_k,
+                                           moe_layers="all", **common))
+    return {"dense": dense.train(), "MoE": moe.train()}
+
+
+def matmul_flops_per_token(model: GPT2MoEForCausalLM, context: int) -> float:
+    """Forward FLOPs per token of the matrix products: attention projections, the MLP (for a MoE layer: top-k
+    experts and the router), attention scores and values (causal: half the context on average), the LM head."""
+    c = model.config
+    d, f = c.n_embd, c.intermediate_size
+    moe_layers = set(c.moe_layer_indices())
+    total = 0.0
+    for layer in range(c.n_layer):
+        total += 2 * d * 3 * d + 2 * d * d  # qkv and output projections
+        total += 2 * 2 * d * (context / 2)  # scores and weighted values over the visible keys
+        mlp = 2 * 2 * d * f
+        total += c.num_experts_per_tok * mlp + 2 * d * c.num_experts if layer in moe_layers else mlp
+    return total + 2 * d * c.vocab_size
+
+
+def step_seconds(steps: dict, ids: torch.Tensor, rounds: int) -> dict[str, float]:
+    """Median seconds per step of each contender, timed in interleaved rounds after two warm-up steps each."""
+    for step in steps.values():
+        step(ids), step(ids)
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step(ids)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def profile(step, ids: torch.Tensor, rows: int = 20) -> str:
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step(ids)
+    with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+        step(ids)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--wide", action="store_true", help="d=512 (twice the race's width)")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--context", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--experts", type=int, default=8)
+    parser.add_argument("--top-k", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed steps per contender (median)")
+    parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    parser.add_argument("--profile", action="store_true", help="print the MoE step's operators by CPU time")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes, two rounds: a smoke run")
+    args = parser.parse_args()
+    width, heads = (512, 8) if args.wide else (256, 4)
+    if args.quick:
+        width, heads, args.layers, args.context, args.batch, args.rounds = 64, 2, 2, 32, 4, 2
+
+    models = twins(width, args.layers, heads, args.context, args.experts, args.top_k)
+    flops = {name: matmul_flops_per_token(model, args.context) for name, model in models.items()}
+    ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(1))
+    # the trainer's AdamW: fused (one pass over the parameters; the MoE has several times the dense parameters)
+    steps = {(name, precision): training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), dtype)
+             for precision, dtype in PRECISIONS.items() if precision in args.precisions
+             for name, model in models.items()}
+    seconds = step_seconds(steps, ids, args.rounds)
+
+    print(f"## The race's training step: dense vs its iso-FLOP MoE twin, d={width}, {args.layers} layers, context "
+          f"{args.context}, batch {args.batch}\n")
+    print(f"- machine: {machine_description()}")
+    print(f"- MoE: {args.experts} experts of hidden {models['MoE'].config.intermediate_size}, top-{args.top_k}, every "
+          f"layer; dense: hidden {models['dense'].config.intermediate_size}. Forward matmul FLOPs per token: dense "
+          f"{flops['dense'] / 1e6:.2f}M, MoE {flops['MoE'] / 1e6:.2f}M ({flops['MoE'] / flops['dense']:.3f}x); "
+          f"parameters: dense {sum(p.numel() for p in models['dense'].parameters()) / 1e6:.2f}M, MoE "
+          f"{sum(p.numel() for p in models['MoE'].parameters()) / 1e6:.2f}M")
+    print(f"- median of {args.rounds} interleaved steps after two warm-up steps each\n")
+    rows, verdicts = [], []
+    tokens = args.batch * args.context
+    for precision in args.precisions:
+        dense, moe = seconds[("dense", precision)], seconds[("MoE", precision)]
+        for name, value in (("dense", dense), ("MoE", moe)):
+            rows.append([precision, name, f"{value * 1e3:,.0f}", f"{tokens / value:,.0f}", f"{value / dense:.3f}x"])
+        verdicts.append(f"Target: MoE step <= {TARGET:.2f}x the dense step ({precision}): {moe / dense:.3f}x, "
+                        f"{'met' if moe / dense <= TARGET else 'NOT met'}")
+    print(markdown_table(["precision", "model", "step ms", "tokens/s", "step / dense"], rows))
+    print()
+    print("\n".join(verdicts))
+    if args.profile:
+        for precision in args.precisions:
+            print(f"\n### Where the MoE step's time goes ({precision})\n")
+            print(profile(steps[("MoE", precision)], ids))
+
+
+if __name__ == "__main__":
+    main()

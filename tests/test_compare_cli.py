@@ -141,6 +141,8 @@ def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path)
     (atlas_layer,) = numbers["expert_atlas"]["layers"]
     assert numbers["expert_atlas"]["tokens"] == len(ids)
     assert [e["assignments"] for e in atlas_layer["experts"]] == layer["tokens_per_expert"]
+    # How far apart the experts are comes with the table (the trainer logs it too): exact copies, 0.
+    assert layer["expert_distance"] == 0.0
 
 
 @pytest.mark.parametrize(

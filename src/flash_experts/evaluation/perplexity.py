@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from flash_experts.data.text import read_text
 from flash_experts.errors import NonFiniteOutput, UserError
-from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult
+from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult, expert_distances
 from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size, synchronize
 
 
@@ -229,7 +229,7 @@ def collect_router_stats(
         model, tokens, context=context, stride=None, batch_size=batch_size, bf16=bf16,
         max_tokens=max_tokens, quiet=quiet, router_stats=accumulator,
     )
-    return accumulator.result()
+    return accumulator.result(expert_distances(model))
 
 
 def perplexity_with_routing(
@@ -249,7 +249,7 @@ def perplexity_with_routing(
     accumulator = None if overlapping else RouterStatsAccumulator()
     result = evaluate_perplexity(model, tokens, context=context, stride=stride, batch_size=batch_size, bf16=bf16,
                                  quiet=quiet, router_stats=accumulator)
-    routing = accumulator.result() if accumulator is not None else collect_router_stats(
+    routing = accumulator.result(expert_distances(model)) if accumulator is not None else collect_router_stats(
         model, tokens, context=result.context, batch_size=batch_size, bf16=bf16, quiet=quiet)
     return result, routing
 

@@ -1,4 +1,6 @@
-"""GPT-2 with Mixture-of-Experts MLPs and pluggable attention, in one readable file.
+"""GPT-2 with Mixture-of-Experts MLPs and pluggable attention: attention, MLP, block and the backbone
+(embeddings -> blocks -> final norm) here; the causal-LM wrapper around the backbone (positions, padding, the
+head, the router losses) is `model/common.py`'s `CausalLMForward`, shared with the Llama family.
 
 Parameter names and layouts follow Hugging Face's GPT-2 (`transformer.h.{i}.attn.c_attn.weight` is a
 Conv1D (in, out) matrix, ...), so a dense GPT-2 checkpoint maps onto this model name for name. The MLP of

@@ -1,9 +1,10 @@
 """The attention contract every implementation shares, and the plain math it is checked against.
 
 `check_attention_inputs` enforces the shapes and dtypes; `visibility_mask` says which keys each query sees
-(causal masks aligned bottom-right, `key_padding_mask` True for real tokens); `eager_attention` is textbook
-softmax attention over that mask, a query with no visible key returning zeros. The dispatch and both flash
-implementations import this module; it imports none of them.
+(causal masks aligned bottom-right, `key_padding_mask` True for real tokens); `attention_probabilities` is the
+softmax over that mask (the studio's recording implementation keeps it) and `eager_attention` textbook softmax
+attention with it, a query with no visible key returning zeros. The dispatch and both flash implementations
+import this module; it imports none of them.
 """
 
 from __future__ import annotations
@@ -48,9 +49,9 @@ def visibility_mask(q_len: int, kv_len: int, causal: bool, key_padding_mask: Ten
     return mask
 
 
-def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
-                    scale: float | None = None) -> Tensor:
-    """Textbook attention with the full score matrix (softmax in fp32)."""
+def attention_probabilities(q: Tensor, k: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
+                            scale: float | None = None) -> Tensor:
+    """softmax(q k^T * scale) over the visible keys, in fp32: (B, H, Tq, Tk); a row with no visible key is 0."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     mask = visibility_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
@@ -59,4 +60,11 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_paddin
     probs = torch.softmax(scores, dim=-1)
     if mask is not None:
         probs = probs.nan_to_num(0.0)  # rows with no visible key: all -inf -> NaN -> 0
+    return probs
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
+                    scale: float | None = None) -> Tensor:
+    """Textbook attention with the full score matrix (softmax in fp32)."""
+    probs = attention_probabilities(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
     return torch.matmul(probs, v.float()).to(q.dtype)

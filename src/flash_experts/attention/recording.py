@@ -9,13 +9,12 @@ through it: it records softmax(q k^T * scale) under the same causal and padding 
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Iterator
 from typing import Any
 
 from torch import Tensor
 
-from flash_experts.attention.contract import visibility_mask
+from flash_experts.attention.contract import attention_probabilities
 from flash_experts.attention.dispatch import attention
 
 
@@ -29,12 +28,8 @@ class RecordingAttention:
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, *, causal: bool, key_padding_mask: Tensor | None = None,
                  scale: float | None = None) -> Tensor:
-        scale = q.shape[-1] ** -0.5 if scale is None else scale
-        scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-        allowed = visibility_mask(q.shape[-2], k.shape[-2], causal, key_padding_mask, q.device)
-        if allowed is not None:
-            scores = scores.masked_fill(~allowed, -math.inf)
-        self.maps.append(scores.softmax(dim=-1)[0].cpu())
+        probs = attention_probabilities(q, k, causal=causal, key_padding_mask=key_padding_mask, scale=scale)
+        self.maps.append(probs[0].cpu())
         return attention(q, k, v, causal=causal, key_padding_mask=key_padding_mask, implementation=self.inner,
                          scale=scale)
 

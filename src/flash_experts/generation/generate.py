@@ -97,7 +97,7 @@ def generate(
     model.eval()
     try:
         with torch.inference_mode():
-            steps = _ModelSteps(model, mask_BL, prompt_width, compile)
+            steps = _ModelSteps(model, mask_BL, prompt_width, any(len(r) < prompt_width for r in rows), compile)
             logits_BV = steps.prefill(ids_BL[:, :prompt_width])
             for step in range(max_new_tokens):
                 length = prompt_width + step
@@ -136,13 +136,14 @@ class _ModelSteps:
     (generation/decode_head.py) or, with `compile`, through the compiled step (generation/compiled.py). Any
     other causal LM runs its own forward against a transformers DynamicCache."""
 
-    def __init__(self, model, mask_BL: Tensor, prompt_width: int, compile: bool):
+    def __init__(self, model, mask_BL: Tensor, prompt_width: int, padded: bool, compile: bool):
         self.model, self.mask_BL = model, mask_BL
         batch, total_length = mask_BL.shape
         self.ours = hasattr(model, "make_cache") and hasattr(model, "hidden_states")
-        # Without padding the mask stays all ones (finished rows are fed pads marked real), so the model is
-        # given none: that spares it a per-step "is anything padded?" check (a device sync).
-        self.padded = not bool(mask_BL[:, :prompt_width].all())
+        # Without padding (`padded`: a prompt shorter than the widest) the mask stays all ones (finished rows are
+        # fed pads marked real), so the model is given none: that spares it a per-step "is anything padded?"
+        # check (a device sync).
+        self.padded = padded
         self.compiled = None
         if compile and not self.ours:
             warnings.warn(f"compile: {type(model).__name__} is not one of our models; decoding eagerly", stacklevel=3)

@@ -1,12 +1,12 @@
 """Configurations of our MoE models: HF-compatible `PretrainedConfig`s with validated MoE settings.
 
 Both families (GPT-2 and Llama) share one set of Mixture-of-Experts fields, defined once in `MoESettings`
-(model/moe.py) and validated once in `validate_moe_fields`. Every invalid value raises a `ValueError` that names the field.
+(model/moe.py) and validated once in `validate_moe_fields`. Every invalid value raises a `ValueError` that
+names the field.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from transformers import PretrainedConfig
@@ -24,7 +24,7 @@ def _moe_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     PretrainedConfig, with their defaults. `top_k` is accepted as another name for `num_experts_per_tok`."""
     if "top_k" in kwargs:
         kwargs["num_experts_per_tok"] = kwargs.pop("top_k")
-    fields = {f.name: kwargs.pop(f.name, getattr(MoESettings, f.name)) for f in dataclasses.fields(MoESettings)}
+    fields = {name: kwargs.pop(name, getattr(MoESettings, name)) for name in MoESettings.names()}
     fields["attention_implementation"] = kwargs.pop("attention_implementation", DEFAULT_ATTENTION)
     return fields
 
@@ -96,7 +96,7 @@ class MoEConfigMixin:
 
     def moe_settings(self) -> MoESettings:
         """The MoE fields, as the layers read them."""
-        return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
+        return MoESettings.of(self)
 
 
 class GPT2MoEConfig(MoEConfigMixin, PretrainedConfig):

@@ -184,7 +184,7 @@ class GPT2MoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
             )
 
     def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         t = self.transformer
         x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
         router_stats: list[RouterStats] = []

@@ -183,7 +183,7 @@ class LlamaMoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
             )
 
     def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
         m = self.model
         x = m.embed_tokens(input_ids)
         cos_sin = m.rotary_emb(x, position_ids)  # each (B, T, Dh), computed once for all layers

@@ -12,6 +12,7 @@ contiguous slice, and each expert projection is one grouped product over those s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -43,6 +44,15 @@ class MoESettings:
     router_detach_input: bool = False
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(factor * T * K / E) assignments
     normalize_top_k: bool = True  # the K weights sum to 1: an upcycled model then equals its dense source
+
+    @staticmethod
+    def names() -> list[str]:
+        return [field.name for field in dataclasses.fields(MoESettings)]
+
+    @staticmethod
+    def of(holder: object) -> MoESettings:
+        """The settings `holder` carries under these names (a model config, the training config's moe section)."""
+        return MoESettings(**{name: getattr(holder, name) for name in MoESettings.names()})
 
 
 # -- the router ------------------------------------------------------------------------------------------------

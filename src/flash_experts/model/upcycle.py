@@ -52,7 +52,7 @@ def upcycle(source: PreTrainedModel | str, settings: MoESettings | None = None, 
         raise UserError(f"expert_noise must be >= 0, got {expert_noise}")
     if "top_k" in setting_overrides:
         setting_overrides["num_experts_per_tok"] = setting_overrides.pop("top_k")
-    unknown = set(setting_overrides) - {f.name for f in dataclasses.fields(MoESettings)}
+    unknown = set(setting_overrides) - set(MoESettings.names())
     if unknown:
         raise ConfigError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
     moe = dataclasses.asdict(dataclasses.replace(settings or MoESettings(), **setting_overrides))

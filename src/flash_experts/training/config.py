@@ -73,7 +73,7 @@ class MoEConfig(MoESettings):
 
     def settings(self) -> MoESettings:
         """The fields the model config holds (everything but the upcycling-only ones)."""
-        return MoESettings(**{f.name: getattr(self, f.name) for f in dataclasses.fields(MoESettings)})
+        return MoESettings.of(self)
 
 
 # Keys of a section renamed since: an old config gets one line naming the new key. The trainer's MoE keys took the

@@ -148,6 +148,51 @@ class _LoopGroupedLinear(torch.autograd.Function):
         return grad_x, grad_w, None, grad_b, None, None
 
 
+def combine_expert_outputs(y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int,
+                           counts_E: Tensor) -> Tensor:
+    """out[t] = sum over t's assignments n of weight[n] * y[n], in fp32: the experts' outputs (rows sorted by
+    expert, `counts_E` each) weighted and added back to their tokens, what `torch.zeros(T, D).index_add_(0,
+    token_N, y_ND * weight_N[:, None])` computes.
+
+    Done one expert's rows at a time into reused scratch memory, forward and backward: the whole-tensor form makes
+    a fresh N x D fp32 temporary at every step (the product, its cast, the gathered gradient), passes that run at
+    memory speed and, on CPU, page-fault on every new page (benchmarks/bench_race_step.py --profile showed them
+    as a large part of a small MoE's step)."""
+    return _CombineExperts.apply(y_ND, weight_N, token_N, num_tokens, counts_E.tolist())
+
+
+class _CombineExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int, counts: list[int]) -> Tensor:
+        out_TD = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+        scratch_RD = torch.empty(max(counts, default=0), y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+        for _, rows in expert_slices(counts):
+            part_RD = scratch_RD[:rows.stop - rows.start]
+            torch.mul(y_ND[rows], weight_N[rows, None], out=part_RD)  # bf16 x fp32 -> fp32, no cast pass
+            out_TD.index_add_(0, token_N[rows], part_RD)
+        ctx.save_for_backward(y_ND, weight_N, token_N)
+        ctx.counts = counts
+        return out_TD
+
+    @staticmethod
+    def backward(ctx, grad_TD: Tensor):
+        y_ND, weight_N, token_N = ctx.saved_tensors
+        grad_TD = grad_TD.contiguous()
+        grad_y = torch.empty_like(y_ND) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight_N) if ctx.needs_input_grad[1] else None
+        rows_max = max(ctx.counts, default=0)
+        gathered_RD = grad_TD.new_empty(rows_max, grad_TD.shape[1])
+        product_RD = grad_TD.new_empty(rows_max, grad_TD.shape[1]) if grad_w is not None else None
+        for _, rows in expert_slices(ctx.counts):
+            n = rows.stop - rows.start
+            g_RD = torch.index_select(grad_TD, 0, token_N[rows], out=gathered_RD[:n])
+            if grad_w is not None:  # d out / d weight[n] = y[n]
+                torch.sum(torch.mul(g_RD, y_ND[rows], out=product_RD[:n]), dim=1, out=grad_w[rows])
+            if grad_y is not None:  # d out / d y[n] = weight[n], written in y's dtype
+                torch.mul(g_RD, weight_N[rows, None], out=grad_y[rows])
+        return grad_y, grad_w, None, None, None
+
+
 # -- the compiled decode step's products (fixed shapes) ------------------------------------------------------
 
 def chosen_experts_product(experts: nn.Module, expert_T: Tensor, name: str, x_TD: Tensor) -> Tensor:

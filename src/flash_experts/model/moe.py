@@ -23,7 +23,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flash_experts.model.buffers import ExpertWeightBuffers
-from flash_experts.model.expert_products import chosen_experts_product, every_expert_product, grouped_linear
+from flash_experts.model.expert_products import (
+    chosen_experts_product,
+    combine_expert_outputs,
+    every_expert_product,
+    grouped_linear,
+)
 
 
 @dataclass
@@ -210,12 +215,14 @@ class MoELayer(nn.Module):
             dropped = (counts_E - kept_counts_E).sum()
 
         token_N = order_N // self.top_k
-        expert_out_ND = self.experts(x_TD.index_select(0, token_N), kept_counts_E)
-        weight_N1 = routing.weights_TK.reshape(-1)[order_N].unsqueeze(-1)
+        # Cast before the gather, which copies each row K times: under bf16 autocast that is half the bytes.
+        x_ND = x_TD.to(expert_compute_dtype(x_TD)).index_select(0, token_N)
+        expert_out_ND = self.experts(x_ND, kept_counts_E)
+        weight_N = routing.weights_TK.reshape(-1)[order_N]
         # Combined in fp32: a token's K outputs summed with weights that sum to 1 keep an upcycled model
-        # (identical experts) equal to its dense source.
-        out_TD = torch.zeros(x_TD.shape, dtype=torch.float32, device=x_TD.device)
-        out_TD.index_add_(0, token_N, expert_out_ND.float() * weight_N1)
+        # (identical experts) equal to its dense source. out[t] = sum of weight[n] * expert_out[n] over t's
+        # assignments n (expert_products.py does it an expert's rows at a time).
+        out_TD = combine_expert_outputs(expert_out_ND, weight_N, token_N, x_TD.shape[0], kept_counts_E)
         return out_TD, counts_E, dropped
 
     def _dispatch_fixed_shapes(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:

@@ -1,6 +1,6 @@
 """The from-scratch race's training step: a small byte-level GPT against its iso-FLOP MoE twin (issue 28).
 
-Both are our `GPT2MoEForCausalLM` trained from random weights, as the race trains them: vocabulary 256 (bytes),
+Both are the race's twins (`training/race.race_twins`), trained from random weights as the race trains them: vocabulary 256 (bytes),
 4 layers, d=256, 4 heads, context 128, batch 32. The dense twin's MLP has hidden size 4d; the MoE twin has E=8
 experts of hidden 4d/k with top-k=2 in every layer, so a token's MLP arithmetic is the same (the script computes
 both models' FLOPs per token and prints them). Each step is the trainer's (`equal_compute.training_step`:
@@ -16,48 +16,23 @@ Issue 28's target: a MoE step <= 1.10x a dense step, in fp32 and in bf16.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-import torch
+# As the command line does (cli/main.py), before torch is imported: the race runs through it.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
-from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM  # noqa: E402
 from flash_experts.training.equal_compute import training_step  # noqa: E402
+from flash_experts.training.race import RaceSettings, matmul_flops_per_token, race_twins  # noqa: E402
 
 TARGET = 1.10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def twins(width: int, layers: int, heads: int, context: int, experts: int, top_k: int) -> dict[str, GPT2MoEForCausalLM]:
-    """The dense model and its iso-FLOP MoE twin (every layer MoE, expert hidden size 4d/k), random weights."""
-    common = dict(vocab_size=256, n_positions=context, n_embd=width, n_layer=layers, n_head=heads, resid_pdrop=0.0,
-                  embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0, attention_implementation="auto")
-    torch.manual_seed(0)
-    dense = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * width, num_experts=1, num_experts_per_tok=1, moe_layers=[],
-                                             **common))
-    torch.manual_seed(0)
-    moe = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * width // top_k, num_experts=experts, num_experts_per_tok=top_k,
-                                           moe_layers="all", **common))
-    return {"dense": dense.train(), "MoE": moe.train()}
-
-
-def matmul_flops_per_token(model: GPT2MoEForCausalLM, context: int) -> float:
-    """Forward FLOPs per token of the matrix products: attention projections, the MLP (for a MoE layer: top-k
-    experts and the router), attention scores and values (causal: half the context on average), the LM head."""
-    c = model.config
-    d, f = c.n_embd, c.intermediate_size
-    moe_layers = set(c.moe_layer_indices())
-    total = 0.0
-    for layer in range(c.n_layer):
-        total += 2 * d * 3 * d + 2 * d * d  # qkv and output projections
-        total += 2 * 2 * d * (context / 2)  # scores and weighted values over the visible keys
-        mlp = 2 * 2 * d * f
-        total += c.num_experts_per_tok * mlp + 2 * d * c.num_experts if layer in moe_layers else mlp
-    return total + 2 * d * c.vocab_size
 
 
 def step_seconds(steps: dict, ids: torch.Tensor, rounds: int) -> dict[str, float]:
@@ -100,7 +75,10 @@ def main() -> None:
     if args.quick:
         width, heads, args.layers, args.context, args.batch, args.rounds = 64, 2, 2, 32, 4, 2
 
-    models = twins(width, args.layers, heads, args.context, args.experts, args.top_k)
+    settings = RaceSettings(width=width, layers=args.layers, heads=heads, context=args.context, batch_size=args.batch,
+                            experts=args.experts, top_k=args.top_k, seed=0)
+    twins = race_twins(settings)
+    models = {"dense": twins["dense"].train(), "MoE": twins["moe"].train()}
     flops = {name: matmul_flops_per_token(model, args.context) for name, model in models.items()}
     ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(1))
     # the trainer's AdamW: fused (one pass over the parameters; the MoE has several times the dense parameters)

@@ -24,6 +24,7 @@ from flash_experts.errors import UserError  # noqa: E402
 # The verbs, in the order `--help` lists them.
 VERB_MODULES = [
     "demo",
+    "race",
     "prepare_data",
     "pretrain",
     "finetune",

@@ -130,7 +130,7 @@ def wikipedia_documents(fractions: tuple[float, float, float] = DEFAULT_FRACTION
     articles = load_wikipedia_summaries(fetch=fetch)
     splits: dict[str, list[str]] = {split: [] for split in SPLITS}
     for title in sorted(articles):
-        splits[_hash_split(title, fractions)].append(articles[title])
+        splits[hash_split(title, fractions)].append(articles[title])
     return splits
 
 
@@ -153,7 +153,8 @@ def load_wikipedia_summaries(fetch: bool = True) -> dict[str, str]:
             for title, entry in summaries.items() if isinstance(entry, dict) and str(entry.get("extract", "")).strip()}
 
 
-def _hash_split(key: str, fractions: tuple[float, float, float]) -> str:
+def hash_split(key: str, fractions: tuple[float, float, float] = DEFAULT_FRACTIONS) -> str:
+    """The split a document named `key` belongs to: a hash of the name, so the choice never changes."""
     unit = int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:15], 16) / 16**15
     if unit < fractions[0]:
         return "train"

@@ -215,7 +215,8 @@ class MoELayer(nn.Module):
             dropped = (counts_E - kept_counts_E).sum()
 
         token_N = order_N // self.top_k
-        # Cast before the gather, which copies each row K times: under bf16 autocast that is half the bytes.
+        # Cast before the gather, which copies each row K times: under bf16 autocast half the bytes (and the
+        # backward adds a token's K input gradients in bf16, the dtype autocast's own products return them in).
         x_ND = x_TD.to(expert_compute_dtype(x_TD)).index_select(0, token_N)
         expert_out_ND = self.experts(x_ND, kept_counts_E)
         weight_N = routing.weights_TK.reshape(-1)[order_N]

@@ -230,3 +230,12 @@ def test_bad_arguments_are_one_error_line(argv, message, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not (tmp_path / "r").exists()
+
+
+def test_an_interrupted_race_evaluates_where_it_stopped_and_still_scores_the_test_split():
+    # the loop's contract with Ctrl-C (the command passes StopRequest's flag as should_stop)
+    settings = RaceSettings(**TINY, steps=10, eval_every=4, warmup_steps=1, dtype="fp32")
+    result, _ = run_race(settings, tiny_corpus(), should_stop=lambda: True)
+    assert result.stopped == "interrupted at step 1"
+    assert [e.step for e in result.evaluations] == [0, 1]
+    assert set(result.test) == {"dense", "moe"}

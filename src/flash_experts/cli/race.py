@@ -124,7 +124,7 @@ def run(args: argparse.Namespace) -> int:
 
     print(f"[3/4] training both from scratch, taking turns, {s.steps} steps each; validation loss in nats per byte",
           flush=True)
-    with StopRequest() as stop:
+    with StopRequest(then="evaluating, scoring the test split and printing the result so far") as stop:
         result, models = run_race(settings, corpus, on_evaluation=report, should_stop=lambda: stop.requested)
     flops, params = result.flops_per_token, result.parameters
     print("[4/4] the result", flush=True)

@@ -250,8 +250,9 @@ def seed_everything(seed: int) -> None:
 class StopRequest:
     """SIGINT/SIGTERM set a flag the loop checks after each step; a second Ctrl-C raises KeyboardInterrupt."""
 
-    def __init__(self) -> None:
+    def __init__(self, then: str = "saving a checkpoint") -> None:
         self.signal_name: str | None = None
+        self.then = then  # what the loop does after the step, for the message
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "StopRequest":
@@ -269,7 +270,7 @@ class StopRequest:
             raise KeyboardInterrupt
         if self.signal_name is None:
             self.signal_name = signal.Signals(signum).name
-            print(f"\n{self.signal_name} received: finishing this step, then saving a checkpoint "
+            print(f"\n{self.signal_name} received: finishing this step, then {self.then} "
                   "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
 
     @property

@@ -51,7 +51,7 @@ def main() -> None:
               flush=True)
     print(f"\n## The race at {len(args.seeds)} seeds: MoE / dense validation loss at equal tokens\n")
     print(f"- machine: {machine_description()}; {settings.steps} steps each, {settings.dtype}; "
-          f"{(time.perf_counter() - started) / 60:.1f} min")
+          f"{(time.perf_counter() - started) / 60:.1f} min\n")
     spread = [f"{statistics.mean(v):.4f} ± {statistics.stdev(v) if len(v) > 1 else 0:.4f}" for v in ratios.values()]
     rows.append(["mean ± sd", *spread, f"{statistics.mean(costs):.3f}x"])
     print(markdown_table(["seed", *corpus.domains, "MoE step / dense"], rows))

@@ -128,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         result, models = run_race(settings, corpus, on_evaluation=report, should_stop=lambda: stop.requested)
     flops, params = result.flops_per_token, result.parameters
     print("[4/4] the result", flush=True)
-    val_windows = {d: corpus.windows(d, "val", s.context, s.eval_windows) for d in corpus.domains}
+    val_windows = corpus.split_windows("val", s.context, s.eval_windows)
     atlas = domain_atlas(models["moe"], val_windows, s.batch_size, s.torch_dtype)
     out.mkdir(parents=True, exist_ok=True)
     (out / "race.json").write_text(json.dumps({**result.as_dict(), "domain_atlas": atlas.as_dict()}, indent=1))

@@ -120,6 +120,10 @@ class DomainCorpus:
             rows.append(stream[start:start + context])
         return torch.from_numpy(np.stack(rows).astype(np.int64))
 
+    def split_windows(self, split: str, context: int, count: int) -> dict[str, torch.Tensor]:
+        """`windows` of every domain: {domain: (count, context)}."""
+        return {domain: self.windows(domain, split, context, count) for domain in self.domains}
+
     def windows(self, domain: str, split: str, context: int, count: int) -> torch.Tensor:
         """Up to `count` evaluation windows (count, context) of one domain's split, evenly spaced over the whole
         stream (not only its start) and not overlapping, the same for the whole run."""

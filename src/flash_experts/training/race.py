@@ -232,7 +232,7 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
         parameters={n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
         step_seconds={n: [] for n in models},
     )
-    val_windows = {d: corpus.windows(d, "val", settings.context, settings.eval_windows) for d in corpus.domains}
+    val_windows = corpus.split_windows("val", settings.context, settings.eval_windows)
     spent = {name: 0.0 for name in models}
 
     def evaluate(step: int) -> None:
@@ -267,7 +267,7 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
             if done % settings.eval_every:
                 evaluate(done)
             break
-    test_windows = {d: corpus.windows(d, "test", settings.context, settings.test_windows) for d in corpus.domains}
+    test_windows = corpus.split_windows("test", settings.context, settings.test_windows)
     result.test = {n: evaluate_domains(m, test_windows, settings.torch_dtype, settings.batch_size)
                    for n, m in models.items()}
     return result, models

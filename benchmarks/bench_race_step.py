@@ -16,18 +16,16 @@ Issue 28's target: a MoE step <= 1.10x a dense step, in fp32 and in bf16.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
 from pathlib import Path
 
-# As the command line does (cli/main.py), before torch is imported: the race runs through it.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-import torch  # noqa: E402
-
+# First, as the command line does (cli/main.py), before torch is imported: the race runs through it.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_description, markdown_table  # noqa: E402
+from common import machine_description, markdown_table  # noqa: E402, I001
+
+import torch  # noqa: E402
 from flash_experts.training.equal_compute import training_step  # noqa: E402
 from flash_experts.training.race import RaceSettings, matmul_flops_per_token, race_twins  # noqa: E402
 

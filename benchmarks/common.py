@@ -10,13 +10,15 @@ from typing import Callable
 
 import torch
 
-# As the command line does (cli/main.py), so that the figures are those of what the trainer runs: back large
-# tensors with transparent huge pages. torch reads this at its first large allocation, which comes after
-# this import in every benchmark; THP_MEM_ALLOC_ENABLE=0 in the environment still turns it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# As the command line does (cli/main.py), so that the figures are those of what the trainer runs: huge pages and
+# malloc's reuse (flash_experts/cpu_memory.py). torch reads THP_MEM_ALLOC_ENABLE at its first large allocation,
+# which comes after this import in every benchmark; the environment still overrides both.
+from flash_experts.cpu_memory import keep_cpu_memory_between_steps  # noqa: E402
+
+KEEPS_MEMORY = keep_cpu_memory_between_steps()
 
 # One home for side-by-side timing: the library's (the demo's equal-compute plan uses it too).
-from flash_experts.training.equal_compute import interleaved_medians, sync  # noqa: F401
+from flash_experts.training.equal_compute import interleaved_medians, sync  # noqa: E402, F401
 
 
 def time_call(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeats: int = 5) -> float:
@@ -52,7 +54,8 @@ def machine_description(device: str = "cpu") -> str:
             f"load average {os.getloadavg()[0]:.1f}"
             # PyTorch's CPU allocator backs large tensors with transparent huge pages when this is 1 (fewer page
             # faults on fresh activations and gradients); it applies to every contender of the process alike.
-            f"; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}")
+            f"; THP_MEM_ALLOC_ENABLE={os.environ.get('THP_MEM_ALLOC_ENABLE', 'unset')}"
+            f"; malloc keeps freed memory: {'yes' if KEEPS_MEMORY else 'no'}")
 
 
 def _cpu_model() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first: a package may import only those before it. The root package and its lazy exports sit above all.
-LAYERS = ["errors", "data", "attention", "model", "export", "training", "generation", "evaluation", "mtg", "studio", "cli"]
+LAYERS = ["errors", "cpu_memory", "data", "attention", "model", "export", "training", "generation", "evaluation", "mtg", "studio", "cli"]
 
 
 def module_files(src: Path) -> dict[str, Path]:

@@ -333,3 +333,40 @@ def loop_reference_with_routing(layer: MoELayer, x_BTD: torch.Tensor, weights_TK
             out = out + weights_TK[t, k] * y
         rows.append(out)
     return torch.stack(rows).reshape(B, T, D)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_bf16_grouped_products_in_row_blocks_match_a_float64_loop(bias):
+    """Reference: each expert's rows times its weight in float64, one expert at a time. In bf16 on CPU the
+    products run in whole row blocks plus a zero-padded tail (expert_products.ROW_BLOCK): counts chosen to hit an
+    empty expert, a tail alone, a head alone, head + tail, and a tail that is not a multiple of TAIL_ROWS. A row
+    sent to the wrong place, or a padding row leaking into a weight gradient, would be off by O(1)."""
+    from flash_experts.model.buffers import ExpertWeightBuffers
+    from flash_experts.model.expert_products import ROW_BLOCK, TAIL_ROWS, grouped_linear
+
+    counts = [0, 5, ROW_BLOCK, 2 * ROW_BLOCK + TAIL_ROWS + 3, ROW_BLOCK + 1, TAIL_ROWS]
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 24, generator=generator)
+    w = torch.randn(len(counts), 24, 40, generator=generator)
+    b = torch.randn(len(counts), 40, generator=generator) if bias else None
+    upstream = torch.randn(sum(counts), 40, generator=generator)
+
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    b64 = b.double().requires_grad_() if bias else None
+    start, outputs = 0, []
+    for e, n in enumerate(counts):
+        outputs.append(x64[start:start + n] @ w64[e] + (b64[e] if bias else 0))
+        start += n
+    expected = torch.cat(outputs)
+    expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), [x64, w64] + ([b64] if bias else []))
+
+    x16 = x.bfloat16().requires_grad_()
+    w32 = w.clone().requires_grad_()  # fp32 master weights, as under autocast
+    b16 = b.bfloat16().requires_grad_() if bias else None
+    for buffers in (None, ExpertWeightBuffers()):
+        out = grouped_linear(x16, w32, b16, torch.tensor(counts), "loop", buffers)
+        grads = torch.autograd.grad((out.float() * upstream).sum(), [x16, w32] + ([b16] if bias else []))
+        assert (out.float() - expected).abs().max() / expected.abs().max() < 2e-2
+        for name, got, want in zip(["x", "w", "b"], grads, expected_grads):
+            assert (got.double() - want).abs().max() / want.abs().max() < 2e-2, name
+        assert grads[1].dtype == torch.float32 and torch.all(grads[1][0] == 0)  # the empty expert: exactly zero

@@ -14,10 +14,11 @@ import os
 import sys
 from collections.abc import Callable
 
-# Before anything imports torch (its CPU allocator reads this once): back large tensors with transparent huge
-# pages. Fresh activations and gradients then take far fewer page faults, which makes our MoE layer's
-# forward+backward faster on CPU (BENCHMARKS.md, benchmarks/bench_moe.py). Set THP_MEM_ALLOC_ENABLE=0 to turn it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Before anything imports torch (it reads THP_MEM_ALLOC_ENABLE once): keep training's memory in the process
+# between steps, huge pages and malloc's reuse (cpu_memory.py says why; BENCHMARKS.md measures it).
+from flash_experts.cpu_memory import keep_cpu_memory_between_steps  # noqa: E402
+
+keep_cpu_memory_between_steps()
 
 from flash_experts.errors import UserError  # noqa: E402
 

@@ -85,6 +85,40 @@ def expert_slices(counts: list[int]):
         start += n
 
 
+# oneDNN, which computes bf16 and fp16 products on CPU, compiles a kernel for each matrix shape it meets and keeps
+# the last ~1,000 in a cache. An expert's row count changes with every step's routing, so a product over exactly its
+# rows would compile a new kernel nearly every time (measured: the race's expert products 30-40% slower when the
+# counts vary than when they repeat). So on that path an expert's rows are cut into a head of whole ROW_BLOCKs,
+# taken in place, and a tail of fewer rows, copied into scratch memory padded with zero rows to a multiple of
+# TAIL_ROWS: a product's shapes then come from a small set that stays cached. The zero rows change nothing (a
+# zero input row gives an output row nobody reads; in the weight gradient it adds zero).
+ROW_BLOCK = 64
+TAIL_ROWS = 16
+
+
+def _block_rows(x: Tensor) -> bool:
+    """True where products go through oneDNN's per-shape kernels: reduced precision on CPU (fp32 on CPU uses
+    MKL, CUDA uses cuBLAS: neither compiles per shape)."""
+    return x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16)
+
+
+def _split_rows(rows: slice, blocked: bool) -> tuple[slice, slice]:
+    """An expert's rows as (head, tail): the head whole ROW_BLOCKs (all of them when not blocked), the tail the rest."""
+    if not blocked:
+        return rows, slice(rows.stop, rows.stop)
+    head_stop = rows.start + (rows.stop - rows.start) // ROW_BLOCK * ROW_BLOCK
+    return slice(rows.start, head_stop), slice(head_stop, rows.stop)
+
+
+def _padded(scratch_RC: Tensor, source_RC: Tensor) -> Tensor:
+    """source's rows copied into the top of scratch, zero rows below, to a multiple of TAIL_ROWS rows."""
+    n = source_RC.shape[0]
+    padded_RC = scratch_RC[:-(-n // TAIL_ROWS) * TAIL_ROWS]
+    padded_RC[:n].copy_(source_RC)
+    padded_RC[n:].zero_()
+    return padded_RC
+
+
 class _LoopGroupedLinear(torch.autograd.Function):
     """Per-expert matmuls over contiguous row slices, written in place into one output (and one gradient).
     `w_EDF` is the parameter (its gradient is returned in its dtype); the products read `w_compute_EDF`, the
@@ -94,11 +128,24 @@ class _LoopGroupedLinear(torch.autograd.Function):
     def forward(ctx, x_ND: Tensor, w_EDF: Tensor, w_compute_EDF: Tensor, b_EF: Tensor | None,
                 counts: list[int], buffers: ExpertWeightBuffers | None) -> Tensor:
         y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
-        for e, rows in expert_slices(counts):
+        blocked = _block_rows(x_ND)
+        tail_x_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked else None
+        tail_y_RF = y_NF.new_empty(ROW_BLOCK, y_NF.shape[1]) if blocked else None
+
+        def product(x: Tensor, e: int, out: Tensor) -> None:
             if b_EF is None:
-                torch.mm(x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
+                torch.mm(x, w_compute_EDF[e], out=out)
             else:
-                torch.addmm(b_EF[e], x_ND[rows], w_compute_EDF[e], out=y_NF[rows])
+                torch.addmm(b_EF[e], x, w_compute_EDF[e], out=out)
+
+        for e, rows in expert_slices(counts):
+            head, tail = _split_rows(rows, blocked)
+            if head.stop > head.start:
+                product(x_ND[head], e, y_NF[head])
+            if tail.stop > tail.start:
+                x_RD = _padded(tail_x_RD, x_ND[tail])
+                product(x_RD, e, tail_y_RF[:x_RD.shape[0]])
+                y_NF[tail].copy_(tail_y_RF[:tail.stop - tail.start])
         ctx.save_for_backward(x_ND, w_compute_EDF)
         ctx.counts = counts
         ctx.has_bias = b_EF is not None
@@ -129,22 +176,38 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 for grad in (grad_w, grad_b):
                     if grad is not None:
                         grad[e].zero_()
+        blocked = _block_rows(x_ND)
+        tail_x_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked else None
+        tail_g_RF = grad_NF.new_empty(ROW_BLOCK, grad_NF.shape[1]) if blocked else None
+        tail_gx_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked and grad_x is not None else None
         # A weight gradient is computed in the compute dtype, as autocast computes a dense weight's gradient,
         # into one scratch matrix reused for every expert, then written into the fp32 gradient.
         scratch_DF = None
         if grad_w is not None and grad_w.dtype != x_ND.dtype:
             scratch_DF = x_ND.new_empty(w_compute_EDF.shape[1:])
         for e, rows in expert_slices(ctx.counts):
-            g = grad_NF[rows]
+            head, tail = _split_rows(rows, blocked)
+            has_head, has_tail = head.stop > head.start, tail.stop > tail.start
+            if has_tail:  # the tail's rows, padded with zero rows (module comment above)
+                x_RD, g_RF = _padded(tail_x_RD, x_ND[tail]), _padded(tail_g_RF, grad_NF[tail])
             if grad_x is not None:
-                torch.mm(g, w_compute_EDF[e].t(), out=grad_x[rows])
+                w_FD = w_compute_EDF[e].t()
+                if has_head:
+                    torch.mm(grad_NF[head], w_FD, out=grad_x[head])
+                if has_tail:
+                    grad_x[tail].copy_(torch.mm(g_RF, w_FD, out=tail_gx_RD[:g_RF.shape[0]])[:tail.stop - tail.start])
             if grad_w is not None:
-                if scratch_DF is None:
-                    torch.mm(x_ND[rows].t(), g, out=grad_w[e])
-                else:
-                    grad_w[e].copy_(torch.mm(x_ND[rows].t(), g, out=scratch_DF))
+                w_grad_DF = grad_w[e] if scratch_DF is None else scratch_DF
+                if has_head:
+                    torch.mm(x_ND[head].t(), grad_NF[head], out=w_grad_DF)
+                if has_tail and has_head:
+                    w_grad_DF.addmm_(x_RD.t(), g_RF)
+                elif has_tail:
+                    torch.mm(x_RD.t(), g_RF, out=w_grad_DF)
+                if scratch_DF is not None:
+                    grad_w[e].copy_(scratch_DF)
             if grad_b is not None:
-                torch.sum(g, dim=0, out=grad_b[e])
+                torch.sum(grad_NF[rows], dim=0, out=grad_b[e])
         return grad_x, grad_w, None, grad_b, None, None
 
 

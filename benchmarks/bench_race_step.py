@@ -88,7 +88,7 @@ def main() -> None:
     print(f"## The race's training step: dense vs its iso-FLOP MoE twin, d={width}, {args.layers} layers, context "
           f"{args.context}, batch {args.batch}\n")
     print(f"- machine: {machine_description()}")
-    print(f"- MoE: {args.experts} experts of hidden {models['MoE'].config.intermediate_size}, top-{args.top_k}, every "
+    print(f"- MoE: {args.experts} experts of hidden {settings.expert_hidden}, top-{args.top_k}, every "
           f"layer; dense: hidden {models['dense'].config.intermediate_size}. Forward matmul FLOPs per token: dense "
           f"{flops['dense'] / 1e6:.2f}M, MoE {flops['MoE'] / 1e6:.2f}M ({flops['MoE'] / flops['dense']:.3f}x); "
           f"parameters: dense {sum(p.numel() for p in models['dense'].parameters()) / 1e6:.2f}M, MoE "

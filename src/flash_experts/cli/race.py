@@ -44,7 +44,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps of each twin (default 800)")
     parser.add_argument("--experts", type=int, default=None, help="experts per layer (default 8)")
     parser.add_argument("--top-k", type=int, default=None,
-                        help="experts per byte (default 2); each expert's hidden size is 4 x width / top-k")
+                        help="routed experts per byte (default 2); each expert's hidden size is 4 x width / (top-k + "
+                             "shared experts)")
+    parser.add_argument("--shared-experts", type=int, default=None,
+                        help="experts every byte goes through beside its routed ones (DeepSeekMoE; default 0)")
+    parser.add_argument("--moe-layers", choices=("all", "every_other"), default=None,
+                        help="MoE in every layer (default) or every other (layers 1, 3, ...; the others dense)")
     parser.add_argument("--width", type=int, default=None, help="model width d (default 256)")
     parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default 4)")
     parser.add_argument("--heads", type=int, default=None, help="attention heads, dividing the width (default 4)")
@@ -67,14 +72,22 @@ def race_settings(args: argparse.Namespace):
 
     if args.dtype == "fp16":
         raise UserError("--dtype fp16 needs a CUDA device; the race runs on the CPU: use bf16 or fp32")
-    given = {name: getattr(args, name) for name in ("steps", "experts", "top_k", "width", "layers", "heads", "aux_loss",
-                                                    "z_loss", "lr", "eval_every") if getattr(args, name) is not None}
+    given = {name: getattr(args, name) for name in ("steps", "experts", "top_k", "shared_experts", "moe_layers", "width",
+                                                    "layers", "heads", "aux_loss", "z_loss", "lr", "eval_every")
+             if getattr(args, name) is not None}
     settings = RaceSettings(**{**(QUICK if args.quick else {}), **given}, seed=args.seed,
                             dtype=resolve_precision(args.dtype, "cpu"))
     if settings.experts < 2:
         raise UserError(f"--experts must be >= 2 for a Mixture of Experts, got {settings.experts}")
     settings.check()
     return settings
+
+
+def recipe(s: Any) -> str:
+    """The MoE twin in words: "8 experts of 512, top-2, every layer"."""
+    shared = f" + {s.shared_experts} shared" if s.shared_experts else ""
+    where = "every layer" if s.moe_layers == "all" else "every other layer"
+    return f"{s.experts} experts of {s.expert_hidden}, top-{s.top_k}{shared}, {where}"
 
 
 def build_corpus(out: Path, quick: bool):
@@ -112,8 +125,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"      train/val/test bytes: {sizes}", flush=True)
     s = settings
     print(f"[2/4] the twins: d={s.width}, {s.layers} layers, {s.heads} heads, context {s.context}, batch "
-          f"{s.batch_size}, {s.dtype}; dense MLP {4 * s.width} against {s.experts} experts of {4 * s.width // s.top_k}, "
-          f"top-{s.top_k}, every layer", flush=True)
+          f"{s.batch_size}, {s.dtype}; dense MLP {4 * s.width} against {recipe(s)}", flush=True)
 
     def report(evaluation: Any) -> None:
         cells = " | ".join(f"{name} " + " ".join(f"{d} {v:.3f}" for d, v in evaluation.val[name].items())
@@ -133,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "race.json").write_text(json.dumps({**result.as_dict(), "domain_atlas": atlas.as_dict()}, indent=1))
     png = plot_race(race_curves(result, corpus.domains), out / "race.png",
-                    f"from scratch: dense vs iso-FLOP MoE ({s.experts} experts, top-{s.top_k}), {s.dtype}")
+                    f"from scratch: dense vs iso-FLOP MoE ({recipe(s)}), {s.dtype}")
     print_summary(result, corpus.domains, flops, params)
     print("\nWhich experts took which domain (validation bytes; each expert's mix, then its load):")
     print("\n".join(atlas.lines()))

@@ -67,6 +67,10 @@ def check_exportable(model: PreTrainedModel, target: str) -> None:
                                                       f"layout has none"),
         (config.mlp_bias, f"MLP biases: {target}'s experts have none"),
         (config.hidden_act != "silu", f"hidden_act={config.hidden_act!r}: {target}'s experts are SwiGLU (silu)"),
+        (config.shared_expert_intermediate_size > 0, f"a shared expert: {target}'s MoE layers have routed experts only"),
+        (config.moe_intermediate_size not in (None, config.intermediate_size),
+         f"experts of hidden size {config.moe_intermediate_size} beside dense MLPs of {config.intermediate_size}: "
+         f"{target} has one feed-forward size"),
     ]
     if target == "gguf":
         rope_type = (config.rope_parameters or {}).get("rope_type", "default")

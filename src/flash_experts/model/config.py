@@ -73,6 +73,12 @@ def validate_moe_fields(config: Any, num_layers: int | None) -> None:
             raise ConfigError(f"{name} must be a number >= 0 (got {value!r})")
     if config.router_jitter >= 1:
         raise ConfigError(f"router_jitter must be < 1 (got {config.router_jitter!r})")
+    if config.moe_intermediate_size is not None and (not is_int(config.moe_intermediate_size)
+                                                     or config.moe_intermediate_size < 1):
+        raise ConfigError(f"moe_intermediate_size must be an integer >= 1 or null (got {config.moe_intermediate_size!r})")
+    shared = config.shared_expert_intermediate_size
+    if not is_int(shared) or shared < 0:
+        raise ConfigError(f"shared_expert_intermediate_size must be an integer >= 0 (got {shared!r})")
     for name in ("normalize_top_k", "router_detach_input"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false (got {getattr(config, name)!r})")

@@ -16,7 +16,7 @@ import dataclasses
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, NamedTuple, Union
+from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +49,13 @@ class MoESettings:
     router_detach_input: bool = False
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(factor * T * K / E) assignments
     normalize_top_k: bool = True  # the K weights sum to 1: an upcycled model then equals its dense source
+    # Each expert's hidden size; None = the model's MLP size, as upcycling needs (experts are copies of the MLP).
+    # Smaller experts, more of them and a larger top-k = finer granularity at the same arithmetic (DeepSeekMoE);
+    # the model's dense layers keep the MLP size. (Qwen2-MoE's and DeepSeek's name.)
+    moe_intermediate_size: Optional[int] = None
+    # A dense MLP of this hidden size beside the routed experts, every token through it, its output added
+    # (DeepSeekMoE's shared experts: K_s shared experts of hidden h are one MLP of hidden K_s * h). 0 = none.
+    shared_expert_intermediate_size: int = 0
 
     @staticmethod
     def names() -> list[str]:
@@ -166,7 +173,9 @@ FIXED_SHAPE_MAX_ROWS = 64  # a compiled inference forward of at most this many r
 
 
 class MoELayer(nn.Module):
-    """Router + experts. Replaces a dense MLP: (B, T, D) -> (B, T, D), plus what the router did (RouterStats)."""
+    """Router + experts (+ a shared expert, when the settings ask for one). Replaces a dense MLP: (B, T, D) ->
+    (B, T, D), plus what the router did (RouterStats). `ffn_size` is the model's MLP size: the experts' unless
+    `settings.moe_intermediate_size` says otherwise."""
 
     def __init__(self, settings: MoESettings, *, hidden_size: int, ffn_size: int,
                  activation: Callable[[Tensor], Tensor], gated: bool, bias: bool, layer_index: int):
@@ -175,7 +184,13 @@ class MoELayer(nn.Module):
         self.capacity_factor = settings.capacity_factor
         self.layer_index = layer_index
         self.router = Router(hidden_size, settings)
-        self.experts = GroupedExperts(settings.num_experts, hidden_size, ffn_size, activation, gated, bias)
+        expert_size = settings.moe_intermediate_size or ffn_size
+        self.experts = GroupedExperts(settings.num_experts, hidden_size, expert_size, activation, gated, bias)
+        # The shared expert is an expert stack of one that every token is sent to: the same products, the same
+        # initialisation and quantization as the routed experts.
+        shared_size = settings.shared_expert_intermediate_size
+        self.shared_expert = (GroupedExperts(1, hidden_size, shared_size, activation, gated, bias)
+                              if shared_size else None)
 
     def capacity(self, num_tokens: int) -> int | None:
         """Assignments each expert may take, or None when dropless."""
@@ -195,6 +210,8 @@ class MoELayer(nn.Module):
                         and rows <= FIXED_SHAPE_MAX_ROWS and (rows == 1 or self.capacity(rows) is None))
         dispatch = self._dispatch_fixed_shapes if fixed_shapes else self._dispatch_sorted
         out_TD, counts_E, dropped = dispatch(x_TD, routing)
+        if self.shared_expert is not None:  # every token, weight 1
+            out_TD = out_TD + self.shared_expert(x_TD, torch.tensor([rows], device=x_TD.device))
         stats = routing_stats(self.layer_index, routing, counts_E, dropped)
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
 

@@ -56,6 +56,9 @@ def upcycle(source: PreTrainedModel | str, settings: MoESettings | None = None, 
     if unknown:
         raise ConfigError(f"unknown MoE setting(s): {', '.join(sorted(unknown))}")
     moe = dataclasses.asdict(dataclasses.replace(settings or MoESettings(), **setting_overrides))
+    if moe["moe_intermediate_size"] is not None or moe["shared_expert_intermediate_size"]:
+        raise ConfigError("moe_intermediate_size and shared_expert_intermediate_size describe experts trained from "
+                          "scratch: upcycled experts are copies of the model's MLP, its size, and none is shared")
     if attention_implementation is not None:
         moe["attention_implementation"] = attention_implementation
     dense = load_dense_model(source) if isinstance(source, str) else source

@@ -43,7 +43,9 @@ class RaceSettings:
     context: int = 128
     batch_size: int = 32
     experts: int = 8
-    top_k: int = 2  # each expert's hidden size is 4 * width / top_k: more, smaller experts = finer granularity
+    top_k: int = 2  # each expert's hidden size is 4 * width / (top_k + shared_experts): finer = more, smaller experts
+    shared_experts: int = 0  # experts every byte goes to, beside its top_k routed ones (DeepSeekMoE)
+    moe_layers: str = "all"  # "all" or "every_other" (layers 1, 3, ...; the others keep the dense MLP)
     aux_loss: float = 0.01  # Switch load-balancing loss weight
     z_loss: float = 0.001  # ST-MoE router z-loss weight
     steps: int = 800
@@ -68,15 +70,25 @@ class RaceSettings:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if self.top_k > self.experts:
             raise ConfigError(f"top_k {self.top_k} exceeds experts {self.experts}")
-        if (4 * self.width) % self.top_k:
-            raise ConfigError(f"the dense hidden size 4 x width = {4 * self.width} does not split into top_k "
-                              f"{self.top_k} equal experts")
+        if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
+            raise ConfigError(f"shared_experts must be a non-negative integer, got {self.shared_experts!r}")
+        if (4 * self.width) % (self.top_k + self.shared_experts):
+            raise ConfigError(f"the dense hidden size 4 x width = {4 * self.width} does not split into top_k + "
+                              f"shared_experts = {self.top_k + self.shared_experts} equal experts")
+        if self.moe_layers not in ("all", "every_other") or (self.moe_layers == "every_other" and self.layers < 2):
+            raise ConfigError(f"moe_layers must be 'all' or 'every_other' (with at least 2 layers), got "
+                              f"{self.moe_layers!r} with {self.layers} layers")
         if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.aux_loss < 0 or self.z_loss < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError("aux_loss, z_loss, weight_decay and warmup_steps must not be negative")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
+
+    @property
+    def expert_hidden(self) -> int:
+        """Each expert's hidden size: the dense MLP's 4 x width split over the experts a byte goes through."""
+        return 4 * self.width // (self.top_k + self.shared_experts)
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -95,8 +107,9 @@ def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
                                              moe_layers=[], **common))
     torch.manual_seed(s.seed)
     moe = GPT2MoEForCausalLM(GPT2MoEConfig(
-        n_inner=4 * s.width // s.top_k, num_experts=s.experts, num_experts_per_tok=s.top_k,
-        moe_layers="all", router_aux_loss_coef=s.aux_loss, router_z_loss_coef=s.z_loss, **common))
+        n_inner=4 * s.width, moe_intermediate_size=s.expert_hidden, num_experts=s.experts,
+        num_experts_per_tok=s.top_k, shared_expert_intermediate_size=s.shared_experts * s.expert_hidden,
+        moe_layers=s.moe_layers, router_aux_loss_coef=s.aux_loss, router_z_loss_coef=s.z_loss, **common))
     return {"dense": dense, "moe": moe}
 
 
@@ -115,8 +128,10 @@ def matmul_flops_per_token(model: GPT2MoEForCausalLM, context: int) -> float:
         experts = getattr(mlp, "experts", None)
         if experts is None:
             total += 2 * 2 * d * mlp.c_fc.nf
-        else:
+        else:  # up and down products of the top-k experts (and the shared one), the router's scores
             total += mlp.top_k * 2 * 2 * d * experts.w_up.shape[-1] + 2 * d * mlp.num_experts
+            if mlp.shared_expert is not None:
+                total += 2 * 2 * d * mlp.shared_expert.w_up.shape[-1]
     return total + 2 * d * c.vocab_size
 
 
@@ -213,13 +228,20 @@ def evaluate_domains(model: torch.nn.Module, windows: dict[str, torch.Tensor], d
 
 def run_race(settings: RaceSettings, corpus: DomainCorpus,
              on_evaluation: Callable[[Evaluation], None] | None = None,
-             should_stop: Callable[[], bool] | None = None) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
+             should_stop: Callable[[], bool] | None = None, contenders: tuple[str, ...] = CONTENDERS,
+             score_test: bool = True) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
     """Train both twins `settings.steps` steps on the same batches, taking turns (which one steps first
     alternates), each step timed; evaluate both per domain every `eval_every` steps and at the end; score the
-    test split once. Returns the result and the trained models."""
+    test split once. Returns the result and the trained models.
+
+    `contenders` ("dense", "moe" or both) trains only those (a recipe sweep trains each seed's dense twin once;
+    RaceResult's comparisons need both); `score_test=False` leaves the test split unread (a sweep scores it for
+    the recipe chosen on validation only)."""
     settings.check()
     corpus.check(settings.context)
-    models = race_twins(settings)
+    if not contenders or set(contenders) - set(CONTENDERS):
+        raise ConfigError(f"contenders must be some of {CONTENDERS}, got {contenders!r}")
+    models = {name: model for name, model in race_twins(settings).items() if name in contenders}
     optimizers, steps = {}, {}
     for name, model in models.items():
         model.train()
@@ -248,7 +270,7 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
         rate = lr_at(step, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
                      warmup_steps=settings.warmup_steps, max_steps=settings.steps)
         ids = corpus.train_batch(step, settings.batch_size, settings.context, settings.seed)
-        order = CONTENDERS if step % 2 == 0 else CONTENDERS[::-1]
+        order = tuple(models) if step % 2 == 0 else tuple(models)[::-1]
         for name in order:
             for group in optimizers[name].param_groups:
                 group["lr"] = rate * group["lr_scale"]
@@ -267,7 +289,13 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
             if done % settings.eval_every:
                 evaluate(done)
             break
-    test_windows = corpus.split_windows("test", settings.context, settings.test_windows)
-    result.test = {n: evaluate_domains(m, test_windows, settings.torch_dtype, settings.batch_size)
-                   for n, m in models.items()}
+    if score_test:
+        result.test = score_on_test(models, settings, corpus)
     return result, models
+
+
+def score_on_test(models: dict[str, GPT2MoEForCausalLM], settings: RaceSettings,
+                  corpus: DomainCorpus) -> dict[str, dict[str, float]]:
+    """Each model's loss per domain on the test split (read once, at the end)."""
+    test_windows = corpus.split_windows("test", settings.context, settings.test_windows)
+    return {n: evaluate_domains(m, test_windows, settings.torch_dtype, settings.batch_size) for n, m in models.items()}

@@ -5,10 +5,13 @@ Both are the race's twins (`training/race.race_twins`), trained from random weig
 experts of hidden 4d/k with top-k=2 in every layer, so a token's MLP arithmetic is the same (the script computes
 both models' FLOPs per token and prints them). Each step is the trainer's (`equal_compute.training_step`:
 forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
-fp32 and bf16 autocast. `--wide` doubles the width (d=512). `--profile` prints where the MoE step's time goes
-(torch.profiler, CPU time by operator).
+fp32 and bf16 autocast, each round on a new batch of random bytes (so the routing, and with it each expert's
+row count, changes from step to step as it does in training). `--wide` doubles the width (d=512). `--exact-rows`
+adds a third contender: the MoE with its expert products over exactly each expert's rows instead of row blocks
+(`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
+CPU time by operator).
 
-    python benchmarks/bench_race_step.py [--wide] [--rounds 7] [--profile] [--quick]
+    python benchmarks/bench_race_step.py [--wide] [--rounds 15] [--exact-rows] [--profile] [--quick]
 
 Issue 28's target: a MoE step <= 1.10x a dense step, in fp32 and in bf16.
 """
@@ -33,12 +36,13 @@ TARGET = 1.10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-def step_seconds(steps: dict, ids: torch.Tensor, rounds: int) -> dict[str, float]:
-    """Median seconds per step of each contender, timed in interleaved rounds after two warm-up steps each."""
+def step_seconds(steps: dict, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Median seconds per step of each contender, timed in interleaved rounds (one batch per round, the same for
+    every contender) after two warm-up steps each."""
     for step in steps.values():
-        step(ids), step(ids)
+        step(batches[0]), step(batches[1])
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
+    for ids in batches:
         for name, step in steps.items():
             start = time.perf_counter()
             step(ids)
@@ -64,7 +68,9 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--experts", type=int, default=8)
     parser.add_argument("--top-k", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=7, help="interleaved timed steps per contender (median)")
+    parser.add_argument("--rounds", type=int, default=15, help="interleaved timed steps per contender (median)")
+    parser.add_argument("--exact-rows", action="store_true",
+                        help="also the MoE with its expert products over exact row counts (no row blocks)")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--profile", action="store_true", help="print the MoE step's operators by CPU time")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, two rounds: a smoke run")
@@ -77,13 +83,18 @@ def main() -> None:
                             experts=args.experts, top_k=args.top_k, seed=0)
     twins = race_twins(settings)
     models = {"dense": twins["dense"].train(), "MoE": twins["moe"].train()}
+    if args.exact_rows:
+        models["MoE, exact rows"] = race_twins(settings)["moe"].train()
+        for block in models["MoE, exact rows"].transformer.h:
+            block.mlp.experts.row_blocks = False
     flops = {name: matmul_flops_per_token(model, args.context) for name, model in models.items()}
-    ids = torch.randint(0, 256, (args.batch, args.context), generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    batches = [torch.randint(0, 256, (args.batch, args.context), generator=generator) for _ in range(args.rounds)]
     # the trainer's AdamW: fused (one pass over the parameters; the MoE has several times the dense parameters)
     steps = {(name, precision): training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), dtype)
              for precision, dtype in PRECISIONS.items() if precision in args.precisions
              for name, model in models.items()}
-    seconds = step_seconds(steps, ids, args.rounds)
+    seconds = step_seconds(steps, batches)
 
     print(f"## The race's training step: dense vs its iso-FLOP MoE twin, d={width}, {args.layers} layers, context "
           f"{args.context}, batch {args.batch}\n")
@@ -98,7 +109,8 @@ def main() -> None:
     tokens = args.batch * args.context
     for precision in args.precisions:
         dense, moe = seconds[("dense", precision)], seconds[("MoE", precision)]
-        for name, value in (("dense", dense), ("MoE", moe)):
+        for name in models:
+            value = seconds[(name, precision)]
             rows.append([precision, name, f"{value * 1e3:,.0f}", f"{tokens / value:,.0f}", f"{value / dense:.3f}x"])
         verdicts.append(f"Target: MoE step <= {TARGET:.2f}x the dense step ({precision}): {moe / dense:.3f}x, "
                         f"{'met' if moe / dense <= TARGET else 'NOT met'}")
@@ -108,7 +120,7 @@ def main() -> None:
     if args.profile:
         for precision in args.precisions:
             print(f"\n### Where the MoE step's time goes ({precision})\n")
-            print(profile(steps[("MoE", precision)], ids))
+            print(profile(steps[("MoE", precision)], batches[0]))
 
 
 if __name__ == "__main__":

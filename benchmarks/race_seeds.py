@@ -8,7 +8,10 @@ every seed). The recipe with the lowest mean validation ratio is the choice; onl
 for that recipe alone (its MoE and the dense twins, every seed).
 
     python benchmarks/race_seeds.py [--seeds 1337 1338 1339] [--recipes baseline fine shared every_other]
-                                    [--steps 800] [--quick]
+                                    [--steps 800] [--out runs/race_seeds] [--quick]
+
+`--out` gets race_seeds.json (every run's validation curves, the ratios, the choice and its test split) and
+race_recipes.png (MoE / dense against tokens per recipe, the band spanning the seeds).
 
 A recipe is a set of RaceSettings fields over the defaults; each keeps the dense twin's FLOPs per token (the
 script prints each one's ratio).
@@ -17,6 +20,7 @@ script prints each one's ratio).
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import tempfile
@@ -27,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
 from flash_experts.cli.race import QUICK, TARGET_RATIO, build_corpus, recipe  # noqa: E402
 from flash_experts.training.config import resolve_precision  # noqa: E402
+from flash_experts.training.plots import plot_race_recipes  # noqa: E402
 from flash_experts.training.race import RaceSettings, run_race, score_on_test  # noqa: E402
 
 RECIPES = {
@@ -44,6 +49,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1337, 1338, 1339])
     parser.add_argument("--recipes", nargs="+", default=["baseline"], choices=list(RECIPES))
     parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/race_seeds"), help="folder for the JSON and the PNG")
     parser.add_argument("--quick", action="store_true", help="the race's --quick shapes")
     args = parser.parse_args()
     base = {**(QUICK if args.quick else {}), **({"steps": args.steps} if args.steps else {})}
@@ -103,12 +109,34 @@ def main() -> None:
     chosen = min(means, key=means.get)
     print(f"\nChosen on validation (lowest mean ratio over domains and seeds): **{chosen}** ({means[chosen]:.4f}). "
           f"Its test split, read once:\n")
-    rows = []
+    rows, tests = [], {}
     for seed in args.seeds:
         s = settings[(chosen, seed)]
-        test = score_on_test({"dense": dense[seed][1], "moe": moe[(chosen, seed)][1]}, s, corpus)
-        rows.append([seed, *(f"{test['moe'][d] / test['dense'][d]:.4f}" for d in domains)])
+        tests[seed] = score_on_test({"dense": dense[seed][1], "moe": moe[(chosen, seed)][1]}, s, corpus)
+        rows.append([seed, *(f"{tests[seed]['moe'][d] / tests[seed]['dense'][d]:.4f}" for d in domains)])
     print(markdown_table(["seed", *(f"{d}: MoE / dense" for d in domains)], rows))
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    curves = {}
+    for name in args.recipes:
+        per_seed = []
+        for seed in args.seeds:
+            dense_curve, moe_curve = dense[seed][0].evaluations, moe[(name, seed)][0].evaluations
+            per_seed.append([statistics.mean(m.val["moe"][d] / n.val["dense"][d] for d in domains)
+                             for n, m in zip(dense_curve, moe_curve, strict=True)])
+        curves[name] = ([e.tokens for e in dense[args.seeds[0]][0].evaluations], per_seed)
+    png = plot_race_recipes(curves, args.out / "race_recipes.png",
+                            f"the race's recipes from scratch, {first.steps} steps, seeds {', '.join(map(str, args.seeds))}")
+    record = {
+        "steps": first.steps, "seeds": args.seeds, "recipes": {n: RECIPES[n] for n in args.recipes},
+        "validation_ratio": {f"{n}/{seed}": r for (n, seed), r in ratios.items()},
+        "seconds_ratio": {f"{n}/{seed}": c for (n, seed), c in costs.items()},
+        "curves": {"dense": {seed: dense[seed][0].as_dict() for seed in args.seeds},
+                   "moe": {f"{n}/{seed}": r.as_dict() for (n, seed), (r, _) in moe.items()}},
+        "chosen": chosen, "test": {seed: t for seed, t in tests.items()},
+    }
+    (args.out / "race_seeds.json").write_text(json.dumps(record, indent=1))
+    print(f"\n{args.out / 'race_seeds.json'} and {png}")
 
 
 if __name__ == "__main__":

@@ -62,6 +62,8 @@ def test_mixtral_export_greedy_equals_ours(tmp_path):
     (dict(capacity_factor=1.25), "capacity_factor"),
     (dict(router_jitter=0.01), "router_jitter"),
     (dict(normalize_top_k=False), "normalize_top_k"),
+    (dict(shared_expert_intermediate_size=16), "a shared expert"),
+    (dict(moe_intermediate_size=8), "one feed-forward size"),
 ])
 def test_settings_mixtral_cannot_hold_are_refused(tmp_path, change, message):
     moe = trained_like_moe()

@@ -24,6 +24,9 @@ BASE = dict(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64)
     (dict(capacity_factor=-1.0), "capacity_factor"),
     (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
     (dict(router_jitter=1.5), "router_jitter"),
+    (dict(moe_intermediate_size=0), "moe_intermediate_size"),
+    (dict(moe_intermediate_size=2.5), "moe_intermediate_size"),
+    (dict(shared_expert_intermediate_size=-1), "shared_expert_intermediate_size"),
     (dict(n_head=5), "n_head"),
 ])
 def test_invalid_settings_raise_value_error_naming_the_field(overrides, field):
@@ -36,6 +39,23 @@ def test_moe_layer_selection():
     assert GPT2MoEConfig(**BASE, moe_layers="every_other").moe_layer_indices() == [1, 3]
     assert GPT2MoEConfig(**BASE, moe_layers=[2, 0]).moe_layer_indices() == [0, 2]
     assert GPT2MoEConfig(**BASE, moe_layers=[]).moe_layer_indices() == []
+
+
+def test_a_from_scratch_recipe_round_trips_through_save_pretrained(tmp_path):
+    """Reference: the model before saving. Experts of their own size, dense MLPs of another, a shared expert:
+    all of it in config.json and the weights, so that from_pretrained rebuilds the same function."""
+    config = GPT2MoEConfig(**{**BASE, "moe_layers": "every_other"}, n_inner=64, moe_intermediate_size=16,
+                           shared_expert_intermediate_size=24, num_experts=4, top_k=2)
+    torch.manual_seed(0)
+    model = GPT2MoEForCausalLM(config).eval()
+    model.save_pretrained(tmp_path / "m")
+    loaded = GPT2MoEForCausalLM.from_pretrained(tmp_path / "m").eval()
+    assert loaded.transformer.h[1].mlp.experts.w_up.shape[-1] == 16
+    assert loaded.transformer.h[1].mlp.shared_expert.w_up.shape[-1] == 24
+    assert loaded.transformer.h[0].mlp.c_fc.nf == 64
+    ids = torch.randint(0, config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, loaded(ids).logits)
 
 
 def test_save_pretrained_round_trip_gives_identical_logits(tmp_path, tiny_gpt2_dir):

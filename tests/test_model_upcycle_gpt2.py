@@ -6,6 +6,7 @@ import pytest
 import torch
 from transformers import GPT2LMHeadModel
 
+from flash_experts.errors import ConfigError
 from flash_experts.model import GPT2MoEForCausalLM, upcycle
 from greedy import greedy_reference, greedy_with_cache  # noqa: E402
 
@@ -48,6 +49,12 @@ def test_upcycled_exact_for_other_layouts(tiny_gpt2_dir, dense, top_k, num_exper
     ids = torch.randint(0, 512, (2, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert (moe(ids).logits - dense(ids).logits).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("setting", [dict(moe_intermediate_size=8), dict(shared_expert_intermediate_size=8)])
+def test_upcycling_refuses_experts_that_cannot_be_copies_of_the_mlp(dense, setting):
+    with pytest.raises(ConfigError, match="copies of the model's MLP"):
+        upcycle(dense, num_experts=2, top_k=1, **setting)
 
 
 def test_upcycle_accepts_a_module_and_keeps_hf_weight_names(dense):

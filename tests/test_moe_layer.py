@@ -370,3 +370,38 @@ def test_bf16_grouped_products_in_row_blocks_match_a_float64_loop(bias):
         for name, got, want in zip(["x", "w", "b"], grads, expected_grads):
             assert (got.double() - want).abs().max() / want.abs().max() < 2e-2, name
         assert grads[1].dtype == torch.float32 and torch.all(grads[1][0] == 0)  # the empty expert: exactly zero
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_shared_expert_and_expert_size_match_a_loop_reference(gated):
+    """Reference: the loop reference of the routed experts plus, for every token, the shared expert's MLP written
+    out by hand (weight 1), forward and gradients. The experts take `moe_intermediate_size`, not the model's MLP
+    size; the shared expert its own size."""
+    torch.manual_seed(0)
+    settings = MoESettings(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=12,
+                           shared_expert_intermediate_size=20)
+    activation = F.silu if gated else (lambda x: F.gelu(x, approximate="tanh"))
+    layer = MoELayer(settings, hidden_size=16, ffn_size=24, activation=activation, gated=gated, bias=not gated,
+                     layer_index=0)
+    with torch.no_grad():
+        for param in layer.parameters():
+            param.normal_(0.0, 0.5)
+    assert layer.experts.w_up.shape == (4, 16, 12) and layer.shared_expert.w_up.shape == (1, 16, 20)
+    x = torch.randn(2, 13, 16, generator=torch.Generator().manual_seed(5), requires_grad=True)
+    out, stats = layer(x)
+
+    shared = layer.shared_expert
+    x_TD = x.reshape(26, 16)
+    if gated:
+        shared_out = (F.silu(x_TD @ shared.w_gate[0]) * (x_TD @ shared.w_up[0])) @ shared.w_down[0]
+    else:
+        shared_out = F.gelu(x_TD @ shared.w_up[0] + shared.b_up[0], approximate="tanh") @ shared.w_down[0] + shared.b_down[0]
+    expected = loop_reference(layer, x) + shared_out.reshape(2, 13, 16)
+    assert torch.allclose(out, expected, atol=1e-5, rtol=1e-5)
+    params = [x, *layer.parameters()]
+    upstream = torch.randn_like(out)
+    got = torch.autograd.grad((out * upstream).sum(), params)
+    want = torch.autograd.grad((expected * upstream).sum(), params)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, atol=1e-5, rtol=1e-4)
+    assert int(stats.tokens_per_expert.sum()) == 26 * 2  # the shared expert is not routed: not in the counts

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from flash_experts.cli.main import main
 from flash_experts.data.domains import DomainCorpus, python_source_documents
-from flash_experts.errors import UserError
+from flash_experts.errors import ConfigError, UserError
 from flash_experts.evaluation.domain_atlas import DomainAtlas, domain_expert_counts, mutual_information_bits
 from flash_experts.training.race import (
     Evaluation,
@@ -101,30 +101,47 @@ def counted_flops(module: torch.nn.Module, *args) -> int:
     return counter.get_total_flops()
 
 
-def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter():
-    settings = RaceSettings(**TINY)
+RECIPES = [  # the race's recipes (benchmarks/race_seeds.py): every one keeps the dense twin's FLOPs per token
+    {},
+    dict(experts=8, top_k=4),  # finer: experts of 4d/4
+    dict(experts=8, top_k=3, shared_experts=1),  # a shared expert and top-3 routed, each 4d/4
+    dict(layers=4, moe_layers="every_other"),  # MoE in layers 1 and 3, dense MLPs of 4d in 0 and 2
+    dict(top_k=1),  # Switch: experts of 4d, top-1
+]
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=["baseline", "fine", "shared", "every_other", "top1"])
+def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter(recipe):
+    settings = RaceSettings(**{**TINY, **recipe})
     twins = race_twins(settings)
     tokens = 3 * settings.context
     x = torch.randn(3, settings.context, settings.width)
+    d, dense_mlp = settings.width, 2 * 2 * settings.width * 4 * settings.width
+    router = 2 * d * settings.experts
+    moe_layers = 0
     for name, model in twins.items():
-        # each MLP, counted as it ran: the dense product, or each expert's rows (dropless) and the router
-        for block in model.transformer.h:
-            mlp = block.mlp
-            expected = (2 * 2 * settings.width * 4 * settings.width if name == "dense" else
-                        settings.top_k * 2 * 2 * settings.width * (4 * settings.width // settings.top_k)
-                        + 2 * settings.width * settings.experts)
-            assert counted_flops(mlp, x) == tokens * expected
+        # each MLP, counted as it ran: the dense product, or each expert's rows (dropless), the shared expert's
+        # rows and the router
+        for i, block in enumerate(model.transformer.h):
+            is_moe = name == "moe" and (settings.moe_layers == "all" or i % 2 == 1)
+            moe_layers += is_moe
+            hidden = 4 * d // (settings.top_k + settings.shared_experts)
+            expected = (settings.top_k + settings.shared_experts) * 2 * 2 * d * hidden + router if is_moe else dense_mlp
+            assert counted_flops(block.mlp, x) == tokens * expected, (name, i)
+            assert block.is_moe == is_moe
     ids = torch.randint(0, 256, (3, settings.context))
     counted = {name: counted_flops(model, ids) for name, model in twins.items()}
     formula = {name: matmul_flops_per_token(model, settings.context) for name, model in twins.items()}
-    # the whole forward: the models differ only in their MLPs, so the counts differ by the router alone
-    assert counted["moe"] - counted["dense"] == tokens * 2 * settings.width * settings.experts * settings.layers
+    # the whole forward: the models differ only in their MLPs, so the counts differ by the routers alone
+    assert counted["moe"] - counted["dense"] == tokens * router * moe_layers
     assert formula["moe"] - formula["dense"] == pytest.approx((counted["moe"] - counted["dense"]) / tokens)
-    assert counted["moe"] / counted["dense"] == pytest.approx(1.0, abs=0.01)
-    # and the MoE holds experts / top_k times the MLP weights
-    mlp_params = {n: sum(p.numel() for p in m.transformer.h[0].mlp.experts.parameters()) if n == "moe" else
-                  sum(p.numel() for p in m.transformer.h[0].mlp.parameters()) for n, m in twins.items()}
-    assert mlp_params["moe"] / mlp_params["dense"] == pytest.approx(settings.experts / settings.top_k, rel=0.01)
+    assert counted["moe"] / counted["dense"] == pytest.approx(1.0, abs=0.02)
+    # and an MoE layer holds (experts + shared) / (top_k + shared) times the MLP weights
+    layer = twins["moe"].transformer.h[1].mlp
+    dense_params = sum(p.numel() for p in twins["dense"].transformer.h[1].mlp.parameters())
+    moe_params = sum(p.numel() for p in layer.parameters()) - layer.router.weight.numel()
+    ratio = (settings.experts + settings.shared_experts) / (settings.top_k + settings.shared_experts)
+    assert moe_params / dense_params == pytest.approx(ratio, rel=0.02)
 
 
 # -- the domain atlas ---------------------------------------------------------------------------------------------
@@ -224,12 +241,28 @@ def test_a_tiny_race_trains_both_on_the_same_batches_and_scores_every_domain():
     (["--width", "30"], "width 30 is not divisible by heads 4"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--dtype", "fp16"], "needs a CUDA device"),
+    (["--shared-experts", "-1"], "shared_experts must be a non-negative integer"),
+    (["--top-k", "2", "--shared-experts", "1", "--width", "20", "--heads", "4"], "does not split into top_k + shared"),
+    (["--moe-layers", "every_other", "--layers", "1"], "at least 2 layers"),
 ])
 def test_bad_arguments_are_one_error_line(argv, message, tmp_path, capsys):
     assert main(["race", "--out", str(tmp_path / "r"), *argv]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("error: ") and message in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_race_of_one_contender_matches_its_part_of_the_full_race():
+    """Reference: the same contender in the two-contender race (a sweep trains each seed's dense twin once): the
+    same batches and schedule give the same losses; the test split is left unread when asked."""
+    settings = RaceSettings(**TINY, steps=3, eval_every=3, warmup_steps=1, dtype="fp32")
+    both, _ = run_race(settings, tiny_corpus())
+    alone, models = run_race(settings, tiny_corpus(), contenders=("moe",), score_test=False)
+    assert set(models) == {"moe"} and alone.test == {} and set(alone.step_seconds) == {"moe"}
+    for a, b in zip(alone.evaluations, both.evaluations, strict=True):
+        assert a.val["moe"] == pytest.approx(b.val["moe"], rel=1e-6)
+    with pytest.raises(ConfigError, match="contenders"):
+        run_race(settings, tiny_corpus(), contenders=("sparse",))
 
 
 def test_an_interrupted_race_evaluates_where_it_stopped_and_still_scores_the_test_split():

@@ -25,12 +25,14 @@ GROUPED_BACKENDS = ("auto", "grouped_mm", "loop")
 
 
 def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: Tensor, backend: str = "auto",
-                   buffers: ExpertWeightBuffers | None = None) -> Tensor:
+                   buffers: ExpertWeightBuffers | None = None, row_blocks: bool | None = None) -> Tensor:
     """y[rows of expert e] = x[rows of expert e] @ w[e] + b[e]; rows sorted by expert, `counts_E` rows each.
 
     The product runs in x's dtype: `w` may be stored in another (fp32 master weights under bf16 autocast) and
     its gradient comes back in its own dtype; `b` must already be in x's dtype. `buffers` (the weight's own,
-    kept by its module) lets the loop reuse memory from one training step to the next. "auto" takes
+    kept by its module) lets the loop reuse memory from one training step to the next. `row_blocks` (None:
+    where oneDNN compiles a kernel per shape, see ROW_BLOCK) runs the loop's products in whole row blocks plus a
+    padded tail; benchmarks/bench_expert_shapes.py pins it both ways. "auto" takes
     `_grouped_mm` where it is one fused kernel, else the loop: on CPU `_grouped_mm` is itself a loop of
     per-expert matmuls, and ours is at least as fast with less peak memory.
     """
@@ -61,7 +63,8 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
             w_compute_EDF.copy_(w_EDF)
     else:
         w_compute_EDF = w_EDF.detach().to(x_ND.dtype)
-    return _LoopGroupedLinear.apply(x_ND, w_EDF, w_compute_EDF, b_EF, counts_E.tolist(), buffers)
+    blocked = _block_rows(x_ND) if row_blocks is None else row_blocks
+    return _LoopGroupedLinear.apply(x_ND, w_EDF, w_compute_EDF, b_EF, counts_E.tolist(), buffers, blocked)
 
 
 def _fused_grouped_mm(x: Tensor, w: Tensor) -> bool:
@@ -126,9 +129,8 @@ class _LoopGroupedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_ND: Tensor, w_EDF: Tensor, w_compute_EDF: Tensor, b_EF: Tensor | None,
-                counts: list[int], buffers: ExpertWeightBuffers | None) -> Tensor:
+                counts: list[int], buffers: ExpertWeightBuffers | None, blocked: bool) -> Tensor:
         y_NF = x_ND.new_empty(x_ND.shape[0], w_EDF.shape[-1])
-        blocked = _block_rows(x_ND)
         tail_x_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked else None
         tail_y_RF = y_NF.new_empty(ROW_BLOCK, y_NF.shape[1]) if blocked else None
 
@@ -151,6 +153,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
         ctx.has_bias = b_EF is not None
         ctx.weight_dtype = w_EDF.dtype
         ctx.buffers = buffers
+        ctx.blocked = blocked
         return y_NF
 
     @staticmethod
@@ -176,7 +179,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
                 for grad in (grad_w, grad_b):
                     if grad is not None:
                         grad[e].zero_()
-        blocked = _block_rows(x_ND)
+        blocked = ctx.blocked
         tail_x_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked else None
         tail_g_RF = grad_NF.new_empty(ROW_BLOCK, grad_NF.shape[1]) if blocked else None
         tail_gx_RD = x_ND.new_empty(ROW_BLOCK, x_ND.shape[1]) if blocked and grad_x is not None else None
@@ -208,7 +211,7 @@ class _LoopGroupedLinear(torch.autograd.Function):
                     grad_w[e].copy_(scratch_DF)
             if grad_b is not None:
                 torch.sum(grad_NF[rows], dim=0, out=grad_b[e])
-        return grad_x, grad_w, None, grad_b, None, None
+        return grad_x, grad_w, None, grad_b, None, None, None
 
 
 def combine_expert_outputs(y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int,

@@ -146,6 +146,7 @@ class GroupedExperts(nn.Module):
         self.b_up = nn.Parameter(torch.zeros(E, F_)) if bias else None
         self.b_down = nn.Parameter(torch.zeros(E, D)) if bias else None
         self.backend = "auto"  # how grouped_linear computes ("auto", "grouped_mm", "loop"); tests pin one
+        self.row_blocks = None  # the loop's products in row blocks (None: where that helps); benchmarks pin it
         # Memory the training step reuses for each weight's compute-dtype copy and gradient (model/buffers.py);
         # not state: never saved, and a copied model starts without it.
         self.weight_buffers = {name: ExpertWeightBuffers() for name in ("w_gate", "w_up", "w_down")}
@@ -161,7 +162,7 @@ class GroupedExperts(nn.Module):
         def project(name: str, h: Tensor) -> Tensor:
             bias = self.bias(name)
             return grouped_linear(h, getattr(self, name), None if bias is None else bias.to(h.dtype), counts_E,
-                                  self.backend, self.weight_buffers.get(name))
+                                  self.backend, self.weight_buffers.get(name), self.row_blocks)
 
         with torch.autocast(x_ND.device.type, enabled=False):  # x is cast; autocast must not re-cast inside
             return expert_mlp(x_ND, project, self.gated, self.activation)

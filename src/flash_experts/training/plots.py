@@ -359,3 +359,31 @@ def plot_race(curves: dict[str, dict[str, tuple[list[float], list[float], list[f
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return Path(path)
+
+
+def plot_race_recipes(ratios: dict[str, tuple[list[float], list[list[float]]]], path: str | Path, title: str) -> Path:
+    """The race's recipes: the MoE's validation loss over the dense twin's (mean over domains) against training
+    tokens, one line per recipe (the mean over seeds), its band the lowest and highest seed.
+    ratios[recipe] = (tokens, [ratio at each evaluation, one list per seed])."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.8))
+    for name, (tokens, per_seed) in ratios.items():
+        values = np.asarray(per_seed)
+        millions = np.asarray(tokens) / 1e6
+        line, = ax.plot(millions, values.mean(0), linewidth=1.8, label=f"{name} ({len(per_seed)} seeds)")
+        ax.fill_between(millions, values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.axhline(0.98, color="black", linewidth=0.8, linestyle=":", label="issue 28's target (0.98)")
+    ax.set_xlabel("training tokens (millions of bytes)")
+    ax.set_ylabel("MoE / dense validation loss (mean over domains)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return Path(path)

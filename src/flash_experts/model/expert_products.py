@@ -32,7 +32,7 @@ def grouped_linear(x_ND: Tensor, w_EDF: Tensor, b_EF: Tensor | None, counts_E: T
     its gradient comes back in its own dtype; `b` must already be in x's dtype. `buffers` (the weight's own,
     kept by its module) lets the loop reuse memory from one training step to the next. `row_blocks` (None:
     where oneDNN compiles a kernel per shape, see ROW_BLOCK) runs the loop's products in whole row blocks plus a
-    padded tail; benchmarks/bench_expert_shapes.py pins it both ways. "auto" takes
+    padded tail; benchmarks/bench_race_step.py --exact-rows times it off. "auto" takes
     `_grouped_mm` where it is one fused kernel, else the loop: on CPU `_grouped_mm` is itself a loop of
     per-expert matmuls, and ours is at least as fast with less peak memory.
     """
@@ -90,8 +90,7 @@ def expert_slices(counts: list[int]):
 
 # oneDNN, which computes bf16 and fp16 products on CPU, compiles a kernel for each matrix shape it meets and keeps
 # the last ~1,000 in a cache. An expert's row count changes with every step's routing, so a product over exactly its
-# rows would compile a new kernel nearly every time (measured: the race's expert products 30-40% slower when the
-# counts vary than when they repeat). So on that path an expert's rows are cut into a head of whole ROW_BLOCKs,
+# rows would compile a new kernel nearly every time (BENCHMARKS.md measures the race's step both ways). So on that path an expert's rows are cut into a head of whole ROW_BLOCKs,
 # taken in place, and a tail of fewer rows, copied into scratch memory padded with zero rows to a multiple of
 # TAIL_ROWS: a product's shapes then come from a small set that stays cached. The zero rows change nothing (a
 # zero input row gives an output row nobody reads; in the weight gradient it adds zero).
@@ -191,8 +190,9 @@ class _LoopGroupedLinear(torch.autograd.Function):
         for e, rows in expert_slices(ctx.counts):
             head, tail = _split_rows(rows, blocked)
             has_head, has_tail = head.stop > head.start, tail.stop > tail.start
-            if has_tail:  # the tail's rows, padded with zero rows (module comment above)
-                x_RD, g_RF = _padded(tail_x_RD, x_ND[tail]), _padded(tail_g_RF, grad_NF[tail])
+            if has_tail:  # the tail's rows, padded with zero rows (module comment above); x only for grad_w
+                g_RF = _padded(tail_g_RF, grad_NF[tail])
+                x_RD = _padded(tail_x_RD, x_ND[tail]) if grad_w is not None else None
             if grad_x is not None:
                 w_FD = w_compute_EDF[e].t()
                 if has_head:

@@ -5,13 +5,17 @@ Both are the race's twins (`training/race.race_twins`), trained from random weig
 experts of hidden 4d/k with top-k=2 in every layer, so a token's MLP arithmetic is the same (the script computes
 both models' FLOPs per token and prints them). Each step is the trainer's (`equal_compute.training_step`:
 forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
-fp32 and bf16 autocast, each round on a new batch of random bytes (so the routing, and with it each expert's
-row count, changes from step to step as it does in training). `--wide` doubles the width (d=512). `--exact-rows`
+fp32 and bf16 autocast, each round on a new batch (so the routing, and with it each expert's row count, changes
+from step to step as it does in training). The batches are random bytes unless `--trained-steps N`: then they are
+the race's own corpus, and both twins first train N steps on it (the race's learning rate, bf16), so the timed
+steps route as the race's later steps do: an untrained router sends most bytes to a few experts (a few large
+products, cheaper than the ~1,000-row products balanced routing gives). `--wide` doubles the width (d=512). `--exact-rows`
 adds a third contender: the MoE with its expert products over exactly each expert's rows instead of row blocks
 (`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
 CPU time by operator).
 
-    python benchmarks/bench_race_step.py [--wide] [--rounds 15] [--exact-rows] [--profile] [--quick]
+    python benchmarks/bench_race_step.py [--wide] [--rounds 15] [--trained-steps 150] [--exact-rows] [--profile]
+                                         [--quick]
 
 Issue 28's target: a MoE step <= 1.10x a dense step, in fp32 and in bf16.
 """
@@ -31,6 +35,7 @@ from common import machine_description, markdown_table  # noqa: E402, I001
 import torch  # noqa: E402
 from flash_experts.training.equal_compute import training_step  # noqa: E402
 from flash_experts.training.race import RaceSettings, matmul_flops_per_token, race_twins  # noqa: E402
+from flash_experts.training.schedule import lr_at  # noqa: E402
 
 TARGET = 1.10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -48,6 +53,36 @@ def step_seconds(steps: dict, batches: list[torch.Tensor]) -> dict[str, float]:
             step(ids)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
+
+
+def trained_batches(models: dict, settings: RaceSettings, args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
+    """Train every contender `args.trained_steps` steps on the race's corpus (the race's warm-up and cosine
+    schedule, bf16 autocast, as the race trains), then return the corpus's next `args.rounds` batches and a line on
+    how balanced the MoE's routing is on them (the busiest expert's share of a layer's assignments, 1/E when
+    perfectly balanced)."""
+    import tempfile
+
+    from flash_experts.cli.race import build_corpus
+    from flash_experts.model.routing import recording_routers
+
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = build_corpus(Path(folder), args.quick)
+    for model in models.values():
+        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=True)
+        step = training_step(model, optimizer, torch.bfloat16)
+        for i in range(args.trained_steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(i, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
+                                    warmup_steps=settings.warmup_steps, max_steps=settings.steps)
+            step(corpus.train_batch(i, args.batch, args.context, settings.seed))
+    batches = [corpus.train_batch(args.trained_steps + i, args.batch, args.context, settings.seed)
+               for i in range(args.rounds)]
+    with torch.no_grad(), recording_routers(models["MoE"]) as seen:
+        models["MoE"](batches[0])
+    busiest = [float(torch.bincount(experts_TK.reshape(-1), minlength=args.experts).max() / experts_TK.numel())
+               for experts_TK, _, _ in seen.values()]
+    return batches, (f"routers trained {args.trained_steps} steps on the race's corpus; busiest expert's share per "
+                     f"layer {', '.join(f'{b:.2f}' for b in busiest)} (1/E = {1 / args.experts:.2f})")
 
 
 def profile(step, ids: torch.Tensor, rows: int = 20) -> str:
@@ -73,6 +108,8 @@ def main() -> None:
                         help="also the MoE with its expert products over exact row counts (no row blocks)")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     parser.add_argument("--profile", action="store_true", help="print the MoE step's operators by CPU time")
+    parser.add_argument("--trained-steps", type=int, default=0,
+                        help="train both twins this many steps on the race's corpus first, and time on its batches")
     parser.add_argument("--quick", action="store_true", help="tiny shapes, two rounds: a smoke run")
     args = parser.parse_args()
     width, heads = (512, 8) if args.wide else (256, 4)
@@ -88,8 +125,12 @@ def main() -> None:
         for block in models["MoE, exact rows"].transformer.h:
             block.mlp.experts.row_blocks = False
     flops = {name: matmul_flops_per_token(model, args.context) for name, model in models.items()}
-    generator = torch.Generator().manual_seed(1)
-    batches = [torch.randint(0, 256, (args.batch, args.context), generator=generator) for _ in range(args.rounds)]
+    if args.trained_steps:
+        batches, balance = trained_batches(models, settings, args)
+    else:
+        generator = torch.Generator().manual_seed(1)
+        batches = [torch.randint(0, 256, (args.batch, args.context), generator=generator) for _ in range(args.rounds)]
+        balance = "untrained routers, random bytes"
     # the trainer's AdamW: fused (one pass over the parameters; the MoE has several times the dense parameters)
     steps = {(name, precision): training_step(model, torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True), dtype)
              for precision, dtype in PRECISIONS.items() if precision in args.precisions
@@ -104,7 +145,7 @@ def main() -> None:
           f"{flops['dense'] / 1e6:.2f}M, MoE {flops['MoE'] / 1e6:.2f}M ({flops['MoE'] / flops['dense']:.3f}x); "
           f"parameters: dense {sum(p.numel() for p in models['dense'].parameters()) / 1e6:.2f}M, MoE "
           f"{sum(p.numel() for p in models['MoE'].parameters()) / 1e6:.2f}M")
-    print(f"- median of {args.rounds} interleaved steps after two warm-up steps each\n")
+    print(f"- median of {args.rounds} interleaved steps after two warm-up steps each; routing: {balance}\n")
     rows, verdicts = [], []
     tokens = args.batch * args.context
     for precision in args.precisions:

@@ -7,9 +7,10 @@ both models' FLOPs per token and prints them). Each step is the trainer's (`equa
 forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
 fp32 and bf16 autocast, each round on a new batch (so the routing, and with it each expert's row count, changes
 from step to step as it does in training). The batches are random bytes unless `--trained-steps N`: then they are
-the race's own corpus, and both twins first train N steps on it (the race's learning rate, bf16), so the timed
+the race's own corpus, and both twins first train N steps on it (the race's schedule, bf16), so the timed
 steps route as the race's later steps do: an untrained router sends most bytes to a few experts (a few large
-products, cheaper than the ~1,000-row products balanced routing gives). `--wide` doubles the width (d=512). `--exact-rows`
+products, cheaper than the ~1,000-row products balanced routing gives). `--wide` doubles the width (d=512).
+`--exact-rows`
 adds a third contender: the MoE with its expert products over exactly each expert's rows instead of row blocks
 (`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
 CPU time by operator).

@@ -10,9 +10,8 @@ from step to step as it does in training). The batches are random bytes unless `
 the race's own corpus, and both twins first train N steps on it (the race's schedule, bf16), so the timed
 steps route as the race's later steps do: an untrained router sends most bytes to a few experts (a few large
 products, cheaper than the ~1,000-row products balanced routing gives). `--wide` doubles the width (d=512).
-`--exact-rows`
-adds a third contender: the MoE with its expert products over exactly each expert's rows instead of row blocks
-(`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
+`--exact-rows` adds a third contender: the MoE with its expert products over exactly each expert's rows instead of
+row blocks (`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
 CPU time by operator).
 
     python benchmarks/bench_race_step.py [--wide] [--rounds 15] [--trained-steps 150] [--exact-rows] [--profile]

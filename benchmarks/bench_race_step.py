@@ -7,12 +7,12 @@ both models' FLOPs per token and prints them). Each step is the trainer's (`equa
 forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
 fp32 and bf16 autocast, each round on a new batch (so the routing, and with it each expert's row count, changes
 from step to step as it does in training). The batches are random bytes unless `--trained-steps N`: then they are
-the race's own corpus, and both twins first train N steps on it (the race's schedule, bf16), so the timed
+the race's own corpus, and both twins first train N steps on it (the race's optimizer and schedule, bf16), so the timed
 steps route as the race's later steps do: an untrained router sends most bytes to a few experts (a few large
 products, cheaper than the ~1,000-row products balanced routing gives). `--wide` doubles the width (d=512).
 `--exact-rows` adds a third contender: the MoE with its expert products over exactly each expert's rows instead of
-row blocks (`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes (torch.profiler,
-CPU time by operator).
+row blocks (`expert_products.ROW_BLOCK` says why blocks). `--profile` prints where the MoE step's time goes
+(torch.profiler, CPU time by operator).
 
     python benchmarks/bench_race_step.py [--wide] [--rounds 15] [--trained-steps 150] [--exact-rows] [--profile]
                                          [--quick]
@@ -34,8 +34,8 @@ from common import machine_description, markdown_table  # noqa: E402, I001
 
 import torch  # noqa: E402
 from flash_experts.training.equal_compute import training_step  # noqa: E402
-from flash_experts.training.race import RaceSettings, matmul_flops_per_token, race_twins  # noqa: E402
-from flash_experts.training.schedule import lr_at  # noqa: E402
+from flash_experts.training.race import (  # noqa: E402
+    RaceSettings, matmul_flops_per_token, race_optimizer, race_twins, set_race_lr)
 
 TARGET = 1.10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -56,8 +56,8 @@ def step_seconds(steps: dict, batches: list[torch.Tensor]) -> dict[str, float]:
 
 
 def trained_batches(models: dict, settings: RaceSettings, args: argparse.Namespace) -> tuple[list[torch.Tensor], str]:
-    """Train every contender `args.trained_steps` steps on the race's corpus (the race's warm-up and cosine
-    schedule, bf16 autocast, as the race trains), then return the corpus's next `args.rounds` batches and a line on
+    """Train every contender `args.trained_steps` steps on the race's corpus (the race's optimizer and schedule,
+    bf16 autocast, as the race trains), then return the corpus's next `args.rounds` batches and a line on
     how balanced the MoE's routing is on them (the busiest expert's share of a layer's assignments, 1/E when
     perfectly balanced)."""
     import tempfile
@@ -68,12 +68,10 @@ def trained_batches(models: dict, settings: RaceSettings, args: argparse.Namespa
     with tempfile.TemporaryDirectory() as folder:
         corpus = build_corpus(Path(folder), args.quick)
     for model in models.values():
-        optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=True)
+        optimizer = race_optimizer(model, settings)
         step = training_step(model, optimizer, torch.bfloat16)
         for i in range(args.trained_steps):
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(i, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
-                                    warmup_steps=settings.warmup_steps, max_steps=settings.steps)
+            set_race_lr(optimizer, i, settings)
             step(corpus.train_batch(i, args.batch, args.context, settings.seed))
     batches = [corpus.train_batch(args.trained_steps + i, args.batch, args.context, settings.seed)
                for i in range(args.rounds)]

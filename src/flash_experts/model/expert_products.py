@@ -90,10 +90,11 @@ def expert_slices(counts: list[int]):
 
 # oneDNN, which computes bf16 and fp16 products on CPU, compiles a kernel for each matrix shape it meets and keeps
 # the last ~1,000 in a cache. An expert's row count changes with every step's routing, so a product over exactly its
-# rows would compile a new kernel nearly every time (BENCHMARKS.md measures the race's step both ways). So on that path an expert's rows are cut into a head of whole ROW_BLOCKs,
-# taken in place, and a tail of fewer rows, copied into scratch memory padded with zero rows to a multiple of
-# TAIL_ROWS: a product's shapes then come from a small set that stays cached. The zero rows change nothing (a
-# zero input row gives an output row nobody reads; in the weight gradient it adds zero).
+# rows would compile a new kernel nearly every time (BENCHMARKS.md measures the race's step both ways). So on that
+# path an expert's rows are cut into a head of whole ROW_BLOCKs, taken in place, and a tail of fewer rows, copied
+# into scratch memory padded with zero rows to a multiple of TAIL_ROWS: a product's shapes then come from a small
+# set that stays cached. The zero rows change nothing (a zero input row gives an output row nobody reads; in the
+# weight gradient it adds zero).
 ROW_BLOCK = 64
 TAIL_ROWS = 16
 

@@ -226,6 +226,21 @@ def evaluate_domains(model: torch.nn.Module, windows: dict[str, torch.Tensor], d
     return losses
 
 
+def race_optimizer(model: torch.nn.Module, settings: RaceSettings) -> torch.optim.AdamW:
+    """The race's optimizer for one twin: fused AdamW, betas (0.9, 0.95), weight decay on the matrices only
+    (the trainer's `optimizer_groups`); `set_race_lr` sets its rate at each step."""
+    return torch.optim.AdamW(optimizer_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95),
+                             fused=True)
+
+
+def set_race_lr(optimizer: torch.optim.Optimizer, step: int, settings: RaceSettings) -> None:
+    """The race's learning rate at `step` (warm-up, then cosine to min_lr_ratio x lr over settings.steps)."""
+    rate = lr_at(step, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
+                 warmup_steps=settings.warmup_steps, max_steps=settings.steps)
+    for group in optimizer.param_groups:
+        group["lr"] = rate * group["lr_scale"]
+
+
 def run_race(settings: RaceSettings, corpus: DomainCorpus,
              on_evaluation: Callable[[Evaluation], None] | None = None,
              should_stop: Callable[[], bool] | None = None, contenders: tuple[str, ...] = CONTENDERS,
@@ -245,8 +260,7 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
     optimizers, steps = {}, {}
     for name, model in models.items():
         model.train()
-        optimizers[name] = torch.optim.AdamW(optimizer_groups(model, settings.weight_decay), lr=settings.lr,
-                                             betas=(0.9, 0.95), fused=True)
+        optimizers[name] = race_optimizer(model, settings)
         steps[name] = training_step(model, optimizers[name], settings.torch_dtype)
     result = RaceResult(
         settings=asdict(settings),
@@ -267,13 +281,10 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
 
     evaluate(0)
     for step in range(settings.steps):
-        rate = lr_at(step, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
-                     warmup_steps=settings.warmup_steps, max_steps=settings.steps)
         ids = corpus.train_batch(step, settings.batch_size, settings.context, settings.seed)
         order = tuple(models) if step % 2 == 0 else tuple(models)[::-1]
         for name in order:
-            for group in optimizers[name].param_groups:
-                group["lr"] = rate * group["lr_scale"]
+            set_race_lr(optimizers[name], step, settings)
             start = time.perf_counter()
             loss = steps[name](ids)
             seconds = time.perf_counter() - start

@@ -35,11 +35,13 @@ from flash_experts.training.plots import plot_race_recipes  # noqa: E402
 from flash_experts.training.race import RaceSettings, run_race, score_on_test  # noqa: E402
 
 RECIPES = {
-    "baseline": {},  # 8 experts of 4d/2, top-2, every layer, balancing 0.01, z 0.001
+    "baseline": {},  # 8 experts of 4d/2, top-2, every layer, balancing 0.01, z 0.001, Mixtral's router gradient
     "fine": dict(experts=16, top_k=4),  # finer granularity: 16 experts of 4d/4, top-4
     "shared": dict(experts=16, top_k=3, shared_experts=1),  # DeepSeekMoE: 1 shared + top-3 of 16, each 4d/4
     "every_other": dict(moe_layers="every_other"),  # GShard/Switch: MoE in layers 1, 3; dense MLPs elsewhere
-    "top1": dict(top_k=1),  # Switch: 8 experts of 4d, top-1
+    "many": dict(experts=16),  # twice the experts at the same FLOPs: 16 of 4d/2, top-2 (Switch: more experts, more params)
+    "held_sum": dict(renormalize_through_sum=False),  # the baseline with the Switch router gradient (before 2026-12-04)
+    "top1": dict(top_k=1, renormalize_through_sum=False),  # Switch: 8 experts of 4d, top-1
     "light_balance": dict(aux_loss=0.001, z_loss=0.0001),  # a tenth of both router losses
 }
 

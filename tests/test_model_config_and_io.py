@@ -28,6 +28,9 @@ BASE = dict(n_layer=4, n_embd=32, n_head=4, vocab_size=128, n_positions=64)
     (dict(moe_intermediate_size=2.5), "moe_intermediate_size"),
     (dict(shared_expert_intermediate_size=-1), "shared_expert_intermediate_size"),
     (dict(n_head=5), "n_head"),
+    (dict(top_k=1, renormalize_through_sum=True), "renormalize_through_sum"),  # top-1: p / p, no gradient
+    (dict(top_k=2, normalize_top_k=False, renormalize_through_sum=True), "renormalize_through_sum"),
+    (dict(top_k=2, renormalize_through_sum=1), "renormalize_through_sum"),
 ])
 def test_invalid_settings_raise_value_error_naming_the_field(overrides, field):
     with pytest.raises(ValueError, match=field):

@@ -234,13 +234,15 @@ def _expert_outputs_float64(layer: MoELayer, x_TD: torch.Tensor) -> torch.Tensor
 
 
 @pytest.mark.parametrize("gated", [False, True])
-@pytest.mark.parametrize("top_k", [1, 2])
-def test_router_gradient_matches_finite_differences_of_the_intended_formula(top_k, gated):
+@pytest.mark.parametrize("top_k, through_sum", [(1, False), (2, False), (2, True)])
+def test_router_gradient_matches_finite_differences_of_the_intended_formula(top_k, through_sum, gated):
     """Reference: central finite differences in float64 of the estimator's formula, written out here:
     out_t = sum over the chosen experts k of p_tk(W) / S_t * y_k(x_t), where p = softmax(x W^T), the top-k
     choice and S_t = sum_k p_tk are held at their values at W (the forward renormalises; the gradient flows
-    through p alone). The loss is <out, R> for a fixed random R."""
+    through p alone). With `renormalize_through_sum`, S_t = sum_k p_tk(W) moves with W (HF Mixtral's
+    gradient). The loss is <out, R> for a fixed random R."""
     layer = make_layer(4, top_k, 0.0, gated, seed=3)
+    layer.router.through_sum = through_sum
     x_TD = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(7))
     R = torch.randn(1, 9, 16, generator=torch.Generator().manual_seed(8))
     out, _ = layer(x_TD)
@@ -256,7 +258,8 @@ def test_router_gradient_matches_finite_differences_of_the_intended_formula(top_
         S_T1 = probs0.gather(1, chosen_TK).sum(1, keepdim=True)
 
     def loss(W: torch.Tensor) -> float:
-        p_TK = torch.softmax(x64 @ W.T, dim=-1).gather(1, chosen_TK) / S_T1
+        p_TK = torch.softmax(x64 @ W.T, dim=-1).gather(1, chosen_TK)
+        p_TK = p_TK / (p_TK.sum(1, keepdim=True) if through_sum else S_T1)
         y_TKD = y_TED.gather(1, chosen_TK[..., None].expand(-1, -1, y_TED.shape[-1]))
         return float(((p_TK[..., None] * y_TKD).sum(1) * R64).sum())
 

@@ -106,11 +106,12 @@ RECIPES = [  # the race's recipes (benchmarks/race_seeds.py): every one keeps th
     dict(experts=8, top_k=4),  # finer: experts of 4d/4
     dict(experts=8, top_k=3, shared_experts=1),  # a shared expert and top-3 routed, each 4d/4
     dict(layers=4, moe_layers="every_other"),  # MoE in layers 1 and 3, dense MLPs of 4d in 0 and 2
-    dict(top_k=1),  # Switch: experts of 4d, top-1
+    dict(top_k=1, renormalize_through_sum=False),  # Switch: experts of 4d, top-1 (its gradient: the held sum)
+    dict(experts=8),  # twice the experts (and expert parameters) of TINY, top-2 of 4d/2 each
 ]
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=["baseline", "fine", "shared", "every_other", "top1"])
+@pytest.mark.parametrize("recipe", RECIPES, ids=["baseline", "fine", "shared", "every_other", "top1", "many"])
 def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter(recipe):
     settings = RaceSettings(**{**TINY, **recipe})
     twins = race_twins(settings)
@@ -244,6 +245,7 @@ def test_a_tiny_race_trains_both_on_the_same_batches_and_scores_every_domain():
     (["--shared-experts", "-1"], "shared_experts must be a non-negative integer"),
     (["--top-k", "2", "--shared-experts", "1", "--width", "20", "--heads", "4"], "does not split into top_k + shared"),
     (["--moe-layers", "every_other", "--layers", "1"], "at least 2 layers"),
+    (["--top-k", "1", "--router-gradient", "through-sum"], "needs top_k >= 2"),
 ])
 def test_bad_arguments_are_one_error_line(argv, message, tmp_path, capsys):
     assert main(["race", "--out", str(tmp_path / "r"), *argv]) == 2
@@ -272,3 +274,13 @@ def test_an_interrupted_race_evaluates_where_it_stopped_and_still_scores_the_tes
     assert result.stopped == "interrupted at step 1"
     assert [e.step for e in result.evaluations] == [0, 1]
     assert set(result.test) == {"dense", "moe"}
+
+
+def test_the_router_gradient_setting_reaches_every_router_and_is_saved():
+    """Reference: the setting itself (RaceSettings -> the twin's config -> each MoE layer's router); the gradient
+    it selects is tested against finite differences in tests/test_moe_layer.py."""
+    for through_sum in (False, True):
+        moe = race_twins(RaceSettings(**TINY, renormalize_through_sum=through_sum))["moe"]
+        routers = [block.mlp.router for block in moe.transformer.h if block.is_moe]
+        assert routers and all(router.through_sum is through_sum for router in routers)
+        assert moe.config.renormalize_through_sum is through_sum

@@ -55,6 +55,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--heads", type=int, default=None, help="attention heads, dividing the width (default 4)")
     parser.add_argument("--aux-loss", type=float, default=None, help="Switch balancing loss weight (default 0.01)")
     parser.add_argument("--z-loss", type=float, default=None, help="router z-loss weight (default 0.001)")
+    parser.add_argument("--router-gradient", choices=("held-sum", "through-sum"), default=None,
+                        help="how the router learns from the top-k weights' renormalising sum: differentiated (HF "
+                             "Mixtral's gradient; the default for top-k >= 2) or held constant (the Switch gradient; "
+                             "the default for top-1)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of both (default 2e-3)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 50)")
     parser.add_argument("--seed", type=int, default=1337)
@@ -75,6 +79,10 @@ def race_settings(args: argparse.Namespace):
     given = {name: getattr(args, name) for name in ("steps", "experts", "top_k", "shared_experts", "moe_layers", "width",
                                                     "layers", "heads", "aux_loss", "z_loss", "lr", "eval_every")
              if getattr(args, name) is not None}
+    if args.router_gradient is not None:
+        given["renormalize_through_sum"] = args.router_gradient == "through-sum"
+    elif given.get("top_k", (QUICK if args.quick else {}).get("top_k", 2)) < 2:
+        given["renormalize_through_sum"] = False  # top-1 through the sum would be p / p = 1: no router gradient
     settings = RaceSettings(**{**(QUICK if args.quick else {}), **given}, seed=args.seed,
                             dtype=resolve_precision(args.dtype, "cpu"))
     if settings.experts < 2:
@@ -84,10 +92,11 @@ def race_settings(args: argparse.Namespace):
 
 
 def recipe(s: Any) -> str:
-    """The MoE twin in words: "8 experts of 512, top-2, every layer"."""
+    """The MoE twin in words: "8 experts of 512, top-2, every layer, Mixtral router gradient"."""
     shared = f" + {s.shared_experts} shared" if s.shared_experts else ""
     where = "every layer" if s.moe_layers == "all" else "every other layer"
-    return f"{s.experts} experts of {s.expert_hidden}, top-{s.top_k}{shared}, {where}"
+    gradient = "Mixtral" if s.renormalize_through_sum else "Switch"  # the top-k sum differentiated, or held
+    return f"{s.experts} experts of {s.expert_hidden}, top-{s.top_k}{shared}, {where}, {gradient} router gradient"
 
 
 def build_corpus(out: Path, quick: bool):

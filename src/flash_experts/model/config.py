@@ -79,9 +79,13 @@ def validate_moe_fields(config: Any, num_layers: int | None) -> None:
     shared = config.shared_expert_intermediate_size
     if not is_int(shared) or shared < 0:
         raise ConfigError(f"shared_expert_intermediate_size must be an integer >= 0 (got {shared!r})")
-    for name in ("normalize_top_k", "router_detach_input"):
+    for name in ("normalize_top_k", "router_detach_input", "renormalize_through_sum"):
         if not isinstance(getattr(config, name), bool):
             raise ConfigError(f"{name} must be true or false (got {getattr(config, name)!r})")
+    if config.renormalize_through_sum and (top_k < 2 or not config.normalize_top_k):
+        # top-1 through the sum is p / p = 1: the router would get no gradient from the language-model loss
+        raise ConfigError(f"renormalize_through_sum needs normalize_top_k and num_experts_per_tok >= 2 (got top-{top_k}, "
+                          f"normalize_top_k {config.normalize_top_k}): top-1's weight would be p / p = 1, no gradient")
     attention = getattr(config, "attention_implementation", "auto")  # the trainer keeps it in model.attention
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ConfigError(

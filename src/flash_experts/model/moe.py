@@ -49,6 +49,10 @@ class MoESettings:
     router_detach_input: bool = False
     capacity_factor: float = 0.0  # 0 = dropless; else each expert takes ceil(factor * T * K / E) assignments
     normalize_top_k: bool = True  # the K weights sum to 1: an upcycled model then equals its dense source
+    # With top-k >= 2, whether the gradient flows through that sum (HF Mixtral's gradient: the chosen experts
+    # compete, only their relative weights learn) or sees it held constant (the default: each chosen expert's
+    # probability is pushed by its own output, the Switch gradient; see Router). Same forward either way.
+    renormalize_through_sum: bool = False
     # Each expert's hidden size; None = the model's MLP size, as upcycling needs (experts are copies of the MLP).
     # Smaller experts, more of them and a larger top-k = finer granularity at the same arithmetic (DeepSeekMoE);
     # the model's dense layers keep the MLP size. (Qwen2-MoE's and DeepSeek's name.)
@@ -87,6 +91,7 @@ class Router(nn.Module):
         self.top_k = settings.num_experts_per_tok
         self.jitter = settings.router_jitter
         self.normalize_top_k = settings.normalize_top_k
+        self.through_sum = settings.renormalize_through_sum
         self.detach_input = settings.router_detach_input
 
     def forward(self, x_TD: Tensor) -> Routing:
@@ -106,7 +111,9 @@ class Router(nn.Module):
             # whose derivative is 0: the router would learn nothing from the language-model loss. With the sum
             # held constant the gradient is the Switch Transformer's (output p * expert(x), d/dp = expert(x)),
             # scaled by 1/sum_j p_j; for top-1 this is "p / stop_gradient(p)", forward value exactly 1.
-            weights_TK = weights_TK / weights_TK.sum(dim=-1, keepdim=True).detach()
+            # `renormalize_through_sum` (top-k >= 2 only) divides by the live sum instead: Mixtral's gradient.
+            total_TK = weights_TK.sum(dim=-1, keepdim=True)
+            weights_TK = weights_TK / (total_TK if self.through_sum else total_TK.detach())
         return Routing(weights_TK, experts_TK, logits_TE, probs_TE)
 
 

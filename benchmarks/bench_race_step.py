@@ -115,7 +115,7 @@ def main() -> None:
         width, heads, args.layers, args.context, args.batch, args.rounds = 64, 2, 2, 32, 4, 2
 
     settings = RaceSettings(width=width, layers=args.layers, heads=heads, context=args.context, batch_size=args.batch,
-                            experts=args.experts, top_k=args.top_k, renormalize_through_sum=args.top_k >= 2, seed=0)
+                            experts=args.experts, top_k=args.top_k, seed=0)
     twins = race_twins(settings)
     models = {"dense": twins["dense"].train(), "MoE": twins["moe"].train()}
     if args.exact_rows:

@@ -41,7 +41,7 @@ RECIPES = {
     "every_other": dict(moe_layers="every_other"),  # GShard/Switch: MoE in layers 1, 3; dense MLPs elsewhere
     "many": dict(experts=16),  # twice the experts at the same FLOPs: 16 of 4d/2, top-2 (Switch: more experts, more params)
     "held_sum": dict(renormalize_through_sum=False),  # the baseline with the Switch router gradient (before 2026-12-04)
-    "top1": dict(top_k=1, renormalize_through_sum=False),  # Switch: 8 experts of 4d, top-1
+    "top1": dict(top_k=1),  # Switch: 8 experts of 4d, top-1 (and its router gradient, the held sum)
     "light_balance": dict(aux_loss=0.001, z_loss=0.0001),  # a tenth of both router losses
 }
 

@@ -106,7 +106,7 @@ RECIPES = [  # the race's recipes (benchmarks/race_seeds.py): every one keeps th
     dict(experts=8, top_k=4),  # finer: experts of 4d/4
     dict(experts=8, top_k=3, shared_experts=1),  # a shared expert and top-3 routed, each 4d/4
     dict(layers=4, moe_layers="every_other"),  # MoE in layers 1 and 3, dense MLPs of 4d in 0 and 2
-    dict(top_k=1, renormalize_through_sum=False),  # Switch: experts of 4d, top-1 (its gradient: the held sum)
+    dict(top_k=1),  # Switch: experts of 4d, top-1 (its router gradient: the held sum)
     dict(experts=8),  # twice the experts (and expert parameters) of TINY, top-2 of 4d/2 each
 ]
 
@@ -279,8 +279,8 @@ def test_an_interrupted_race_evaluates_where_it_stopped_and_still_scores_the_tes
 def test_the_router_gradient_setting_reaches_every_router_and_is_saved():
     """Reference: the setting itself (RaceSettings -> the twin's config -> each MoE layer's router); the gradient
     it selects is tested against finite differences in tests/test_moe_layer.py."""
-    for through_sum in (False, True):
-        moe = race_twins(RaceSettings(**TINY, renormalize_through_sum=through_sum))["moe"]
+    for given, top_k, through_sum in ((False, 2, False), (True, 2, True), (None, 2, True), (None, 1, False)):
+        moe = race_twins(RaceSettings(**{**TINY, "top_k": top_k}, renormalize_through_sum=given))["moe"]
         routers = [block.mlp.router for block in moe.transformer.h if block.is_moe]
         assert routers and all(router.through_sum is through_sum for router in routers)
         assert moe.config.renormalize_through_sum is through_sum

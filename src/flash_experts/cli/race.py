@@ -81,8 +81,6 @@ def race_settings(args: argparse.Namespace):
              if getattr(args, name) is not None}
     if args.router_gradient is not None:
         given["renormalize_through_sum"] = args.router_gradient == "through-sum"
-    elif given.get("top_k", (QUICK if args.quick else {}).get("top_k", 2)) < 2:
-        given["renormalize_through_sum"] = False  # top-1 through the sum would be p / p = 1: no router gradient
     settings = RaceSettings(**{**(QUICK if args.quick else {}), **given}, seed=args.seed,
                             dtype=resolve_precision(args.dtype, "cpu"))
     if settings.experts < 2:
@@ -95,7 +93,7 @@ def recipe(s: Any) -> str:
     """The MoE twin in words: "8 experts of 512, top-2, every layer, Mixtral router gradient"."""
     shared = f" + {s.shared_experts} shared" if s.shared_experts else ""
     where = "every layer" if s.moe_layers == "all" else "every other layer"
-    gradient = "Mixtral" if s.renormalize_through_sum else "Switch"  # the top-k sum differentiated, or held
+    gradient = "Mixtral" if s.through_sum else "Switch"  # the top-k sum differentiated, or held
     return f"{s.experts} experts of {s.expert_hidden}, top-{s.top_k}{shared}, {where}, {gradient} router gradient"
 
 

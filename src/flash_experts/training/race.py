@@ -49,9 +49,10 @@ class RaceSettings:
     aux_loss: float = 0.01  # Switch load-balancing loss weight
     z_loss: float = 0.001  # ST-MoE router z-loss weight
     # the top-k weights' renormalising sum differentiated (HF Mixtral's router gradient) or held constant (the
-    # Switch gradient, the library's default; top-1 needs it): model/moe.py `MoESettings.renormalize_through_sum`.
-    # Chosen on validation at three seeds (docs/FROM_SCRATCH.md): the MoE's lead over the dense twin grew 1.5-3%.
-    renormalize_through_sum: bool = True
+    # Switch gradient, the library's default): model/moe.py `MoESettings.renormalize_through_sum`. None: through
+    # the sum for top-k >= 2, chosen on validation at three seeds (docs/FROM_SCRATCH.md: the MoE's lead over the
+    # dense twin grew 0.2-3%), held for top-1 (p / p = 1 has no gradient).
+    renormalize_through_sum: bool | None = None
     steps: int = 800
     lr: float = 2e-3
     min_lr_ratio: float = 0.1
@@ -86,7 +87,7 @@ class RaceSettings:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
         if self.aux_loss < 0 or self.z_loss < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError("aux_loss, z_loss, weight_decay and warmup_steps must not be negative")
-        if self.renormalize_through_sum and self.top_k < 2:
+        if self.renormalize_through_sum is True and self.top_k < 2:
             raise ConfigError("renormalizing through the sum needs top_k >= 2 (top-1's weight would be p / p = 1, "
                               "no gradient for the router): use the held sum")
         if self.dtype not in ("fp32", "bf16"):
@@ -96,6 +97,11 @@ class RaceSettings:
     def expert_hidden(self) -> int:
         """Each expert's hidden size: the dense MLP's 4 x width split over the experts a byte goes through."""
         return 4 * self.width // (self.top_k + self.shared_experts)
+
+    @property
+    def through_sum(self) -> bool:
+        """Whether the router's gradient goes through the top-k sum (`renormalize_through_sum`, None resolved)."""
+        return self.top_k >= 2 if self.renormalize_through_sum is None else self.renormalize_through_sum
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -117,7 +123,7 @@ def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
         n_inner=4 * s.width, moe_intermediate_size=s.expert_hidden, num_experts=s.experts,
         num_experts_per_tok=s.top_k, shared_expert_intermediate_size=s.shared_experts * s.expert_hidden,
         moe_layers=s.moe_layers, router_aux_loss_coef=s.aux_loss, router_z_loss_coef=s.z_loss,
-        renormalize_through_sum=s.renormalize_through_sum, **common))
+        renormalize_through_sum=s.through_sum, **common))
     return {"dense": dense, "moe": moe}
 
 

@@ -136,6 +136,15 @@ class CausalLMForward:
         )
         return self.backbone(input_ids, position_ids, key_padding_mask, cache)
 
+    def flops_per_token(self, context: int, training: bool = False) -> float:
+        """Matrix-product FLOPs per token of windows of `context` tokens: the forward's (model/flops.py says
+        what is counted), or with `training` the whole step's (forward and backward, 3x). A contest at equal
+        compute (flash_experts/contest) budgets its contenders with it."""
+        from flash_experts.model.flops import TRAINING_MULTIPLE, forward_flops_per_token
+
+        forward = forward_flops_per_token(self, context)
+        return TRAINING_MULTIPLE * forward if training else forward
+
     def save_pretrained(self, save_directory: str | Path, *args: object, **kwargs: object) -> None:
         """transformers' `save_pretrained`, plus the modeling code and `auto_map` (see `remote_code`), so the
         folder loads with `trust_remote_code=True` where this package is not installed."""

@@ -1,9 +1,9 @@
 """The from-scratch race's training step: a small byte-level GPT against its iso-FLOP MoE twin (issue 28).
 
-Both are the race's twins (`training/race.race_twins`), trained from random weights as the race trains them: vocabulary 256 (bytes),
+Both are the race's twins (`contest/race.race_twins`), trained from random weights as the race trains them: vocabulary 256 (bytes),
 4 layers, d=256, 4 heads, context 128, batch 32. The dense twin's MLP has hidden size 4d; the MoE twin has E=8
 experts of hidden 4d/k with top-k=2 in every layer, so a token's MLP arithmetic is the same (the script computes
-both models' FLOPs per token and prints them). Each step is the trainer's (`equal_compute.training_step`:
+both models' FLOPs per token and prints them). Each step is the trainer's (`training/steps.training_step`:
 forward, loss with the router losses, backward, clipping folded into fused AdamW), timed in interleaved rounds,
 fp32 and bf16 autocast, each round on a new batch (so the routing, and with it each expert's row count, changes
 from step to step as it does in training). The batches are random bytes unless `--trained-steps N`: then they are
@@ -33,9 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402, I001
 
 import torch  # noqa: E402
-from flash_experts.training.equal_compute import training_step  # noqa: E402
-from flash_experts.training.race import (  # noqa: E402
-    RaceSettings, matmul_flops_per_token, race_optimizer, race_twins, set_race_lr)
+from flash_experts.contest.race import RaceSettings, build_corpus, race_optimizer, race_twins  # noqa: E402
+from flash_experts.training.optimizer import set_scheduled_lr  # noqa: E402
+from flash_experts.training.steps import training_step  # noqa: E402
 
 TARGET = 1.10
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -62,7 +62,6 @@ def trained_batches(models: dict, settings: RaceSettings, args: argparse.Namespa
     perfectly balanced)."""
     import tempfile
 
-    from flash_experts.cli.race import build_corpus
     from flash_experts.model.routing import recording_routers
 
     with tempfile.TemporaryDirectory() as folder:
@@ -71,7 +70,7 @@ def trained_batches(models: dict, settings: RaceSettings, args: argparse.Namespa
         optimizer = race_optimizer(model, settings)
         step = training_step(model, optimizer, torch.bfloat16)
         for i in range(args.trained_steps):
-            set_race_lr(optimizer, i, settings)
+            set_scheduled_lr(optimizer, i, settings.optim())
             step(corpus.train_batch(i, args.batch, args.context, settings.seed))
     batches = [corpus.train_batch(args.trained_steps + i, args.batch, args.context, settings.seed)
                for i in range(args.rounds)]
@@ -115,14 +114,14 @@ def main() -> None:
         width, heads, args.layers, args.context, args.batch, args.rounds = 64, 2, 2, 32, 4, 2
 
     settings = RaceSettings(width=width, layers=args.layers, heads=heads, context=args.context, batch_size=args.batch,
-                            experts=args.experts, top_k=args.top_k, seed=0)
+                            num_experts=args.experts, num_experts_per_tok=args.top_k, seed=0)
     twins = race_twins(settings)
     models = {"dense": twins["dense"].train(), "MoE": twins["moe"].train()}
     if args.exact_rows:
         models["MoE, exact rows"] = race_twins(settings)["moe"].train()
         for block in models["MoE, exact rows"].transformer.h:
             block.mlp.experts.row_blocks = False
-    flops = {name: matmul_flops_per_token(model, args.context) for name, model in models.items()}
+    flops = {name: model.flops_per_token(args.context) for name, model in models.items()}
     if args.trained_steps:
         batches, balance = trained_batches(models, settings, args)
     else:

@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved_medians, machine_description, markdown_table, mib, peak_memory, run_worker, time_call  # noqa: E402
-from flash_experts.training.equal_compute import training_step  # noqa: E402
+from flash_experts.training.steps import training_step  # noqa: E402
 
 # ------------------------------------------------------------------------------------------------ data
 

@@ -8,17 +8,18 @@ import statistics
 import time
 from typing import Callable
 
-import torch
-
-# As the command line does (cli/main.py), so that the figures are those of what the trainer runs: huge pages and
-# malloc's reuse (flash_experts/cpu_memory.py). torch reads THP_MEM_ALLOC_ENABLE at its first large allocation,
-# which comes after this import in every benchmark; the environment still overrides both.
-from flash_experts.cpu_memory import keep_cpu_memory_between_steps  # noqa: E402
+# As the command line does (cli/main.py), before torch loads, so that the figures are those of what the trainer
+# runs: huge pages and malloc's reuse, and OpenMP's waiting threads that sleep (flash_experts/cpu_memory.py). The
+# environment still overrides each.
+from flash_experts.cpu_memory import keep_cpu_memory_between_steps, share_cores_while_waiting
 
 KEEPS_MEMORY = keep_cpu_memory_between_steps()
+share_cores_while_waiting()
+
+import torch  # noqa: E402
 
 # One home for side-by-side timing: the library's (the demo's equal-compute plan uses it too).
-from flash_experts.training.equal_compute import interleaved_medians, sync  # noqa: E402, F401
+from flash_experts.training.steps import interleaved_medians, sync  # noqa: E402, F401
 
 
 def time_call(fn: Callable[[], object], device: str = "cpu", warmup: int = 2, repeats: int = 5) -> float:

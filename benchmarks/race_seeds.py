@@ -1,6 +1,6 @@
 """The from-scratch race at several seeds and MoE recipes: chosen on validation, the choice scored once on test.
 
-For each seed, the dense twin is trained once and the MoE twin once per recipe (`training/race.run_race`, the
+For each seed, the dense twin is trained once and the MoE twin once per recipe (`contest/race.run_race`, the
 race `flash-experts race` runs, on its corpus: every run sees the same batches at the same steps). Prints, per
 recipe, MoE / dense validation loss at equal tokens (the last evaluation) per domain for each seed, the mean and
 standard deviation over seeds, and issue 28's verdict (the MoE at most 0.98x the dense model in every domain at
@@ -29,20 +29,29 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
-from flash_experts.cli.race import QUICK, TARGET_RATIO, build_corpus, recipe  # noqa: E402
+from flash_experts.contest.race import (  # noqa: E402
+    QUICK,
+    TARGET_RATIO,
+    RaceSettings,
+    build_corpus,
+    run_race,
+    score_on_test,
+)
+from flash_experts.errors import UserError, report_errors  # noqa: E402
 from flash_experts.training.config import resolve_precision  # noqa: E402
 from flash_experts.training.plots import plot_race_recipes  # noqa: E402
-from flash_experts.training.race import RaceSettings, run_race, score_on_test  # noqa: E402
 
 RECIPES = {
     "baseline": {},  # 8 experts of 4d/2, top-2, every layer, balancing 0.01, z 0.001, Mixtral's router gradient
-    "fine": dict(experts=16, top_k=4),  # finer granularity: 16 experts of 4d/4, top-4
-    "shared": dict(experts=16, top_k=3, shared_experts=1),  # DeepSeekMoE: 1 shared + top-3 of 16, each 4d/4
+    "fine": dict(num_experts=16, num_experts_per_tok=4),  # finer granularity: 16 experts of 4d/4, top-4
+    # DeepSeekMoE: 1 shared + top-3 of 16, each 4d/4
+    "shared": dict(num_experts=16, num_experts_per_tok=3, shared_experts=1),
     "every_other": dict(moe_layers="every_other"),  # GShard/Switch: MoE in layers 1, 3; dense MLPs elsewhere
-    "many": dict(experts=16),  # twice the experts at the same FLOPs: 16 of 4d/2, top-2 (Switch: more experts, more params)
+    "many": dict(num_experts=16),  # twice the experts at the same FLOPs: 16 of 4d/2, top-2 (Switch: more experts, more params)
     "held_sum": dict(renormalize_through_sum=False),  # the baseline with the Switch router gradient (before 2026-12-04)
-    "top1": dict(top_k=1),  # Switch: 8 experts of 4d, top-1 (and its router gradient, the held sum)
-    "light_balance": dict(aux_loss=0.001, z_loss=0.0001),  # a tenth of both router losses
+    "top1": dict(num_experts_per_tok=1),  # Switch: 8 experts of 4d, top-1 (and its router gradient, the held sum)
+    # a tenth of both router losses
+    "light_balance": dict(router_aux_loss_coef=0.001, router_z_loss_coef=0.0001),
 }
 
 
@@ -54,15 +63,22 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/race_seeds"), help="folder for the JSON and the PNG")
     parser.add_argument("--quick", action="store_true", help="the race's --quick shapes")
     args = parser.parse_args()
-    base = {**(QUICK if args.quick else {}), **({"steps": args.steps} if args.steps else {})}
-    with tempfile.TemporaryDirectory() as folder:
-        corpus = build_corpus(Path(folder), args.quick)
-    domains = corpus.domains
+    # every argument checked before any work (the corpus takes a minute to build)
+    if args.steps is not None and args.steps < 1:
+        raise UserError(f"--steps must be >= 1, got {args.steps}")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds must be distinct, got {args.seeds}")
+    if args.out.exists() and not args.out.is_dir():
+        raise UserError(f"--out {args.out} is a file, not a folder")
+    base = {**(QUICK if args.quick else {}), **({"steps": args.steps} if args.steps is not None else {})}
     dtype = resolve_precision("auto", "cpu")
     settings = {(name, seed): RaceSettings(**{**base, **RECIPES[name]}, seed=seed, dtype=dtype)
                 for name in args.recipes for seed in args.seeds}
     for s in settings.values():
         s.check()
+    with tempfile.TemporaryDirectory() as folder:
+        corpus = build_corpus(Path(folder), args.quick)
+    domains = corpus.domains
     started = time.perf_counter()
     dense, moe, ratios, costs, flops = {}, {}, {}, {}, {}
     for seed in args.seeds:
@@ -100,7 +116,7 @@ def main() -> None:
     print(markdown_table(["recipe", "seed", *domains, "MoE s / dense s"], rows))
     print("\nRecipes (FLOPs per token / the dense twin's):")
     for name in args.recipes:
-        print(f"- {name}: {recipe(settings[(name, args.seeds[0])])} ({flops[name]:.3f}x)")
+        print(f"- {name}: {settings[(name, args.seeds[0])].recipe_words()} ({flops[name]:.3f}x)")
     for name in args.recipes:
         worst = {d: max(ratios[(name, seed)][d] for seed in args.seeds) for d in domains}
         met = all(w <= TARGET_RATIO for w in worst.values())
@@ -142,4 +158,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(report_errors(main))

@@ -37,8 +37,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
 from flash_experts.evaluation.perplexity import split_bits_per_character  # noqa: E402
-from flash_experts.training.equal_compute import measure_step_seconds  # noqa: E402
 from flash_experts.training.plots import plot_validation_vs_compute, validation_curve  # noqa: E402
+from flash_experts.training.steps import measure_step_seconds  # noqa: E402
 
 
 @dataclass
@@ -185,7 +185,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="two recipes, tiny budget: a smoke test")
     args = parser.parse_args()
 
-    from flash_experts.cli.demo import prepare_mtg_names
+    from flash_experts.contest.upcycling import prepare_mtg_names
     from flash_experts.model.loading import base_tokenizer, load_model
     from flash_experts.training.trainer import train
 
@@ -201,7 +201,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.data == "mtg":
-        data_dir, reference, test_documents = prepare_mtg_names(base_tokenizer(args.base), out / "data")
+        data_dir, reference, test_documents, _ = prepare_mtg_names(base_tokenizer(args.base), out / "data")
     else:
         data_dir, test_documents = prepare_wikipedia(base_tokenizer(args.base), out / "data")
         reference, args.names = [], 0

@@ -20,10 +20,14 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, NoReturn
 
-# The command line's module first: it sets torch's allocator environment before torch loads, and it turns
-# errors into one line exactly as the `flash-experts` verbs do.
-from flash_experts.cli.main import report_errors
-from flash_experts.errors import UserError
+# Before torch loads, the process set up as the command line sets it up (cpu_memory.py); errors turned into one
+# line exactly as the `flash-experts` verbs turn them (errors.py `report_errors`).
+from flash_experts.cpu_memory import keep_cpu_memory_between_steps, share_cores_while_waiting
+
+keep_cpu_memory_between_steps()
+share_cores_while_waiting()
+
+from flash_experts.errors import UserError, report_errors  # noqa: E402
 
 DATA = Path("data")
 MODELS = Path("models")

@@ -25,8 +25,8 @@ from common import CONFIGS, MTG_DATA, MTG_MODEL, laptop_defaults, main, refuse_t
 
 
 def laptop_recipe() -> list[str]:
-    """The demo's MoE recipe (flash_experts/cli/demo.py), at a laptop's step count."""
-    from flash_experts.cli.demo import ROUTER_AUX_LOSS_COEF, ROUTER_LR_SCALE
+    """The demo's MoE recipe (flash_experts/contest/defaults.py), at a laptop's step count."""
+    from flash_experts.contest.defaults import ROUTER_AUX_LOSS_COEF, ROUTER_LR_SCALE
 
     return ["moe.num_experts=4", "moe.num_experts_per_tok=1", "moe.expert_noise=0", "model.train=all",
             f"moe.router_aux_loss_coef={ROUTER_AUX_LOSS_COEF}", f"optim.router_lr_scale={ROUTER_LR_SCALE}",
@@ -79,9 +79,11 @@ def finetune() -> None:
     print(f"{result.stopped}: {result.steps} steps, {result.tokens:,} tokens in {result.seconds / 60:.1f} min; "
           f"validation perplexity {before} -> {result.best_val_ppl:.2f} (best, step {result.best_step})")
     if cfg.moe is not None:  # what the routers learned, as the demo prints it
-        from flash_experts.cli.demo import expert_atlas_of, print_routing
+        from flash_experts.contest.upcycling import expert_atlas_of, routing_lines, save_routing
 
-        print_routing(result, expert_atlas_of(result, str(data), cfg.data.block_size))
+        atlas = expert_atlas_of(result, str(data), cfg.data.block_size)
+        save_routing(result, atlas)
+        print("\n".join(routing_lines(result, atlas)))
     print(f"model: {out / 'best'}\nnext: python examples/generate_mtg_names.py")
 
 

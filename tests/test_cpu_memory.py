@@ -1,4 +1,5 @@
-"""cpu_memory.keep_cpu_memory_between_steps against glibc's own accounting of where a block came from.
+"""cpu_memory: keep_cpu_memory_between_steps against glibc's own accounting of where a block came from, and
+share_cores_while_waiting against libgomp's own report of its settings.
 
 Reference: glibc's mallinfo2() counters (hblkhd: bytes in blocks mapped fresh from the kernel; fordblks: free
 bytes the heap keeps). Each case runs in a fresh interpreter, so the settings never leak into this process.
@@ -10,6 +11,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -64,3 +66,26 @@ def test_a_freed_training_sized_block_stays_in_the_heap():
 def test_a_users_own_malloc_settings_win():
     assert probe("keep", MALLOC_TRIM_THRESHOLD_="131072")["kept"] is False
     assert probe("keep", GLIBC_TUNABLES="glibc.malloc.trim_threshold=0")["kept"] is False
+
+
+def libgomp_spin_count(code: str, **env: str) -> str:
+    """The spin count libgomp itself reports it took (OMP_DISPLAY_ENV=verbose prints its settings when torch loads
+    it): how long a waiting thread spins before it sleeps."""
+    environment = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                            env={**environment, "OMP_DISPLAY_ENV": "verbose", **env})
+    (line,) = [line for line in result.stderr.splitlines() if "GOMP_SPINCOUNT" in line]
+    return line.split("=")[1].strip().strip("'")
+
+
+def test_the_command_line_makes_openmps_waiting_threads_sleep_and_a_users_setting_wins():
+    """Reference: libgomp's own report of its settings. Its default spins 300,000 times before a waiting thread
+    sleeps (what costs a busy machine 3-5x, BENCHMARKS.md); the command line's process sleeps at once."""
+    import torch
+
+    if "gomp" not in " ".join(p.name for p in Path(torch.__file__).parent.joinpath("lib").iterdir()):
+        pytest.skip("this torch does not run on GNU libgomp")
+    assert libgomp_spin_count("import torch") == "300000"
+    assert libgomp_spin_count("import flash_experts.cli.main; import torch") == "0"
+    assert libgomp_spin_count("import flash_experts.cli.main; import torch", GOMP_SPINCOUNT="5000") == "5000"
+    assert libgomp_spin_count("import flash_experts.cli.main; import torch", OMP_WAIT_POLICY="active") != "0"

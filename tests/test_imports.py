@@ -12,7 +12,8 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first: a package may import only those before it. The root package and its lazy exports sit above all.
-LAYERS = ["errors", "cpu_memory", "data", "attention", "model", "export", "training", "generation", "evaluation", "mtg", "studio", "cli"]
+LAYERS = ["errors", "cpu_memory", "data", "attention", "model", "export", "training", "generation", "evaluation", "mtg", "contest",
+          "studio", "cli"]
 
 
 def module_files(src: Path) -> dict[str, Path]:
@@ -137,3 +138,29 @@ def test_cli_verbs_do_not_import_each_other():
     crossing = sorted(f"{m} -> {t}" for m in verbs for t in graph[m] if t.startswith("flash_experts.cli.")
                       and t not in shared)
     assert crossing == []
+
+
+def cli_imports(folder: Path) -> dict[str, list[str]]:
+    """file -> the `flash_experts.cli` modules it imports (every import, lazy ones too), for the scripts in `folder`."""
+    found = {}
+    for file in sorted(folder.rglob("*.py")):
+        names = []
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                names += [node.module or ""]
+        cli = [name for name in names if name == "flash_experts.cli" or name.startswith("flash_experts.cli.")]
+        if cli:
+            found[file.name] = cli
+    return found
+
+
+def test_examples_and_benchmarks_import_the_library_never_the_command_line(tmp_path):
+    """The command line parses and prints; what a script needs lives in the library. Reference: every import of
+    the scripts, read with `ast`; a planted script shows the checker finds one."""
+    root = SRC.parent
+    assert cli_imports(root / "examples") == {}
+    assert cli_imports(root / "benchmarks") == {}
+    (tmp_path / "planted.py").write_text("def f():\n    from flash_experts.cli.demo import run\n")
+    assert cli_imports(tmp_path) == {"planted.py": ["flash_experts.cli.demo"]}

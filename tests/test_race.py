@@ -19,19 +19,19 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from flash_experts.cli.main import main
-from flash_experts.data.domains import DomainCorpus, python_source_documents
-from flash_experts.errors import ConfigError, UserError
-from flash_experts.evaluation.domain_atlas import DomainAtlas, domain_expert_counts, mutual_information_bits
-from flash_experts.training.race import (
+from flash_experts.contest.race import (
     Evaluation,
     RaceResult,
     RaceSettings,
-    matmul_flops_per_token,
     race_twins,
     run_race,
 )
+from flash_experts.data.domains import DomainCorpus, python_source_documents
+from flash_experts.errors import ConfigError, UserError
+from flash_experts.evaluation.domain_atlas import DomainAtlas, domain_expert_counts, mutual_information_bits
 
-TINY = dict(width=32, layers=2, heads=2, context=16, batch_size=6, experts=4, top_k=2, eval_windows=4, test_windows=4)
+TINY = dict(width=32, layers=2, heads=2, context=16, batch_size=6, num_experts=4, num_experts_per_tok=2, eval_windows=4,
+            test_windows=4)
 
 
 def tiny_corpus(seed: int = 0) -> DomainCorpus:
@@ -103,11 +103,11 @@ def counted_flops(module: torch.nn.Module, *args) -> int:
 
 RECIPES = [  # the race's recipes (benchmarks/race_seeds.py): every one keeps the dense twin's FLOPs per token
     {},
-    dict(experts=8, top_k=4),  # finer: experts of 4d/4
-    dict(experts=8, top_k=3, shared_experts=1),  # a shared expert and top-3 routed, each 4d/4
+    dict(num_experts=8, num_experts_per_tok=4),  # finer: experts of 4d/4
+    dict(num_experts=8, num_experts_per_tok=3, shared_experts=1),  # a shared expert and top-3 routed, each 4d/4
     dict(layers=4, moe_layers="every_other"),  # MoE in layers 1 and 3, dense MLPs of 4d in 0 and 2
-    dict(top_k=1),  # Switch: experts of 4d, top-1 (its router gradient: the held sum)
-    dict(experts=8),  # twice the experts (and expert parameters) of TINY, top-2 of 4d/2 each
+    dict(num_experts_per_tok=1),  # Switch: experts of 4d, top-1 (its router gradient: the held sum)
+    dict(num_experts=8),  # twice the experts (and expert parameters) of TINY, top-2 of 4d/2 each
 ]
 
 
@@ -118,7 +118,7 @@ def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter(re
     tokens = 3 * settings.context
     x = torch.randn(3, settings.context, settings.width)
     d, dense_mlp = settings.width, 2 * 2 * settings.width * 4 * settings.width
-    router = 2 * d * settings.experts
+    router = 2 * d * settings.num_experts
     moe_layers = 0
     for name, model in twins.items():
         # each MLP, counted as it ran: the dense product, or each expert's rows (dropless), the shared expert's
@@ -126,13 +126,14 @@ def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter(re
         for i, block in enumerate(model.transformer.h):
             is_moe = name == "moe" and (settings.moe_layers == "all" or i % 2 == 1)
             moe_layers += is_moe
-            hidden = 4 * d // (settings.top_k + settings.shared_experts)
-            expected = (settings.top_k + settings.shared_experts) * 2 * 2 * d * hidden + router if is_moe else dense_mlp
+            hidden = 4 * d // (settings.num_experts_per_tok + settings.shared_experts)
+            expected = ((settings.num_experts_per_tok + settings.shared_experts) * 2 * 2 * d * hidden + router if is_moe
+                        else dense_mlp)
             assert counted_flops(block.mlp, x) == tokens * expected, (name, i)
             assert block.is_moe == is_moe
     ids = torch.randint(0, 256, (3, settings.context))
     counted = {name: counted_flops(model, ids) for name, model in twins.items()}
-    formula = {name: matmul_flops_per_token(model, settings.context) for name, model in twins.items()}
+    formula = {name: model.flops_per_token(settings.context) for name, model in twins.items()}
     # the whole forward: the models differ only in their MLPs, so the counts differ by the routers alone
     assert counted["moe"] - counted["dense"] == tokens * router * moe_layers
     assert formula["moe"] - formula["dense"] == pytest.approx((counted["moe"] - counted["dense"]) / tokens)
@@ -141,7 +142,8 @@ def test_the_twins_have_the_same_matrix_flops_per_token_by_torchs_own_counter(re
     layer = twins["moe"].transformer.h[1].mlp
     dense_params = sum(p.numel() for p in twins["dense"].transformer.h[1].mlp.parameters())
     moe_params = sum(p.numel() for p in layer.parameters()) - layer.router.weight.numel()
-    ratio = (settings.experts + settings.shared_experts) / (settings.top_k + settings.shared_experts)
+    ratio = ((settings.num_experts + settings.shared_experts)
+             / (settings.num_experts_per_tok + settings.shared_experts))
     assert moe_params / dense_params == pytest.approx(ratio, rel=0.02)
 
 
@@ -178,13 +180,13 @@ def test_domain_shares_equal_routing_recomputed_in_float64_and_counted_by_hand()
                 moe(input_ids=row[None])
                 for layer, x in inputs.items():
                     router = moe.transformer.h[layer].mlp.router
-                    chosen = (x.double() @ router.weight.double().T).topk(settings.top_k, dim=-1).indices
+                    chosen = (x.double() @ router.weight.double().T).topk(settings.num_experts_per_tok, -1).indices
                     for expert in chosen.reshape(-1).tolist():
                         by_hand[layer][(d, expert)] += 1
     for hook in hooks:
         hook.remove()
     for layer in range(settings.layers):
-        expected = np.zeros((3, settings.experts), np.int64)
+        expected = np.zeros((3, settings.num_experts), np.int64)
         for (d, e), n in by_hand[layer].items():
             expected[d, e] = n
         np.testing.assert_array_equal(counts[layer], expected)
@@ -208,7 +210,7 @@ def test_equal_seconds_and_the_exchange_rate_read_off_the_curves_by_hand():
     result = RaceResult(settings={}, flops_per_token={}, parameters={}, evaluations=[
         Evaluation(i, 100 * i, {"dense": 1.0 * i, "moe": 1.5 * i}, {"dense": {"x": dense[i]}, "moe": {"x": moe[i]}})
         for i in range(4)], step_seconds={"dense": [1.0] * 8, "moe": [1.5] * 8})
-    assert result.step_cost_ratio() == pytest.approx(1.5)
+    assert result.step_cost().median == pytest.approx(1.5)
     finish, timed = result.at_equal_time()
     assert finish == 3.0  # the dense model's last evaluation
     assert timed["dense"]["x"] == 2.2
@@ -237,15 +239,18 @@ def test_a_tiny_race_trains_both_on_the_same_batches_and_scores_every_domain():
 
 @pytest.mark.parametrize("argv, message", [
     (["--experts", "1"], "--experts must be >= 2"),
-    (["--experts", "2", "--top-k", "3"], "top_k 3 exceeds experts 2"),
+    (["--experts", "2", "--top-k", "3"], "num_experts_per_tok (top_k) = 3 must be <= num_experts (2)"),
     (["--steps", "0"], "steps must be a positive integer"),
     (["--width", "30"], "width 30 is not divisible by heads 4"),
     (["--lr", "-1"], "lr must be > 0"),
     (["--dtype", "fp16"], "needs a CUDA device"),
     (["--shared-experts", "-1"], "shared_experts must be a non-negative integer"),
-    (["--top-k", "2", "--shared-experts", "1", "--width", "20", "--heads", "4"], "does not split into top_k + shared"),
+    (["--top-k", "2", "--shared-experts", "1", "--width", "20", "--heads", "4"],
+     "does not split into num_experts_per_tok + shared"),
     (["--moe-layers", "every_other", "--layers", "1"], "at least 2 layers"),
-    (["--top-k", "1", "--router-gradient", "through-sum"], "needs top_k >= 2"),
+    (["--top-k", "1", "--router-gradient", "through-sum"],
+     "renormalize_through_sum needs normalize_top_k and num_experts_per_tok >= 2"),
+    (["--seeds", "0"], "--seeds must be >= 1"),
 ])
 def test_bad_arguments_are_one_error_line(argv, message, tmp_path, capsys):
     assert main(["race", "--out", str(tmp_path / "r"), *argv]) == 2
@@ -280,7 +285,7 @@ def test_the_router_gradient_setting_reaches_every_router_and_is_saved():
     """Reference: the setting itself (RaceSettings -> the twin's config -> each MoE layer's router); the gradient
     it selects is tested against finite differences in tests/test_moe_layer.py."""
     for given, top_k, through_sum in ((False, 2, False), (True, 2, True), (None, 2, True), (None, 1, False)):
-        moe = race_twins(RaceSettings(**{**TINY, "top_k": top_k}, renormalize_through_sum=given))["moe"]
+        moe = race_twins(RaceSettings(**{**TINY, "num_experts_per_tok": top_k}, renormalize_through_sum=given))["moe"]
         routers = [block.mlp.router for block in moe.transformer.h if block.is_moe]
         assert routers and all(router.through_sum is through_sum for router in routers)
         assert moe.config.renormalize_through_sum is through_sum

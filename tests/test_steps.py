@@ -1,4 +1,5 @@
-"""Equal compute (training/equal_compute.py), bits per character, and the validation-vs-compute curve.
+"""Training steps timed side by side (training/steps.py), bits per character, the validation-vs-compute curve,
+and a time-budgeted run's resume.
 
 References: the trainer itself (a timed step must be the step the trainer takes: the same parameters after
 it), a fake clock (the turn order and the medians, exactly), float64 log-softmax of one forward over the
@@ -15,8 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from flash_experts.training import equal_compute
-from flash_experts.training.equal_compute import interleaved_medians, steps_for_budget, training_step
+from flash_experts.training import steps
+from flash_experts.training.steps import interleaved_medians, training_step
 from test_trainer import make_data, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore:no tokenizer found:UserWarning")
@@ -26,7 +27,7 @@ def test_contenders_take_turns_and_medians_are_per_contender(monkeypatch):
     """Reference: a fake clock that each call advances by its own cost; the order of calls recorded."""
     now = [0.0]
     order = []
-    monkeypatch.setattr(equal_compute.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(steps.time, "perf_counter", lambda: now[0])
 
     def call(name, costs):
         def run():
@@ -41,21 +42,16 @@ def test_contenders_take_turns_and_medians_are_per_contender(monkeypatch):
     assert medians == {"a": 2.0, "b": 5.0}
 
 
-@pytest.mark.parametrize(("seconds", "budget", "expected"), [(7.5, 240, 32), (5.0, 240, 48), (10.0, 1, 1)])
-def test_steps_for_budget(seconds, budget, expected):
-    """Reference: budget / step time, rounded down, at least one step."""
-    assert steps_for_budget(seconds, budget) == expected
-
-
 @pytest.mark.parametrize("trained_part", ["all", "moe"])
 def test_the_timed_step_is_the_trainers_step(tmp_path, trained_part):
     """Reference: the trainer's own first step (warm-up of 1, so its rate is the configured peak). The timed
-    step built by equal_compute's parts (build_model, prepare_for_training, training_step) on the same batch
+    step built by training/steps.py's parts (build_model, prepare_for_training, training_step) on the same batch
     leaves the same parameters, frozen ones included."""
     from flash_experts.data.tokens import load_split
     from flash_experts.training.checkpoint import load_model_weights
     from flash_experts.training.data import TrainBatches
-    from flash_experts.training.trainer import build_model, prepare_for_training, seed_everything, train
+    from flash_experts.training.model_setup import build_model, prepare_for_training, seed_everything
+    from flash_experts.training.trainer import train
 
     data = make_data(tmp_path / "data")
     cfg = tiny_config(data, tmp_path / "run", **{"optim.max_steps": 1, "optim.warmup_steps": 1,
@@ -93,7 +89,7 @@ def test_measure_step_seconds_times_every_config(tmp_path):
                "dense": tiny_config(data, tmp_path / "b", **{"moe.moe_layers": "[]", "moe.num_experts": 1,
                                                              "moe.num_experts_per_tok": 1})}
     rounds = []
-    seconds = equal_compute.measure_step_seconds(configs, rounds=2, on_round=rounds.append)
+    seconds = steps.measure_step_seconds(configs, rounds=2, on_round=rounds.append)
     assert set(seconds) == {"moe", "dense"} and all(s > 0 for s in seconds.values())
     assert rounds == [0, 1]
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # timing writes no run folder
@@ -144,57 +140,6 @@ def test_validation_curve_and_plot(tmp_path):
     assert curve == [(0.0, 6.0), (25.0, 4.0), (50.0, 3.5)]
     png = plot_validation_vs_compute({"dense": curve, "MoE": [(0.0, 6.0), (30.0, 4.2)]}, tmp_path / "c.png", "t")
     assert Path(png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-def test_interleaved_runs_take_turns_by_compute_spent_and_stop_at_their_budget(tmp_path, monkeypatch):
-    """Reference: a fake clock on which a step of run a costs 1 s and one of run b 1.5 s, budget 6 s each,
-    and the turns worked out by hand (the run that has spent less goes next, a first on a tie; a run stops once
-    another step would overshoot its budget by more than half a step): a b a b a a b a b a. The schedule
-    follows the share of the budget spent: b's steps start at 0, 1.5, 3, 4.5 s, i.e. at schedule positions
-    0, 2, 4, 6 of its 8 planned steps (lr_at, written with those positions)."""
-    from flash_experts.training import trainer as trainer_module
-    from flash_experts.training.schedule import lr_at
-    from test_trainer import metrics
-
-    data = make_data(tmp_path / "data")
-    cost = {"a": 1.0, "b": 1.5}
-    now, order = [0.0], []
-    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: now[0])
-    real_step = trainer_module.Trainer.train_step
-
-    def step(self):
-        out = real_step(self)
-        order.append(self.run_dir.name)
-        now[0] += cost[self.run_dir.name]
-        return out
-
-    monkeypatch.setattr(trainer_module.Trainer, "train_step", step)
-    settings = {"optim.time_budget": 6, "optim.max_steps": 8, "optim.warmup_steps": 2, "tracking.log_interval": 1,
-                "eval.interval": 100, "checkpoint.interval": 0}
-    configs = {name: tiny_config(data, tmp_path / name, **settings) for name in ("a", "b")}
-    results = equal_compute.train_interleaved(configs)
-    assert "".join(order) == "ababaababa"
-    assert (results["a"].steps, results["b"].steps) == (6, 4)
-    assert results["a"].train_seconds == results["b"].train_seconds == 6.0
-    optim = configs["b"].optim
-    expected = {step: lr_at(position, lr=optim.lr, min_lr=optim.min_lr, warmup_steps=2, max_steps=8)
-                for step, position in zip((1, 2, 3, 4), (0.0, 2.0, 4.0, 6.0))}
-    assert metrics(tmp_path / "b", "train/lr") == pytest.approx(expected)
-    # Routing is recorded at every evaluation (step 0 and the end) and returned with the result.
-    for name, last in (("a", 6), ("b", 4)):
-        entropy = metrics(tmp_path / name, "router/entropy_ratio")
-        assert sorted(entropy) == [0, last]
-        assert results[name].final_routing["summary"]["entropy_ratio"] == pytest.approx(entropy[last])
-        assert results[name].initial_routing["summary"]["entropy_ratio"] == pytest.approx(entropy[0])
-        assert metrics(tmp_path / name, "train/seconds")[last] == 6.0
-
-
-def test_interleaved_runs_need_a_time_budget(tmp_path):
-    from flash_experts.errors import UserError
-
-    data = make_data(tmp_path / "data")
-    with pytest.raises(UserError, match="needs optim.time_budget > 0"):
-        equal_compute.train_interleaved({"a": tiny_config(data, tmp_path / "a")})
 
 
 def test_time_budget_run_resumes_where_its_compute_stopped(tmp_path, monkeypatch):

@@ -150,7 +150,7 @@ def test_schedule_matches_hand_computed_values():
 def test_optimizer_groups_exclude_biases_norms_embeddings_by_name():
     """Reference: the HF GPT-2 parameter names; decay exactly on the weight matrices and expert matrices."""
     from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
-    from flash_experts.training.trainer import optimizer_groups
+    from flash_experts.training.model_setup import optimizer_groups
 
     model = GPT2MoEForCausalLM(GPT2MoEConfig(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
                                              num_experts=4, top_k=2, moe_layers=[1]))
@@ -170,7 +170,8 @@ def test_optimizer_groups_exclude_biases_norms_embeddings_by_name():
 def test_train_moe_only_changes_experts_and_routers(data_dir, tmp_path):
     """Reference: the initial weights; with model.train=moe everything but experts/routers must stay bit-identical."""
     from flash_experts.training.checkpoint import load_model_weights
-    from flash_experts.training.trainer import build_model, is_moe_parameter, seed_everything, train
+    from flash_experts.training.model_setup import build_model, is_moe_parameter, seed_everything
+    from flash_experts.training.trainer import train
 
     cfg = tiny_config(data_dir, tmp_path / "moe_only", **{
         "model.train": "moe", "optim.max_steps": 3, "checkpoint.interval": 0, "eval.interval": 100,

@@ -139,7 +139,8 @@ def test_rewarm_peak_gives_experts_and_routers_their_own_schedule(tmp_path):
     """Reference: lr_at's formulas by hand. The dense parameters follow optim.lr; the experts and routers the
     same warm-up and cosine shape scaled to the re-warm peak (min_lr scaled alike)."""
     from flash_experts.training import distributed as dist_utils
-    from flash_experts.training.trainer import Trainer, is_moe_parameter
+    from flash_experts.training.model_setup import is_moe_parameter
+    from flash_experts.training.trainer import Trainer
 
     lr, peak, min_lr, warmup, max_steps = 1e-3, 4e-3, 1e-4, 2, 6
     cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "rewarm", **{
@@ -168,7 +169,8 @@ def test_router_lr_scale_gives_the_routers_their_own_rate(tmp_path, rewarm_peak)
     """Reference: the rule written out: the routers (and only they) in groups of their own, at router_lr_scale
     times the rate of their neighbours (the experts': optim.lr, or the re-warm peak's scale)."""
     from flash_experts.training import distributed as dist_utils
-    from flash_experts.training.trainer import Trainer, is_moe_parameter, is_router_parameter
+    from flash_experts.training.model_setup import is_moe_parameter, is_router_parameter
+    from flash_experts.training.trainer import Trainer
 
     lr, scale = 1e-3, 25.0
     cfg = tiny_config(make_data(tmp_path / "data"), tmp_path / "router", **{

@@ -2,25 +2,24 @@
 
 Each verb lives in its own module of this package and exposes `register(subparsers)`, which adds its
 sub-parser and sets `func=callable(args) -> int | None`. Heavy imports happen inside those callables so
-that `--help` stays instant. This file is the one place where errors become one-line messages.
+that `--help` stays instant. Errors become one-line messages in one place, flash_experts/errors.py `report_errors`.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
-import os
 import sys
-from collections.abc import Callable
 
-# Before anything imports torch (it reads THP_MEM_ALLOC_ENABLE once): keep training's memory in the process
-# between steps, huge pages and malloc's reuse (cpu_memory.py says why; BENCHMARKS.md measures it).
-from flash_experts.cpu_memory import keep_cpu_memory_between_steps  # noqa: E402
+# Before anything imports torch (it reads THP_MEM_ALLOC_ENABLE once, libgomp its wait policy when it loads): keep
+# training's memory in the process between steps (huge pages, malloc's reuse) and let OpenMP's waiting threads
+# sleep instead of spinning on a busy machine (cpu_memory.py says why; BENCHMARKS.md measures both).
+from flash_experts.cpu_memory import keep_cpu_memory_between_steps, share_cores_while_waiting  # noqa: E402
 
 keep_cpu_memory_between_steps()
+share_cores_while_waiting()
 
-from flash_experts.errors import UserError  # noqa: E402
+from flash_experts.errors import report_errors  # noqa: E402, F401 (the examples' and tests' entry too)
 
 # The verbs, in the order `--help` lists them.
 VERB_MODULES = [
@@ -38,16 +37,6 @@ VERB_MODULES = [
     "plot",
     "studio",
 ]
-
-# Errors that are the user's to fix: shown as one line, exit code 2.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    UserError,  # ConfigError included
-    FileNotFoundError,
-    IsADirectoryError,
-    NotADirectoryError,
-    PermissionError,
-    json.JSONDecodeError,
-)
 
 
 class OneLineErrorParser(argparse.ArgumentParser):
@@ -78,39 +67,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     return report_errors(lambda: args.func(args), debug=args.debug)
-
-
-def report_errors(func: Callable[[], int | None], debug: bool = False) -> int:
-    """Run `func` and turn what it raises into the command line's exit codes: a user's error is one `error:`
-    line and 2, anything else one line and 1, Ctrl-C 130. The example scripts go through here too, so a
-    script and a verb report the same failure the same way. `--debug` or FLASH_EXPERTS_DEBUG=1 re-raise."""
-    debug = debug or os.environ.get("FLASH_EXPERTS_DEBUG") == "1"
-    try:
-        result = func()
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    except USER_ERRORS as error:
-        if debug:
-            raise
-        print(f"error: {_one_line(error)}", file=sys.stderr)
-        return 2
-    except Exception as error:  # noqa: BLE001 - the CLI must never end in a traceback
-        if debug:
-            raise
-        print(
-            f"error: {type(error).__name__}: {_one_line(error)} (run with --debug for the traceback)",
-            file=sys.stderr,
-        )
-        return 1
-    return int(result or 0)
-
-
-def _one_line(error: BaseException) -> str:
-    text = str(error) or type(error).__name__
-    if isinstance(error, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) and error.filename:
-        text = f"{error.strerror or text}: {error.filename}"
-    return " ".join(text.split())
 
 
 if __name__ == "__main__":

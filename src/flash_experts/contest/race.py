@@ -1,53 +1,70 @@
 """The from-scratch race: a small dense GPT and its iso-FLOP Mixture-of-Experts twin, trained from random weights
-on the same bytes, taking turns in one process (`flash-experts race`).
+on the same bytes, taking turns in one process (`flash-experts race`), on the contest engine (engine.py).
 
 Upcycling cannot show what a MoE buys within minutes (docs/UPCYCLING.md): the published wins come after ~10% of
 the dense model's pretraining. From scratch, at the same FLOPs per token, a MoE learns more per token even at
 small sizes (Switch Transformer). The twins here differ only in their MLPs: the dense model's has hidden size
 4d; the MoE's has E experts of hidden 4d/k and each byte goes to k of them, so a token's MLP arithmetic is the
-same (`matmul_flops_per_token` says by how much the router adds) while the MoE holds E/k times the MLP weights.
+same (`model.flops_per_token` says by how much the routers add: well under the budget's 1%) while the MoE holds
+E/k times the MLP weights.
 
-Both train on the same batch at every step (a batch is a function of seed and step), with the same learning
-rate schedule over the same number of steps, so every evaluation compares them at equal tokens exactly. Their
-training steps are timed as they run, turn by turn (a slow minute of the machine slows both), so the curves
-also say where each stood at equal seconds, and what step-cost ratio the MoE's per-token lead would pay for.
+Both train on the same batch at every step (a batch is a function of seed and step), with the trainer's
+optimizer and learning-rate schedule over the same number of steps, so every evaluation compares them at
+equal tokens (equal FLOPs) exactly. Their training steps are timed as they run, turn by turn (a slow minute of
+the machine slows both), so the report (report.py) also says where each stood at equal seconds, what a MoE
+step costs, and whether the MoE's per-token lead pays per second.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from flash_experts.contest.engine import run_contest
+from flash_experts.contest.report import Curve, Spread, at_equal_seconds, exchange_rate, step_cost
 from flash_experts.data.domains import VOCAB_SIZE, DomainCorpus
 from flash_experts.errors import ConfigError
 from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
-from flash_experts.training.equal_compute import training_step
-from flash_experts.training.schedule import lr_at
-from flash_experts.training.trainer import optimizer_groups
+from flash_experts.model.config import validate_moe_fields
+from flash_experts.model.moe import MoESettings
+from flash_experts.training.config import OptimConfig
+from flash_experts.training.model_setup import optimizer_groups
+from flash_experts.training.optimizer import build_adamw, set_scheduled_lr
+from flash_experts.training.steps import training_step
 
 CONTENDERS = ("dense", "moe")
+TARGET_RATIO = 0.98  # issue 28: the MoE's validation loss at most 0.98x the dense model's, every domain
+TRAIN_BYTES, EVAL_BYTES = 4_000_000, 262_144  # per domain
+# `flash-experts race --quick`: tiny twins, a minute
+QUICK = dict(width=64, layers=2, heads=2, context=64, batch_size=12, num_experts=4, num_experts_per_tok=2, steps=60,
+             eval_every=20, warmup_steps=6, eval_windows=16, test_windows=32)
+QUICK_TRAIN_BYTES = 300_000
 
 
 @dataclass
 class RaceSettings:
-    """The twins' shapes and the training both get (the defaults: the race `flash-experts race` runs)."""
+    """The twins' shapes and the training both get (the defaults: the race `flash-experts race` runs). The MoE
+    fields carry MoESettings' names (model/moe.py) and are validated by the same rules as every model config."""
 
     width: int = 256
     layers: int = 4
     heads: int = 4
     context: int = 128
     batch_size: int = 32
-    experts: int = 8
-    top_k: int = 2  # each expert's hidden size is 4 * width / (top_k + shared_experts): finer = more, smaller experts
-    shared_experts: int = 0  # experts every byte goes to, beside its top_k routed ones (DeepSeekMoE)
+    num_experts: int = 8
+    # each expert's hidden size is 4 * width / (num_experts_per_tok + shared_experts): finer = more, smaller experts
+    num_experts_per_tok: int = 2
+    shared_experts: int = 0  # experts every byte goes to, beside its routed ones (DeepSeekMoE), each of that size
     moe_layers: str = "all"  # "all" or "every_other" (layers 1, 3, ...; the others keep the dense MLP)
-    aux_loss: float = 0.01  # Switch load-balancing loss weight
-    z_loss: float = 0.001  # ST-MoE router z-loss weight
+    router_aux_loss_coef: float = 0.01  # Switch load-balancing loss weight
+    router_z_loss_coef: float = 0.001  # ST-MoE router z-loss weight
     # the top-k weights' renormalising sum differentiated (HF Mixtral's router gradient) or held constant (the
     # Switch gradient, the library's default): model/moe.py `MoESettings.renormalize_through_sum`. None: through
     # the sum for top-k >= 2, chosen on validation at three seeds (docs/FROM_SCRATCH.md: the MoE's lead over the
@@ -66,46 +83,69 @@ class RaceSettings:
 
     def check(self) -> None:
         """One ConfigError naming the first setting that cannot run."""
-        positive = ("width", "layers", "heads", "context", "batch_size", "experts", "top_k", "steps", "eval_every",
-                    "eval_windows", "test_windows")
+        positive = ("width", "layers", "heads", "context", "batch_size", "steps", "eval_every", "eval_windows",
+                    "test_windows")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
-        if self.top_k > self.experts:
-            raise ConfigError(f"top_k {self.top_k} exceeds experts {self.experts}")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
             raise ConfigError(f"shared_experts must be a non-negative integer, got {self.shared_experts!r}")
-        if (4 * self.width) % (self.top_k + self.shared_experts):
-            raise ConfigError(f"the dense hidden size 4 x width = {4 * self.width} does not split into top_k + "
-                              f"shared_experts = {self.top_k + self.shared_experts} equal experts")
         if self.moe_layers not in ("all", "every_other") or (self.moe_layers == "every_other" and self.layers < 2):
             raise ConfigError(f"moe_layers must be 'all' or 'every_other' (with at least 2 layers), got "
                               f"{self.moe_layers!r} with {self.layers} layers")
+        validate_moe_fields(self.moe_settings(unchecked=True), self.layers)
+        if (4 * self.width) % (self.num_experts_per_tok + self.shared_experts):
+            raise ConfigError(f"the dense hidden size 4 x width = {4 * self.width} does not split into "
+                              f"num_experts_per_tok + shared_experts = {self.num_experts_per_tok + self.shared_experts}"
+                              " equal experts")
         if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
-        if self.aux_loss < 0 or self.z_loss < 0 or self.weight_decay < 0 or self.warmup_steps < 0:
-            raise ConfigError("aux_loss, z_loss, weight_decay and warmup_steps must not be negative")
-        if self.renormalize_through_sum is True and self.top_k < 2:
-            raise ConfigError("renormalizing through the sum needs top_k >= 2 (top-1's weight would be p / p = 1, "
-                              "no gradient for the router): use the held sum")
+        if self.weight_decay < 0 or self.warmup_steps < 0:
+            raise ConfigError("weight_decay and warmup_steps must not be negative")
         if self.dtype not in ("fp32", "bf16"):
             raise ConfigError(f"dtype must be fp32 or bf16, got {self.dtype!r}")
 
     @property
     def expert_hidden(self) -> int:
         """Each expert's hidden size: the dense MLP's 4 x width split over the experts a byte goes through."""
-        return 4 * self.width // (self.top_k + self.shared_experts)
+        return 4 * self.width // (self.num_experts_per_tok + self.shared_experts)
 
     @property
     def through_sum(self) -> bool:
         """Whether the router's gradient goes through the top-k sum (`renormalize_through_sum`, None resolved)."""
-        return self.top_k >= 2 if self.renormalize_through_sum is None else self.renormalize_through_sum
+        if self.renormalize_through_sum is None:
+            return self.num_experts_per_tok >= 2
+        return self.renormalize_through_sum
+
+    def moe_settings(self, unchecked: bool = False) -> MoESettings:
+        """The MoE twin's MoESettings (checked first, unless `unchecked`: `check` validates them itself)."""
+        if not unchecked:
+            self.check()
+        return MoESettings(
+            num_experts=self.num_experts, num_experts_per_tok=self.num_experts_per_tok, moe_layers=self.moe_layers,
+            router_aux_loss_coef=self.router_aux_loss_coef, router_z_loss_coef=self.router_z_loss_coef,
+            renormalize_through_sum=self.through_sum, moe_intermediate_size=self.expert_hidden,
+            shared_expert_intermediate_size=self.shared_experts * self.expert_hidden)
+
+    def optim(self) -> OptimConfig:
+        """The trainer's optimizer settings for the race: AdamW, betas (0.9, 0.95), warm-up then cosine to
+        min_lr_ratio x lr over the race's steps."""
+        return OptimConfig(lr=self.lr, min_lr=self.lr * self.min_lr_ratio, weight_decay=self.weight_decay,
+                           betas=(0.9, 0.95), warmup_steps=self.warmup_steps, max_steps=self.steps)
 
     @property
     def torch_dtype(self) -> torch.dtype:
         return torch.bfloat16 if self.dtype == "bf16" else torch.float32
+
+    def recipe_words(self) -> str:
+        """The MoE twin in words: "8 experts of 512, top-2, every layer, Mixtral router gradient"."""
+        shared = f" + {self.shared_experts} shared" if self.shared_experts else ""
+        where = "every layer" if self.moe_layers == "all" else "every other layer"
+        gradient = "Mixtral" if self.through_sum else "Switch"  # the top-k sum differentiated, or held
+        return (f"{self.num_experts} experts of {self.expert_hidden}, top-{self.num_experts_per_tok}{shared}, "
+                f"{where}, {gradient} router gradient")
 
 
 def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
@@ -119,34 +159,14 @@ def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
     dense = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * s.width, num_experts=1, num_experts_per_tok=1,
                                              moe_layers=[], **common))
     torch.manual_seed(s.seed)
-    moe = GPT2MoEForCausalLM(GPT2MoEConfig(
-        n_inner=4 * s.width, moe_intermediate_size=s.expert_hidden, num_experts=s.experts,
-        num_experts_per_tok=s.top_k, shared_expert_intermediate_size=s.shared_experts * s.expert_hidden,
-        moe_layers=s.moe_layers, router_aux_loss_coef=s.aux_loss, router_z_loss_coef=s.z_loss,
-        renormalize_through_sum=s.through_sum, **common))
+    moe = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * s.width, **asdict(s.moe_settings()), **common))
     return {"dense": dense, "moe": moe}
 
 
-def matmul_flops_per_token(model: GPT2MoEForCausalLM, context: int) -> float:
-    """Forward FLOPs per token of the matrix products: attention projections, attention scores and weighted
-    values (causal: on average half the context is visible), each layer's MLP (for a MoE layer: its top-k
-    experts and the router), the LM head. Elementwise work (norms, activations, softmax) is left out, as in
-    Kaplan et al.'s 2N + attention count."""
-    c = model.config
-    d = c.n_embd
-    total = 0.0
-    for block in model.transformer.h:
-        total += 2 * d * 3 * d + 2 * d * d  # qkv and output projections
-        total += 2 * 2 * d * (context / 2)  # scores and weighted values over the visible keys
-        mlp = block.mlp
-        experts = getattr(mlp, "experts", None)
-        if experts is None:
-            total += 2 * 2 * d * mlp.c_fc.nf
-        else:  # up and down products of the top-k experts (and the shared one), the router's scores
-            total += mlp.top_k * 2 * 2 * d * experts.w_up.shape[-1] + 2 * d * mlp.num_experts
-            if mlp.shared_expert is not None:
-                total += 2 * 2 * d * mlp.shared_expert.w_up.shape[-1]
-    return total + 2 * d * c.vocab_size
+def race_optimizer(model: torch.nn.Module, settings: RaceSettings) -> torch.optim.AdamW:
+    """A twin's optimizer: the trainer's AdamW (training/optimizer.py `build_adamw`) with its weight-decay
+    groups (matrices only)."""
+    return build_adamw(optimizer_groups(model, settings.weight_decay), settings.optim())
 
 
 @dataclass
@@ -162,7 +182,7 @@ class Evaluation:
 @dataclass
 class RaceResult:
     settings: dict[str, Any]
-    flops_per_token: dict[str, float]
+    flops_per_token: dict[str, float]  # training FLOPs per token (model.flops_per_token, training=True)
     parameters: dict[str, int]
     evaluations: list[Evaluation] = field(default_factory=list)
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
@@ -172,96 +192,87 @@ class RaceResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    def curve(self, contender: str, domain: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(tokens, seconds, loss) at every evaluation; loss of one domain, or the mean over domains."""
-        tokens = np.array([e.tokens for e in self.evaluations], dtype=float)
-        seconds = np.array([e.seconds[contender] for e in self.evaluations], dtype=float)
+    def curve(self, contender: str, domain: str | None = None) -> Curve:
+        """Tokens, seconds and loss at every evaluation; loss of one domain, or the mean over domains."""
         losses = [e.val[contender] for e in self.evaluations]
-        loss = np.array([v[domain] if domain else float(np.mean(list(v.values()))) for v in losses], dtype=float)
-        return tokens, seconds, loss
+        return Curve.of([e.tokens for e in self.evaluations], [e.seconds[contender] for e in self.evaluations],
+                        [v[domain] if domain else float(np.mean(list(v.values()))) for v in losses])
 
-    def step_cost_ratio(self) -> float:
-        """MoE step seconds / dense step seconds: the median of the per-step ratios (each step pair ran
-        back to back, so drift cancels), warm-up steps (the first 5) left out."""
-        dense, moe = (np.array(self.step_seconds[c][5:] or self.step_seconds[c]) for c in CONTENDERS)
-        return float(np.median(moe / dense))
+    def step_cost(self) -> Spread:
+        """MoE step seconds / dense step seconds over the step pairs (report.py `step_cost`)."""
+        return step_cost(self.step_seconds["dense"], self.step_seconds["moe"])
 
     def at_equal_time(self) -> tuple[float, dict[str, dict[str, float]]]:
-        """(seconds, contender -> domain -> loss) at the training seconds the faster contender spent in all:
-        its last evaluation, and the slower one's validation loss interpolated between its evaluations at that
-        time (before its schedule ended: a conservative reading for the slower one)."""
-        finish = min(self.evaluations[-1].seconds[c] for c in CONTENDERS)
-        domains = list(self.evaluations[-1].val["dense"])
-        out = {}
-        for contender in CONTENDERS:
-            out[contender] = {}
-            for domain in domains:
-                _, seconds, loss = self.curve(contender, domain)
-                out[contender][domain] = float(np.interp(finish, seconds, loss))
+        """(seconds, contender -> domain -> loss) at the training seconds the faster contender spent in all
+        (report.py `at_equal_seconds`, domain by domain)."""
+        finish, out = 0.0, {c: {} for c in CONTENDERS}
+        for domain in self.evaluations[-1].val["dense"]:
+            finish, losses = at_equal_seconds({c: self.curve(c, domain) for c in CONTENDERS})
+            for contender, loss in losses.items():
+                out[contender][domain] = loss
         return finish, out
 
     def token_exchange_rate(self) -> tuple[int, float] | None:
-        """(step, ratio): at the last evaluation whose MoE loss (mean over domains) the dense model reached
-        later in this run, the dense tokens needed for that loss over the MoE's. A MoE step costing less than
-        `ratio` dense steps is ahead at equal seconds there. None when the dense model never reached a MoE
-        loss (the MoE not ahead at all, or only from the last evaluations on)."""
-        tokens, _, dense = self.curve("dense")
-        _, _, moe = self.curve("moe")
-        best = None
-        for i in range(1, len(tokens)):
-            later = np.nonzero(dense[i:] <= moe[i])[0]
-            if len(later) == 0 or moe[i] >= dense[i]:
-                continue
-            j = i + int(later[0])  # dense crosses the MoE's loss between evaluations j - 1 and j
-            fraction = (dense[j - 1] - moe[i]) / (dense[j - 1] - dense[j]) if dense[j - 1] != dense[j] else 1.0
-            crossing = tokens[j - 1] + fraction * (tokens[j] - tokens[j - 1])
-            best = (self.evaluations[i].step, float(crossing / tokens[i]))
-        return best
+        """(step, rate) on the mean over domains (report.py `exchange_rate`); None when the dense model never
+        reached a loss the MoE had."""
+        found = exchange_rate(self.curve("dense"), self.curve("moe"))
+        return None if found is None else (self.evaluations[found[0]].step, found[1])
+
+    def final_mean_loss(self, contender: str) -> float:
+        """The contender's validation loss at the last evaluation, mean over domains."""
+        return float(np.mean(list(self.evaluations[-1].val[contender].values())))
 
 
 def evaluate_domains(model: torch.nn.Module, windows: dict[str, torch.Tensor], dtype: torch.dtype,
                      batch_size: int) -> dict[str, float]:
     """Mean next-byte loss (nats per byte) of `model` on each domain's windows (the first byte of a window is
     context only, as in training)."""
-    was_training = model.training
-    model.eval()
-    losses = {}
-    with torch.no_grad(), torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
-        for domain, ids in windows.items():
-            total, count = 0.0, 0
-            for start in range(0, len(ids), batch_size):
-                chunk = ids[start:start + batch_size]
-                out = model(input_ids=chunk, labels=chunk)
-                lm = getattr(out, "lm_loss", None)
-                total += float(lm if lm is not None else out.loss) * chunk.numel()
-                count += chunk.numel()
-            losses[domain] = total / count
-    model.train(was_training)
-    return losses
+    from flash_experts.training.evaluation import mean_next_token_loss
+
+    autocast = functools.partial(torch.autocast, "cpu", dtype=dtype, enabled=dtype == torch.bfloat16)
+    return {domain: mean_next_token_loss(model, (ids[start:start + batch_size] for start in range(0, len(ids),
+                                                                                                  batch_size)), autocast)
+            for domain, ids in windows.items()}
 
 
-def race_optimizer(model: torch.nn.Module, settings: RaceSettings) -> torch.optim.AdamW:
-    """The race's optimizer for one twin: fused AdamW, betas (0.9, 0.95), weight decay on the matrices only
-    (the trainer's `optimizer_groups`); `set_race_lr` sets its rate at each step."""
-    return torch.optim.AdamW(optimizer_groups(model, settings.weight_decay), lr=settings.lr, betas=(0.9, 0.95),
-                             fused=True)
+class TwinContender:
+    """One twin in the contest: its optimizer and the race's schedule, a training step on the race's batch of
+    the step, timed alone."""
 
+    def __init__(self, name: str, model: torch.nn.Module, settings: RaceSettings,
+                 batch: Callable[[int], torch.Tensor]):
+        self.name, self.model, self.settings, self.batch = name, model, settings, batch
+        self.optim = settings.optim()
+        model.train()
+        self.optimizer = race_optimizer(model, settings)
+        self.train_step = training_step(model, self.optimizer, settings.torch_dtype)
+        self.steps_done = 0
+        self.seconds = 0.0
 
-def set_race_lr(optimizer: torch.optim.Optimizer, step: int, settings: RaceSettings) -> None:
-    """The race's learning rate at `step` (warm-up, then cosine to min_lr_ratio x lr over settings.steps)."""
-    rate = lr_at(step, lr=settings.lr, min_lr=settings.lr * settings.min_lr_ratio,
-                 warmup_steps=settings.warmup_steps, max_steps=settings.steps)
-    for group in optimizer.param_groups:
-        group["lr"] = rate * group["lr_scale"]
+    @property
+    def done(self) -> bool:
+        return self.steps_done >= self.settings.steps
+
+    def step(self, index: int) -> float:
+        set_scheduled_lr(self.optimizer, index, self.optim)
+        ids = self.batch(index)
+        start = time.perf_counter()
+        loss = self.train_step(ids)
+        seconds = time.perf_counter() - start
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"the {self.name} model's loss is {loss} at step {index}")
+        self.steps_done += 1
+        self.seconds += seconds
+        return seconds
 
 
 def run_race(settings: RaceSettings, corpus: DomainCorpus,
              on_evaluation: Callable[[Evaluation], None] | None = None,
              should_stop: Callable[[], bool] | None = None, contenders: tuple[str, ...] = CONTENDERS,
              score_test: bool = True) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
-    """Train both twins `settings.steps` steps on the same batches, taking turns (which one steps first
-    alternates), each step timed; evaluate both per domain every `eval_every` steps and at the end; score the
-    test split once. Returns the result and the trained models.
+    """Train both twins `settings.steps` steps on the same batches, taking turns (engine.py: which one steps
+    first alternates), each step timed; evaluate both per domain every `eval_every` steps and at the end; score
+    the test split once. Returns the result and the trained models.
 
     `contenders` ("dense", "moe" or both) trains only those (a recipe sweep trains each seed's dense twin once;
     RaceResult's comparisons need both); `score_test=False` leaves the test split unread (a sweep scores it for
@@ -271,49 +282,36 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
     if not contenders or set(contenders) - set(CONTENDERS):
         raise ConfigError(f"contenders must be some of {CONTENDERS}, got {contenders!r}")
     models = {name: model for name, model in race_twins(settings).items() if name in contenders}
-    optimizers, steps = {}, {}
-    for name, model in models.items():
-        model.train()
-        optimizers[name] = race_optimizer(model, settings)
-        steps[name] = training_step(model, optimizers[name], settings.torch_dtype)
+    # one batch per step, the same tensor for both twins
+    batch = functools.lru_cache(maxsize=1)(
+        lambda step: corpus.train_batch(step, settings.batch_size, settings.context, settings.seed))
+    twins = {name: TwinContender(name, model, settings, batch) for name, model in models.items()}
     result = RaceResult(
         settings=asdict(settings),
-        flops_per_token={n: matmul_flops_per_token(m, settings.context) for n, m in models.items()},
+        flops_per_token={n: m.flops_per_token(settings.context, training=True) for n, m in models.items()},
         parameters={n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
-        step_seconds={n: [] for n in models},
     )
     val_windows = corpus.split_windows("val", settings.context, settings.eval_windows)
-    spent = {name: 0.0 for name in models}
 
     def evaluate(step: int) -> None:
         val = {n: evaluate_domains(m, val_windows, settings.torch_dtype, settings.batch_size)
                for n, m in models.items()}
-        evaluation = Evaluation(step, step * settings.batch_size * settings.context, dict(spent), val)
+        evaluation = Evaluation(step, step * settings.batch_size * settings.context,
+                                {n: t.seconds for n, t in twins.items()}, val)
         result.evaluations.append(evaluation)
         if on_evaluation is not None:
             on_evaluation(evaluation)
 
-    evaluate(0)
-    for step in range(settings.steps):
-        ids = corpus.train_batch(step, settings.batch_size, settings.context, settings.seed)
-        order = tuple(models) if step % 2 == 0 else tuple(models)[::-1]
-        for name in order:
-            set_race_lr(optimizers[name], step, settings)
-            start = time.perf_counter()
-            loss = steps[name](ids)
-            seconds = time.perf_counter() - start
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the {name} model's loss is {loss} at step {step}")
-            spent[name] += seconds
-            result.step_seconds[name].append(seconds)
-        done = step + 1
+    def after_round(done: int) -> None:
         if done % settings.eval_every == 0 or done == settings.steps:
             evaluate(done)
-        if should_stop is not None and should_stop() and done < settings.steps:
-            result.stopped = f"interrupted at step {done}"
-            if done % settings.eval_every:
-                evaluate(done)
-            break
+
+    evaluate(0)
+    log = run_contest(twins, after_round=after_round, should_stop=should_stop)
+    result.step_seconds, result.stopped = log.step_seconds, log.stopped
+    done = min(t.steps_done for t in twins.values())
+    if result.evaluations[-1].step != done:  # interrupted between evaluations: one where it stopped
+        evaluate(done)
     if score_test:
         result.test = score_on_test(models, settings, corpus)
     return result, models
@@ -324,3 +322,17 @@ def score_on_test(models: dict[str, GPT2MoEForCausalLM], settings: RaceSettings,
     """Each model's loss per domain on the test split (read once, at the end)."""
     test_windows = corpus.split_windows("test", settings.context, settings.test_windows)
     return {n: evaluate_domains(m, test_windows, settings.torch_dtype, settings.batch_size) for n, m in models.items()}
+
+
+def build_corpus(out: Path, quick: bool) -> DomainCorpus:
+    """prose, code, names: the offline sources, as byte streams saved under out/ (rebuilt each run: a minute)."""
+    from flash_experts.data.domains import python_source_documents
+    from flash_experts.data.text import wikipedia_documents
+    from flash_experts.mtg.cards import load_offline_mtg, mtg_documents
+
+    documents = {"prose": wikipedia_documents(), "code": python_source_documents(),
+                 "names": mtg_documents(load_offline_mtg())}
+    limits = {"train": QUICK_TRAIN_BYTES if quick else TRAIN_BYTES, "val": EVAL_BYTES, "test": EVAL_BYTES}
+    corpus = DomainCorpus.from_documents(documents, limits)
+    corpus.save(out)
+    return corpus

@@ -307,7 +307,8 @@ def _validate(cfg: TrainConfig) -> None:
             validate_moe_fields(moe, num_layers=model.n_layer if scratch else None)
         except ConfigError as error:
             raise ConfigError(f"moe.{error}") from None
-        require(moe.expert_noise >= 0, "moe.expert_noise", "must be >= 0", moe.expert_noise)
+        require(math.isfinite(moe.expert_noise) and moe.expert_noise >= 0, "moe.expert_noise",
+                "must be a finite number >= 0", moe.expert_noise)
         require(0.0 <= moe.drop_ratio <= 1.0, "moe.drop_ratio", "must be in [0, 1]", moe.drop_ratio)
         for name in ("drop_ratio", "expert_noise"):
             require(not (scratch and getattr(moe, name) > 0), f"moe.{name}",

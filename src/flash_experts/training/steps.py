@@ -1,11 +1,10 @@
-"""Equal compute: the same seconds of training for each of several runs, measured on this machine.
+"""One training step as a function, and step times measured side by side.
 
-A run whose step costs 1.5x another's gets 1/1.5 of its steps. Step times come from the runs' own models and
-optimizers, built as the trainer builds them, with the contenders taking turns (round r times one step of
-each): a shared machine's speed drifts over minutes, and turns expose every contender to the same drift, so
-the ratios hold even when the absolute times move. Used by `flash-experts demo` (the dense model against the
-MoE) and by benchmarks/sweep_upcycling.py (every recipe). `train_interleaved` then trains the runs taking
-turns in one process, each until its own measured step time reaches the budget.
+`training_step` is the trainer's step (forward, loss, backward, clipping, the optimizer update) for a model and
+optimizer built anywhere: the race's twins step with it, and the benchmarks time it. `interleaved_medians` and
+`measure_step_seconds` time several steps taking turns (round r times one step of each): a shared machine's
+speed drifts over minutes, and turns expose every contender to the same drift, so the ratios hold even when the
+absolute times move. They measure; a contest's budget is FLOPs (flash_experts/contest/budget.py), never seconds.
 """
 
 from __future__ import annotations
@@ -13,15 +12,12 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
 from flash_experts.training.config import TrainConfig, resolve_device, resolve_precision
 from flash_experts.training.optimizer import clipped_step, gradient_norm
-
-if TYPE_CHECKING:
-    from flash_experts.training.trainer import TrainResult
 
 
 def sync(device: str) -> None:
@@ -75,7 +71,7 @@ def measure_step_seconds(configs: dict[str, TrainConfig], rounds: int = 3,
     the config's device and precision, and steps on the first batch of the config's training split; they are
     thrown away afterwards (the real runs start from the same weights)."""
     from flash_experts.data.tokens import load_split
-    from flash_experts.training.trainer import build_model, prepare_for_training, seed_everything
+    from flash_experts.training.model_setup import build_model, prepare_for_training, seed_everything
 
     calls = {}
     for name, cfg in configs.items():
@@ -92,59 +88,3 @@ def measure_step_seconds(configs: dict[str, TrainConfig], rounds: int = 3,
         calls[name] = functools.partial(training_step(model, optimizer, dtype), ids)
     return interleaved_medians(calls, rounds=rounds, device=resolve_device(next(iter(configs.values())).run.device),
                                on_round=on_round)
-
-
-def steps_for_budget(seconds_per_step: float, budget_seconds: float) -> int:
-    """Whole steps that fit the budget (at least one)."""
-    return max(1, int(budget_seconds / seconds_per_step))
-
-
-def train_interleaved(configs: dict[str, TrainConfig], resume: str | None = None) -> dict[str, "TrainResult"]:
-    """Train several runs in this one process, taking turns, each until its own budget of measured
-    training-step time (`optim.time_budget`) is spent. Returns each run's TrainResult.
-
-    Planning steps from a timing taken before training trusts that the machine keeps its speed for the next
-    quarter of an hour, which a shared machine does not: the runs would get different compute and the verdict
-    would follow the drift. Here every turn steps the run that has spent the least step time so far (the
-    first named on a tie), so the runs keep pace in compute, a slow minute slows all of them, and each
-    stops within half a step of its budget. Runs with the same seed and data see the same batches in the
-    same order (a batch is a function of seed and step).
-
-    One process only (no torchrun). SIGINT/SIGTERM finish the current step and save every unfinished run;
-    `resume` ("auto" or None) continues each from its own folder.
-    """
-    import contextlib
-
-    from flash_experts.errors import UserError
-    from flash_experts.training import distributed as dist_utils
-    from flash_experts.training.run_lock import RunFolderLock
-    from flash_experts.training.trainer import StopRequest, Trainer
-
-    devices = {resolve_device(cfg.run.device) for cfg in configs.values()}
-    if len(devices) != 1 or dist_utils.launched_by_torchrun():
-        raise UserError("interleaved runs train in one process on one device")
-    for name, cfg in configs.items():
-        if not cfg.optim.time_budget > 0:
-            raise UserError(f"run {name!r} needs optim.time_budget > 0 to train interleaved")
-    info = dist_utils.init_distributed(devices.pop())
-    with contextlib.ExitStack() as held:
-        for cfg in configs.values():
-            held.enter_context(RunFolderLock(cfg.run.out_dir))
-        trainers: dict[str, Trainer] = {}
-        try:
-            for name, cfg in configs.items():
-                trainers[name] = Trainer(cfg, info, resume)
-            for trainer in trainers.values():
-                trainer.begin()
-            with StopRequest() as stop:
-                while running := [t for t in trainers.values() if not t.done]:
-                    min(running, key=lambda t: t.train_seconds).advance()
-                    if stop.requested:
-                        for trainer in running:
-                            if not trainer.done:
-                                trainer.stopped = "interrupted"
-                        break
-            return {name: trainer.end(stop.signal_name) for name, trainer in trainers.items()}
-        finally:
-            for trainer in trainers.values():
-                trainer.close()

@@ -15,24 +15,17 @@ many (torchrun + DDP). What it guarantees:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
-import random
 import shutil
-import signal
-import sys
-import threading
 import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-import numpy as np
 import torch
-from torch import nn
 
-from flash_experts.data.tokens import load_meta, load_split
+from flash_experts.data.tokens import load_split
 from flash_experts.errors import UserError
 from flash_experts.model.routing import RouterStatsAccumulator, RouterStatsResult, expert_distances
 from flash_experts.training import checkpoint as ckpt
@@ -40,9 +33,11 @@ from flash_experts.training import distributed as dist_utils
 from flash_experts.training.compile import compile_fail_safe
 from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.data import EvalBatches, TrainBatches
-from flash_experts.training.optimizer import clipped_step, gradient_norm
+from flash_experts.training.evaluation import next_token_loss_sums
+from flash_experts.training.model_setup import build_model, prepare_for_training, read_meta, seed_everything
+from flash_experts.training.optimizer import clipped_step, gradient_norm, set_scheduled_lr
 from flash_experts.training.run_lock import RunFolderLock
-from flash_experts.training.schedule import lr_at
+from flash_experts.training.stop import StopRequest
 
 
 class TrainingDiverged(UserError):
@@ -98,184 +93,6 @@ def perplexity(loss: float | None) -> float | None:
     if loss is None:
         return None
     return math.exp(loss) if loss < 700 else float("inf")  # exp overflows a float past ~709
-
-
-# ------------------------------------------------------------------------------------------------- the model
-
-
-def build_model(cfg: TrainConfig) -> tuple[nn.Module, Any]:
-    """The model to train and its tokenizer, as the config describes them.
-
-    base="scratch": a fresh GPT-2-shaped model (MoE when cfg.moe is set) sized by cfg.model, with the data
-    folder's tokenizer and vocabulary. Otherwise the base is loaded and, with an moe section, upcycled; a
-    dense run converts GPT-2/Llama bases to our code with no MoE layers, so attention runs through our kernels.
-    """
-    from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM, upcycle
-    from flash_experts.model.loading import load_model
-    from flash_experts.model.moe import MoESettings
-    from flash_experts.model.upcycle import SUPPORTED_FAMILIES
-
-    moe = cfg.moe
-    # The trainer's moe section is the model's MoESettings plus two upcycling options; a dense run is a model of
-    # our code with no MoE layer.
-    settings = moe.settings() if moe is not None else MoESettings(num_experts=1, num_experts_per_tok=1, moe_layers=[])
-    moe_fields: dict[str, Any] = dict(dataclasses.asdict(settings), attention_implementation=cfg.model.attention)
-
-    if cfg.model.base == "scratch":
-        meta = read_meta(cfg.data.dir)
-        if "vocab_size" not in meta:
-            raise UserError(f"{cfg.data.dir}/meta.json must give vocab_size to size a model trained from scratch")
-        p = cfg.model.dropout
-        config = GPT2MoEConfig(
-            vocab_size=int(meta["vocab_size"]), n_positions=cfg.model.n_positions, n_embd=cfg.model.n_embd,
-            n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, resid_pdrop=p, embd_pdrop=p, attn_pdrop=p,
-            bos_token_id=meta.get("eos_token_id", 0), eos_token_id=meta.get("eos_token_id", 0), **moe_fields,
-        )
-        return GPT2MoEForCausalLM(config), _data_tokenizer(cfg.data.dir)
-
-    model, tokenizer = load_model(cfg.model.base)  # quiet: no transformers bar inside the trainer's own
-    already_moe = bool(getattr(model.config, "num_experts", None)) and hasattr(model.config, "moe_layer_indices")
-    if already_moe:
-        if moe is not None:
-            warnings.warn(f"{cfg.model.base} is already an MoE model; the moe section is ignored", stacklevel=2)
-    elif moe is not None or model.config.model_type in SUPPORTED_FAMILIES:
-        model = upcycle(model, settings, expert_noise=moe.expert_noise if moe else 0.0,
-                        drop_ratio=moe.drop_ratio if moe else 0.0, seed=cfg.run.seed,
-                        attention_implementation=cfg.model.attention)
-    set_dropout(model, cfg.model.dropout)
-    return model, tokenizer
-
-
-def _data_tokenizer(data_dir: str | None) -> Any:
-    from flash_experts.data.tokenizer import load_tokenizer
-
-    try:
-        return load_tokenizer(data_dir)
-    except (UserError, OSError, ValueError) as error:
-        warnings.warn(f"no tokenizer found with the data in {data_dir} ({error}); checkpoints will lack one",
-                      stacklevel=3)
-        return None
-
-
-def read_meta(data_dir: str | None) -> dict[str, Any]:
-    if data_dir is None:
-        raise UserError(
-            "data.dir is not set: prepare a folder with `flash-experts prepare-data` and pass data.dir=PATH"
-        )
-    return load_meta(data_dir)
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    """Use dropout `p` everywhere (and record it in the config, so a saved model says what it was trained with)."""
-    for module in model.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = p
-    for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout"):
-        if hasattr(model.config, name):
-            setattr(model.config, name, p)
-
-
-def is_moe_parameter(name: str) -> bool:
-    """Expert and router weights: what train="moe" trains."""
-    return ".mlp.experts." in name or is_router_parameter(name)
-
-
-def is_router_parameter(name: str) -> bool:
-    return ".mlp.router." in name
-
-
-def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float | None = None,
-                     router_lr_scale: float = 1.0) -> list[dict[str, Any]]:
-    """AdamW groups: weight decay on matrices (incl. stacked experts), none on biases, norms and embeddings.
-
-    With `moe_lr_scale` (optim.rewarm_peak / optim.lr) the expert and router parameters get groups of their
-    own whose rate is the schedule's times that scale; with `router_lr_scale` != 1 (optim.router_lr_scale) the
-    routers get a group of their own at that multiple of their neighbours' rate. Every group carries its
-    "lr_scale" (1.0 elsewhere). Without either there are two groups, as checkpoints written before the
-    options expect.
-    """
-    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    # key: (kind, decays) with kind 0 = the rest, 1 = experts (and routers) re-warmed, 2 = routers apart
-    groups: dict[tuple[int, bool], list[nn.Parameter]] = {}
-    for name, param in model.named_parameters():  # tied weights appear once
-        if not param.requires_grad:
-            continue
-        leaf = name.rsplit(".", 1)[-1]
-        decays = not (param.ndim < 2 or id(param) in embeddings or "bias" in leaf or leaf in ("b_up", "b_down"))
-        kind = 2 if router_lr_scale != 1.0 and is_router_parameter(name) else (
-            1 if moe_lr_scale is not None and is_moe_parameter(name) else 0)
-        groups.setdefault((kind, decays), []).append(param)
-    scales = {0: 1.0, 1: moe_lr_scale, 2: router_lr_scale * (moe_lr_scale or 1.0)}
-    order = [(0, True), (0, False), (1, True), (1, False), (2, True), (2, False)]
-    return [{"params": groups.get(key, []), "weight_decay": weight_decay if key[1] else 0.0, "lr_scale": scales[key[0]]}
-            for key in order if key in groups or key[0] == 0]
-
-
-def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
-                         shard: Callable[[nn.Module], None] | None = None) -> tuple[list[nn.Parameter], Any]:
-    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, shard it (`shard`, FSDP), and
-    build its AdamW.
-
-    The trainer's own setup, shared with the step timing of training/equal_compute.py so that a timed step is
-    the trained step. Returns the trainable parameters and the optimizer."""
-    model.to(device=device, dtype=torch.float32)  # fp32 master weights, whatever the base was stored in
-    if cfg.model.train == "moe":
-        for name, param in model.named_parameters():
-            param.requires_grad_(is_moe_parameter(name))
-    if shard is not None:
-        shard(model)  # FSDP2 replaces the parameters by their shards: the optimizer must see those
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
-    # The fused kernel exists for CUDA and CPU (torch >= 2.4): one pass over the parameters instead of a
-    # dozen per step, several times faster on CPU.
-    optimizer = torch.optim.AdamW(
-        optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
-                         else cfg.optim.rewarm_peak / cfg.optim.lr, router_lr_scale=cfg.optim.router_lr_scale),
-        lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-        eps=cfg.optim.eps, **({"foreach": True} if shard is not None else {"fused": True}),
-    )
-    return params, optimizer
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# --------------------------------------------------------------------------------------------- stop requests
-
-
-class StopRequest:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second Ctrl-C raises KeyboardInterrupt."""
-
-    def __init__(self, then: str = "saving a checkpoint") -> None:
-        self.signal_name: str | None = None
-        self.then = then  # what the loop does after the step, for the message
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self) -> "StopRequest":
-        if threading.current_thread() is threading.main_thread():  # signals can only be caught there
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signal_name is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        if self.signal_name is None:
-            self.signal_name = signal.Signals(signum).name
-            print(f"\n{self.signal_name} received: finishing this step, then {self.then} "
-                  "(Ctrl-C again to stop at once)", file=sys.stderr, flush=True)
-
-    @property
-    def requested(self) -> bool:
-        return self.signal_name is not None
 
 
 # --------------------------------------------------------------------------------------------------- trainer
@@ -494,10 +311,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over grad_accum micro-batches. Returns the step's rank-averaged numbers."""
         cfg = self.cfg
-        lr = lr_at(self.schedule_position(), lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, warmup_steps=cfg.optim.warmup_steps,
-                   max_steps=cfg.optim.max_steps, schedule=cfg.optim.schedule)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
+        lr = set_scheduled_lr(self.optimizer, self.schedule_position(), cfg.optim)
         accum = cfg.data.grad_accum
         sums = torch.zeros(3, device=self.device)  # objective, lm loss, aux loss (means over micro-batches)
         expert_counts: dict[int, torch.Tensor] = {}
@@ -557,27 +371,17 @@ class Trainer:
             "Lower optim.lr (or raise optim.warmup_steps / use run.precision=bf16) and resume with --resume"
         )
 
-    @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean LM cross entropy (no aux loss) over the fixed validation windows, summed across ranks."""
-        model = self.eval_model
-        model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)  # summed loss, predicted tokens
+        """Mean LM cross entropy (no aux loss) over the fixed validation windows, summed across ranks
+        (training/evaluation.py: the race's evaluation too)."""
         routing = RouterStatsAccumulator()
-        for x in self.eval_batches:
-            x = self._to_device(x)
-            with self.autocast():
-                out = model(input_ids=x, labels=x)
-            routing.add(getattr(out, "router_stats", None), x.numel())
-            lm_loss = getattr(out, "lm_loss", None)
-            lm_loss = lm_loss if lm_loss is not None else out.loss
-            predicted = x.shape[0] * (x.shape[1] - 1)  # labels are shifted inside: T-1 predictions per window
-            totals[0] += lm_loss.double() * predicted
-            totals[1] += predicted
-        model.train()
+        total, count = next_token_loss_sums(
+            self.eval_model, (self._to_device(x) for x in self.eval_batches), self.autocast,
+            on_output=lambda out, x: routing.add(getattr(out, "router_stats", None), x.numel()))
         # this process's windows (the routers' view; the loss below is summed across ranks); FSDP holds only a
         # shard of each expert stack here, so the experts' distances are measured on whole weights only
         self.last_routing = routing.result(None if self.fsdp else expert_distances(self.raw_model))
+        totals = torch.tensor([total, count], dtype=torch.float64, device=self.device)
         dist_utils.all_reduce_sum(totals)
         return float(totals[0] / totals[1])
 
@@ -594,8 +398,8 @@ class Trainer:
                     self.stopped = "interrupted"
         return self.end(stop.signal_name)
 
-    # The loop in three parts, so that several trainers can take turns in one process
-    # (training/equal_compute.py `train_interleaved`): begin, advance one step at a time, end.
+    # The loop in three parts, so that several trainers can take turns in one process (a contest:
+    # flash_experts/contest/engine.py): begin, advance one step at a time, end.
 
     def begin(self) -> None:
         """Start (or continue) the run: its validation starting point when at step 0, the progress bar."""
@@ -640,8 +444,9 @@ class Trainer:
             return False
         return self.train_seconds + mean_step / 2 >= budget
 
-    def advance(self) -> None:
-        """One optimizer step, then what follows it: logging, evaluation (early stopping), checkpoints."""
+    def advance(self) -> float:
+        """One optimizer step, then what follows it: logging, evaluation (early stopping), checkpoints. Returns
+        the seconds of the training step alone (what a contest compares: flash_experts/contest)."""
         cfg = self.cfg
         step_started = time.perf_counter()
         metrics = self.train_step()
@@ -662,6 +467,7 @@ class Trainer:
         if (cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0) or last:
             self.save()
             self._saved_this_step = True
+        return elapsed
 
     def end(self, signal_name: str | None = None) -> TrainResult:
         """Save what a stop left unsaved and return the result of this invocation."""
@@ -678,7 +484,8 @@ class Trainer:
         self.last_val_loss = val_loss
         if self.tracker is not None:
             self.tracker.log(self.step, {"val/loss": val_loss, "val/ppl": perplexity(val_loss),
-                                         "train/seconds": self.train_seconds, **routing_metrics(self.last_routing)})
+                                         "train/seconds": self.train_seconds, "train/tokens": self.tokens_seen,
+                                         **routing_metrics(self.last_routing)})
         if self.step == 0:  # the untrained starting point: a baseline for the curve, not a candidate for best/
             self.initial_val_loss = val_loss
             self.initial_routing = self.last_routing
@@ -741,8 +548,9 @@ class Trainer:
                     desc=self.run_dir.name)
 
     def _run_name(self) -> str:
-        """A prefix naming the run where runs take turns in one output (optim.time_budget), else nothing."""
-        return f"{self.run_dir.name} " if self.cfg.optim.time_budget else ""
+        """A prefix naming the run where its lines share one output with other runs' (run.quiet: runs taking
+        turns in a contest print log lines, no progress bar), else nothing."""
+        return f"{self.run_dir.name} " if self.cfg.run.quiet else ""
 
     def _say(self, message: str) -> None:
         if self.info.is_main:

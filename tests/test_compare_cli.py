@@ -145,10 +145,30 @@ def test_evaluate_cli_router_stats_count_each_token_once(saved_models, tmp_path)
     assert layer["expert_distance"] == 0.0
 
 
+def test_evaluate_cli_router_stats_of_a_quantized_moe(saved_models, tmp_path):
+    """Reference: the same model in float (the routing table counts the same tokens); quantized experts keep
+    no float stacks, so their distance is not measured (NaN) instead of failing the evaluation."""
+    from flash_experts.model import upcycle_gpt2
+
+    _, loaded, tokenizer, text_file = saved_models
+    folder = tmp_path / "moe"
+    upcycle_gpt2(loaded[0], num_experts=4, top_k=2, moe_layers="all").save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    tables = {}
+    for quantize in ("none", "int8"):
+        out = tmp_path / f"{quantize}.json"
+        assert main(["evaluate", str(folder), "--text", str(text_file), "--device", "cpu", "--router-stats",
+                     "--quantize", quantize, "--quiet", "--json", str(out)]) == 0
+        (tables[quantize],) = json.loads(out.read_text())["routing"]["layers"]
+    assert tables["int8"]["tokens"] == tables["none"]["tokens"]
+    assert tables["none"]["expert_distance"] == 0.0 and tables["int8"]["expert_distance"] != tables["int8"]["expert_distance"]
+
+
 @pytest.mark.parametrize(
     "verb_arguments, message",
     [
         (["evaluate", "{model}", "--text", "{folder}"], "is a folder"),
+        (["evaluate", "{model}", "--text", "{text}", "--json", "{folder}"], "is a folder: name a file"),
         (["evaluate", "{model}", "--text", "{text}", "--json", "{folder}/missing/out.json"], "--json"),
         (["compare", "{model}", "{model2}", "--out", "{text}", "--text", "{text}"], "--out"),
         (["compare", "{model}", "{model2}", "--out", "{folder}/c", "--text", "{text}", "--speed-seq-len", "0"],

@@ -271,6 +271,17 @@ def test_run_atlas_is_served_from_the_run_folder(client, studio):
         served = client.get("/api/runs/0/atlas")
         assert served.status_code == 200 and served.json() == json.loads(json.dumps(atlas.as_dict()))
         assert client.get("/api/runs/3/atlas").status_code == 400
+        # valid JSON that is no atlas: 400 with a line naming what does not fit, and the server keeps serving
+        good = atlas.as_dict()
+        broken_expert = json.loads(json.dumps(good))
+        broken_expert["layers"][0]["experts"][0]["share"] = "half"
+        for bad, words in (([1, 2], "holds no object"), ({"layers": "x", "tokens": 4, "min_count": 1}, "layers must"),
+                           ({"layers": []}, "tokens and min_count"), (broken_expert, "layers[0].experts[0]")):
+            (run / "expert_atlas.json").write_text(json.dumps(bad))
+            answer = client.get("/api/runs/0/atlas")
+            assert answer.status_code == 400 and "not an expert atlas" in answer.json()["error"], bad
+            assert words in answer.json()["error"]
+        assert client.get("/api/runs/3/atlas").status_code == 400
     finally:
         (run / "expert_atlas.json").unlink()
 

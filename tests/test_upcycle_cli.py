@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2LMHeadModel
 
@@ -26,6 +27,16 @@ def test_upcycle_cli_bad_layers_is_one_error_line(tiny_gpt2_dir, tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: --layers")
     assert not (tmp_path / "x").exists()  # nothing written on bad input
+
+
+@pytest.mark.parametrize("noise", ["nan", "inf", "-0.1"])
+def test_upcycle_refuses_expert_noise_that_is_not_a_finite_number_above_zero(noise, tiny_gpt2_dir, tmp_path, capsys):
+    """nan would be taken as "no noise" while the output says the symmetry was broken, inf would save a model
+    whose logits are NaN: one error line, nothing written."""
+    assert main(["upcycle", str(tiny_gpt2_dir), str(tmp_path / "x"), "--expert-noise", noise]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: --expert-noise must be a finite number >= 0")
+    assert not (tmp_path / "x").exists()
 
 
 def test_upcycle_refuses_an_output_folder_that_holds_files(tiny_gpt2_dir, tmp_path, capsys):

@@ -57,6 +57,8 @@ def run(args: argparse.Namespace) -> int:
     if args.wikitext is None and args.data is None and args.text is None:
         raise UserError("choose the evaluation data: --wikitext [PATH], --data DIR (with --split) or --text FILE")
     check_source_arguments(args)
+    if args.json and Path(args.json).expanduser().is_dir():  # before the evaluation, not after it
+        raise UserError(f"--json {args.json} is a folder: name a file to write the numbers to")
     if args.json and not Path(args.json).expanduser().resolve().parent.is_dir():
         raise UserError(f"--json: the folder for {args.json} does not exist")
     console = Console()

@@ -10,6 +10,7 @@ the command proves it on the spot (max |logit difference| on random tokens) befo
 from __future__ import annotations
 
 import argparse
+import math
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -54,8 +55,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--top-k must be in [1, --experts={args.experts}], got {args.top_k}")
     if not 0.0 <= args.drop_ratio <= 1.0:
         raise UserError(f"--drop-ratio must be in [0, 1], got {args.drop_ratio}")
-    if args.expert_noise < 0:
-        raise UserError(f"--expert-noise must be >= 0, got {args.expert_noise}")
+    if not (math.isfinite(args.expert_noise) and args.expert_noise >= 0):
+        raise UserError(f"--expert-noise must be a finite number >= 0, got {args.expert_noise}")
     refuse_existing_output(args.out, empty_folder_ok=True)
     dense, tokenizer = load_model(args.source)
     model = upcycle(dense, num_experts=args.experts, top_k=args.top_k, moe_layers=layers,

@@ -70,6 +70,42 @@ class ExpertAtlas:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @staticmethod
+    def from_dict(data: Any) -> "ExpertAtlas":
+        """The atlas `as_dict` wrote, read back and checked field by field (a file a person can edit: the studio
+        serves only what has this shape). Raises UserError naming the first field that does not fit."""
+        def need(ok: bool, where: str) -> None:
+            if not ok:
+                raise UserError(f"not an expert atlas: {where}")
+
+        def number(value: Any, kind: type = int) -> bool:
+            return isinstance(value, (int, float) if kind is float else int) and not isinstance(value, bool)
+
+        need(isinstance(data, dict), "the file holds no object")
+        need(number(data.get("tokens")) and number(data.get("min_count")), "tokens and min_count must be integers")
+        need(isinstance(data.get("layers"), list), "layers must be a list")
+        layers = []
+        for i, layer in enumerate(data["layers"]):
+            need(isinstance(layer, dict) and number(layer.get("layer")) and isinstance(layer.get("experts"), list),
+                 f"layers[{i}] must have an integer layer and a list of experts")
+            experts = []
+            for j, e in enumerate(layer["experts"]):
+                where = f"layers[{i}].experts[{j}]"
+                need(isinstance(e, dict) and number(e.get("expert")) and number(e.get("assignments"))
+                     and number(e.get("share"), float), f"{where} needs integer expert and assignments, a share")
+                need(isinstance(e.get("top_tokens", []), list) and isinstance(e.get("examples", []), list)
+                     and all(isinstance(x, str) for x in e.get("examples", [])), f"{where}: lists of tokens, examples")
+                tokens = []
+                for k, t in enumerate(e.get("top_tokens", [])):
+                    need(isinstance(t, dict) and number(t.get("token_id")) and isinstance(t.get("text"), str)
+                         and number(t.get("count")) and number(t.get("occurrences")) and number(t.get("lift"), float),
+                         f"{where}.top_tokens[{k}] needs token_id, text, count, occurrences, lift")
+                    tokens.append(AtlasToken(t["token_id"], t["text"], t["count"], t["occurrences"], float(t["lift"])))
+                experts.append(AtlasExpert(e["expert"], e["assignments"], float(e["share"]), tokens,
+                                           list(e.get("examples", []))))
+            layers.append(AtlasLayer(layer["layer"], experts))
+        return ExpertAtlas(data["tokens"], data["min_count"], layers)
+
 
 def atlas_from_assignments(token_ids_T: Sequence[int], experts_by_layer: dict[int, Any], num_experts: int,
                            decode: Any, *, top: int = 8, min_count: int = 5, examples: int = 3,

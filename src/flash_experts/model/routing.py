@@ -148,10 +148,10 @@ def expert_distances(model: nn.Module) -> dict[int, float]:
     distances = {}
     for layer in (m for m in model.modules() if isinstance(m, MoELayer)):
         experts = layer.experts
+        if not isinstance(getattr(experts, "w_up", None), torch.Tensor):
+            continue  # quantized experts (model/quantize) keep no float stacks to compare
         tensors = [p for p in (experts.w_gate, experts.w_up, experts.w_down, experts.b_up, experts.b_down)
                    if p is not None]
-        if getattr(experts, "w_up", None) is None or not all(t.is_floating_point() for t in tensors):
-            continue  # quantized experts keep no float weights to compare
         vectors_EP = torch.cat([t.detach().float().reshape(t.shape[0], -1) for t in tensors], dim=1)
         norms_E = vectors_EP.norm(dim=1)
         pairs = [float((vectors_EP[i] - vectors_EP[j]).norm() / ((norms_E[i] + norms_E[j]) / 2).clamp_min(1e-30))

@@ -13,6 +13,7 @@ giving up exactness at step 0: `expert_noise` (small Gaussian noise on every cop
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -48,8 +49,8 @@ def upcycle(source: PreTrainedModel | str, settings: MoESettings | None = None, 
 
     if not 0.0 <= drop_ratio <= 1.0:
         raise UserError(f"drop_ratio must be in [0, 1], got {drop_ratio}")
-    if expert_noise < 0:
-        raise UserError(f"expert_noise must be >= 0, got {expert_noise}")
+    if not (math.isfinite(expert_noise) and expert_noise >= 0):  # nan would pass for "no noise", inf ruins the weights
+        raise UserError(f"expert_noise must be a finite number >= 0, got {expert_noise}")
     if "top_k" in setting_overrides:
         setting_overrides["num_experts_per_tok"] = setting_overrides.pop("top_k")
     unknown = set(setting_overrides) - set(MoESettings.names())

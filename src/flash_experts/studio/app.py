@@ -127,7 +127,7 @@ class Studio:
 
     def run_atlas(self, index: int) -> dict:
         """The expert atlas a run's folder holds (the demo writes it beside the MoE run's metrics)."""
-        from flash_experts.evaluation.expert_atlas import ATLAS_FILE
+        from flash_experts.evaluation.expert_atlas import ATLAS_FILE, ExpertAtlas
 
         if not 0 <= index < len(self.runs):
             raise UserError(f"there is no run {index}: the studio was started with {len(self.runs)}")
@@ -136,9 +136,13 @@ class Studio:
             raise UserError(f"{self.runs[index].name} has no {ATLAS_FILE} (the demo writes one for its MoE run; "
                             "`flash-experts evaluate MODEL --router-stats --json FILE` computes one for any text)")
         try:
-            return json.loads(path.read_text(encoding="utf-8"))
+            data = json.loads(path.read_text(encoding="utf-8"))
         except ValueError as error:
             raise UserError(f"{path} is not an expert atlas ({error})") from None
+        try:
+            return ExpertAtlas.from_dict(data).as_dict()  # valid JSON of another shape: 400 with a line, not 500
+        except UserError as error:
+            raise UserError(f"{path}: {error}") from None
 
 
 def model_info(model, tokenizer) -> dict:  # noqa: ANN001

@@ -132,6 +132,9 @@ def test_equal_seconds_and_the_exchange_rate_by_hand():
     ([1.05], "does not pay per second"),
     (None, "does not pay per second"),
     ([], "does not pay per second"),
+    ([None, None], "does not pay per second"),
+    ([1.40, None], "even per second within the spreads"),  # a seed without a lead: "pays" is not said
+    ([1.05, None], "does not pay per second"),
 ])
 def test_pays_per_second_only_beyond_both_spreads(rates, answer):
     cost = Spread(median=1.2, q1=1.15, q3=1.25, count=100)

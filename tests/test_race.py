@@ -289,3 +289,26 @@ def test_the_router_gradient_setting_reaches_every_router_and_is_saved():
         routers = [block.mlp.router for block in moe.transformer.h if block.is_moe]
         assert routers and all(router.through_sum is through_sum for router in routers)
         assert moe.config.renormalize_through_sum is through_sum
+
+
+def test_the_race_at_two_seeds_decides_with_the_paired_test(tmp_path, capsys):
+    """The command end to end at toy shapes (its own corpus, built offline), two paired seeds. Reference: the
+    paired test (contest/seeds.py, tested against scipy) recomputed from the two seeds' saved race.json."""
+    import json
+
+    from flash_experts.contest.seeds import paired_test, verdict_words
+    from flash_experts.data.text import WIKI_OFFLINE, WIKI_OFFLINE_FILE, installed_data_file
+
+    if installed_data_file(WIKI_OFFLINE[0], WIKI_OFFLINE_FILE) is None:
+        pytest.skip(f"{WIKI_OFFLINE[0]} is not installed (requirements-offline.txt): the prose domain")
+    out = tmp_path / "race"
+    assert main(["race", "--quick", "--seeds", "2", "--seed", "5", "--steps", "4", "--eval-every", "2", "--width", "32",
+                 "--heads", "2", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    results = [json.loads((out / f"seed-{seed}" / "race.json").read_text()) for seed in (5, 6)]
+    means = {c: [float(np.mean(list(r["evaluations"][-1]["val"][c].values()))) for r in results] for c in ("dense", "moe")}
+    assert f"quality at equal tokens (mean over domains): {verdict_words(paired_test(means['moe'], means['dense']))}" \
+        in printed
+    assert [r["settings"]["seed"] for r in results] == [5, 6]
+    assert all(len(r["step_seconds"]["moe"]) == 4 for r in results)
+    assert "Across 2 paired seeds" in printed and "Across seeds: one seed decides nothing" not in printed

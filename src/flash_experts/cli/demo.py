@@ -243,7 +243,7 @@ def print_seeds(outcomes: list[Any]) -> None:
     for o in outcomes:
         d, m = o.results["dense"], o.results["moe"]
         cost, rate = o.step_cost(), o.exchange_rate()
-        rates += [rate] if rate else []
+        rates.append(rate)
         if cost is not None:
             pairs += [b / a for a, b in zip(o.log.step_seconds["dense"], o.log.step_seconds["moe"])]
         print(f"  {o.settings.seed:>6} {d.best_val_ppl:>14.2f} {m.best_val_ppl:>8.2f} {o.val_ppl_ratio:>10.3f} "

@@ -237,7 +237,7 @@ def print_seeds(results: list[Any], domains: list[str]) -> None:
         ratios = [last.val["moe"][d] / last.val["dense"][d] for d in domains]
         test = np.mean([r.test["moe"][d] for d in domains]) / np.mean([r.test["dense"][d] for d in domains])
         cost, exchange = r.step_cost(), r.token_exchange_rate()
-        rates += [exchange[1]] if exchange else []
+        rates.append(exchange[1] if exchange else None)
         pairs += [m / d for d, m in zip(r.step_seconds["dense"], r.step_seconds["moe"])]
         print(f"  {r.settings['seed']:>6} " + " ".join(f"{x:>8.3f}" for x in ratios)
               + f" {r.final_mean_loss('moe') / r.final_mean_loss('dense'):>8.3f} {test:>10.3f} "

@@ -102,22 +102,27 @@ class PerSecond:
         return f"{self.answer}: {self.why}"
 
 
-def per_second_answer(rates: list[float] | None, cost: Spread) -> PerSecond:
-    """From the exchange rate (one per seed; None or empty: the MoE's lead never showed) and the step cost.
-    "Pays per second" only when the lowest exchange rate (over seeds) exceeds the step cost's upper quartile;
-    "does not pay" when the highest is below its lower quartile; between, even within the spreads. One seed
-    gives the exchange rate no spread of its own, and the answer says so."""
-    if not rates:
+def per_second_answer(rates: list[float | None] | None, cost: Spread) -> PerSecond:
+    """From the exchange rate, one per seed (None for a seed where the MoE's lead never showed; None or empty:
+    no seed showed one) and the step cost. "Pays per second" only when the lowest exchange rate over the seeds
+    exceeds the step cost's upper quartile; "does not pay" when the highest is below its lower quartile, or no
+    seed showed a lead; between, even within the spreads. A seed without a lead keeps "pays" from being said.
+    One seed gives the exchange rate no spread of its own, and the answer says so."""
+    found = [rate for rate in (rates or []) if rate is not None]
+    if not found:
         return PerSecond("does not pay per second",
                          f"the dense model never fell to a loss the MoE had reached, so no step cost makes the MoE's "
                          f"result cheaper per second (a MoE step costs {cost})")
-    low, high = min(rates), max(rates)
+    low, high = min(found), max(found)
+    missing = len(rates) - len(found)
     if len(rates) > 1:
-        worth = f"the MoE's result is worth {low:.2f}-{high:.2f}x the dense tokens over {len(rates)} seeds"
+        worth = f"the MoE's result is worth {low:.2f}-{high:.2f}x the dense tokens over {len(found)} seeds"
+        if missing:
+            worth += f" (at {missing} of {len(rates)} seeds its lead never showed)"
     else:
         worth = (f"the MoE's result is worth {low:.2f}x the dense tokens (one seed: the exchange rate's "
                  "seed-to-seed spread is not measured)")
-    if low > cost.q3:
+    if low > cost.q3 and not missing:
         return PerSecond("pays per second", f"{worth}, more than a MoE step costs ({cost})")
     if high < cost.q1:
         return PerSecond("does not pay per second", f"{worth}, less than a MoE step costs ({cost})")

@@ -233,7 +233,7 @@ def test_absurd_recipe_values_are_one_error_line_and_exit_2(tmp_path, capsys, ov
 
 @pytest.mark.parametrize("flag,value,message", [
     ("--drop-ratio", "1.01", "--drop-ratio must be in [0, 1]"),
-    ("--expert-noise", "-1", "--expert-noise must be >= 0"),
+    ("--expert-noise", "-1", "--expert-noise must be a finite number >= 0"),
     ("--top-k", "9", "--top-k must be in [1, --experts=8]"),
 ])
 def test_upcycle_cli_absurd_recipe_values(tiny_gpt2_dir, tmp_path, capsys, flag, value, message):

@@ -231,8 +231,10 @@ def combine_expert_outputs(y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_
 class _CombineExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_ND: Tensor, weight_N: Tensor, token_N: Tensor, num_tokens: int, counts: list[int]) -> Tensor:
-        out_TD = torch.zeros(num_tokens, y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
-        scratch_RD = torch.empty(max(counts, default=0), y_ND.shape[1], dtype=torch.float32, device=y_ND.device)
+        # fp32, or float64 for a float64 model (the tests' exact references)
+        dtype = torch.promote_types(y_ND.dtype, torch.float32)
+        out_TD = torch.zeros(num_tokens, y_ND.shape[1], dtype=dtype, device=y_ND.device)
+        scratch_RD = torch.empty(max(counts, default=0), y_ND.shape[1], dtype=dtype, device=y_ND.device)
         for _, rows in expert_slices(counts):
             part_RD = scratch_RD[:rows.stop - rows.start]
             torch.mul(y_ND[rows], weight_N[rows, None], out=part_RD)  # bf16 x fp32 -> fp32, no cast pass
@@ -246,7 +248,8 @@ class _CombineExperts(torch.autograd.Function):
         y_ND, weight_N, token_N = ctx.saved_tensors
         grad_TD = grad_TD.contiguous()
         grad_y = torch.empty_like(y_ND) if ctx.needs_input_grad[0] else None
-        grad_w = torch.zeros_like(weight_N) if ctx.needs_input_grad[1] else None
+        # in the combine's dtype (float64 for a float64 model), returned in the weights' own
+        grad_w = weight_N.new_zeros(weight_N.shape, dtype=grad_TD.dtype) if ctx.needs_input_grad[1] else None
         rows_max = max(ctx.counts, default=0)
         gathered_RD = grad_TD.new_empty(rows_max, grad_TD.shape[1])
         product_RD = grad_TD.new_empty(rows_max, grad_TD.shape[1]) if grad_w is not None else None
@@ -257,7 +260,7 @@ class _CombineExperts(torch.autograd.Function):
                 torch.sum(torch.mul(g_RD, y_ND[rows], out=product_RD[:n]), dim=1, out=grad_w[rows])
             if grad_y is not None:  # d out / d y[n] = weight[n], written in y's dtype
                 torch.mul(g_RD, weight_N[rows, None], out=grad_y[rows])
-        return grad_y, grad_w, None, None, None
+        return grad_y, None if grad_w is None else grad_w.to(weight_N.dtype), None, None, None
 
 
 # -- the compiled decode step's products (fixed shapes) ------------------------------------------------------

@@ -175,6 +175,20 @@ class GroupedExperts(nn.Module):
             return expert_mlp(x_ND, project, self.gated, self.activation)
 
 
+# -- where the experts run -------------------------------------------------------------------------------------
+
+class LocalExperts:
+    """Every expert in this process: the assignments' rows go straight to the layer's experts. The other choice
+    is `expert_parallel.AllToAllExperts` (the experts spread over processes); a layer holds one of the two as
+    `expert_dispatch`, and the router, the experts' products and the combine are the same code either way."""
+
+    local = True
+
+    def __call__(self, experts: nn.Module, x_ND: Tensor, counts_E: Tensor) -> Tensor:
+        """The experts' outputs for x_ND's rows (sorted by expert, `counts_E` rows each), in the same order."""
+        return experts(x_ND, counts_E)
+
+
 # -- the layer -------------------------------------------------------------------------------------------------
 
 FIXED_SHAPE_MAX_ROWS = 64  # a compiled inference forward of at most this many rows is a decode step
@@ -191,6 +205,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = settings.num_experts, settings.num_experts_per_tok
         self.capacity_factor = settings.capacity_factor
         self.layer_index = layer_index
+        self.expert_dispatch: LocalExperts = LocalExperts()  # or AllToAllExperts (model/expert_parallel.py)
         self.router = Router(hidden_size, settings)
         expert_size = settings.moe_intermediate_size or ffn_size
         self.experts = GroupedExperts(settings.num_experts, hidden_size, expert_size, activation, gated, bias)
@@ -214,7 +229,7 @@ class MoELayer(nn.Module):
         # every step, which sorting by expert does not give; a capacity limit drops assignments only where several
         # rows choose one expert, so several rows under a limit keep the sorted dispatch.
         rows = B * T
-        fixed_shapes = (torch.compiler.is_compiling() and not torch.is_grad_enabled()
+        fixed_shapes = (self.expert_dispatch.local and torch.compiler.is_compiling() and not torch.is_grad_enabled()
                         and rows <= FIXED_SHAPE_MAX_ROWS and (rows == 1 or self.capacity(rows) is None))
         dispatch = self._dispatch_fixed_shapes if fixed_shapes else self._dispatch_sorted
         out_TD, counts_E, dropped = dispatch(x_TD, routing)
@@ -243,7 +258,7 @@ class MoELayer(nn.Module):
         # Cast before the gather, which copies each row K times: under bf16 autocast half the bytes (and the
         # backward adds a token's K input gradients in bf16, the dtype autocast's own products return them in).
         x_ND = x_TD.to(expert_compute_dtype(x_TD)).index_select(0, token_N)
-        expert_out_ND = self.experts(x_ND, kept_counts_E)
+        expert_out_ND = self.expert_dispatch(self.experts, x_ND, kept_counts_E)
         weight_N = routing.weights_TK.reshape(-1)[order_N]
         # Combined in fp32: a token's K outputs summed with weights that sum to 1 keep an upcycled model
         # (identical experts) equal to its dense source. out[t] = sum of weight[n] * expert_out[n] over t's

@@ -118,6 +118,10 @@ class MeasuredBand:
 # those whose number was recorded).
 MEASURED_BANDS: dict[str, MeasuredBand] = {
     "race": MeasuredBand(0.942, 1.074, (1337, 1338, 1339), "5 seeds: docs/FROM_SCRATCH.md, 'The race across seeds'"),
+    # The demo: MoE / dense best validation loss at equal FLOPs, its defaults, seeds 1337-1341 (`demo --seeds 5`
+    # from a fresh clone, 2026-12-06)
+    "demo": MeasuredBand(0.967, 1.039, (1337, 1338, 1339, 1340, 1341),
+                         "5 seeds (validation loss): README, 'Main job, measured'"),
 }
 
 

@@ -36,6 +36,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from flash_experts.errors import ConfigError
+from flash_experts.model.routing import moe_layers_of
 
 
 @dataclass
@@ -154,19 +155,13 @@ def check_expert_parallel_degree(num_experts: int, degree: int, world_size: int 
                           f"by {degree}; there are {world_size}")
 
 
-def moe_layers(model: nn.Module) -> list[nn.Module]:
-    from flash_experts.model.moe import MoELayer
-
-    return [m for m in model.modules() if isinstance(m, MoELayer)]
-
-
 def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
     """In place: every MoE layer of `model` keeps only this process's experts of `group` (a slice of each
     stacked weight, as new parameters: build the optimizer afterwards) and exchanges rows with the others.
     Every process must hold the same whole weights before (loaded, or broadcast from one)."""
     from flash_experts.model.moe import GroupedExperts
 
-    layers = moe_layers(model)
+    layers = moe_layers_of(model)
     if not layers:
         raise ConfigError("expert parallelism needs a Mixture-of-Experts model; this one has no MoE layer")
     for layer in layers:
@@ -185,10 +180,10 @@ def shard_experts(model: nn.Module, group: dist.ProcessGroup | None = None) -> N
 def whole_experts_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """`model.state_dict()` with every sharded expert weight gathered whole (E experts, in order), so a
     checkpoint written at any degree has the layout of one process. A collective: every process calls it."""
-    state, layers = model.state_dict(), set(moe_layers(model))
-    for prefix, layer in ((name, m) for name, m in model.named_modules() if m in layers):
-        dispatch = layer.expert_dispatch
-        if dispatch.local:
+    state = model.state_dict()
+    for prefix, layer in model.named_modules():
+        dispatch = getattr(layer, "expert_dispatch", None)  # an MoE layer's
+        if dispatch is None or dispatch.local:
             continue
         for name, parameter in layer.experts.named_parameters(recurse=False):
             parts = [torch.empty_like(parameter) for _ in range(dispatch.size)]

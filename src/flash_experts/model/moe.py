@@ -205,7 +205,7 @@ class MoELayer(nn.Module):
         self.num_experts, self.top_k = settings.num_experts, settings.num_experts_per_tok
         self.capacity_factor = settings.capacity_factor
         self.layer_index = layer_index
-        self.expert_dispatch: LocalExperts = LocalExperts()  # or AllToAllExperts (model/expert_parallel.py)
+        self.expert_dispatch = LocalExperts()  # or AllToAllExperts (model/expert_parallel.py): same call
         self.router = Router(hidden_size, settings)
         expert_size = settings.moe_intermediate_size or ffn_size
         self.experts = GroupedExperts(settings.num_experts, hidden_size, expert_size, activation, gated, bias)

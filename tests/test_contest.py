@@ -135,6 +135,10 @@ def test_equal_seconds_and_the_exchange_rate_by_hand():
     ([None, None], "does not pay per second"),
     ([1.40, None], "even per second within the spreads"),  # a seed without a lead: "pays" is not said
     ([1.05, None], "does not pay per second"),
+    # the main job at five seeds (2026-12-06): one seed with a lead of 1.92x, four without: most do not pay
+    ([None, None, 1.92, None, None], "does not pay per second"),
+    ([1.40, 1.40, None], "even per second within the spreads"),  # two of three pay, one does not: no majority
+    ([1.40, 1.05, 1.10], "does not pay per second"),  # two of three below the cost's lower quartile
 ])
 def test_pays_per_second_only_beyond_both_spreads(rates, answer):
     cost = Spread(median=1.2, q1=1.15, q3=1.25, count=100)
@@ -142,6 +146,14 @@ def test_pays_per_second_only_beyond_both_spreads(rates, answer):
     assert result.answer == answer
     if rates and len(rates) == 1:
         assert "not measured" in result.why  # one seed: the exchange rate's own spread is unknown
+    assert "1 seeds" not in result.why  # counted in words that agree with the number
+
+
+def test_the_per_second_answer_counts_the_seeds_that_pay():
+    cost = Spread(median=1.2, q1=1.15, q3=1.25, count=100)
+    why = per_second_answer([None, None, 1.92, None, None], cost).why
+    assert "1.92x the dense tokens at the one seed with a lead" in why
+    assert "1 of 5 seeds pay, 4 do not (no lead at 4)" in why
 
 
 # -- the statistics -------------------------------------------------------------------------------------------

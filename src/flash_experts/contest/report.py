@@ -104,26 +104,36 @@ class PerSecond:
 
 def per_second_answer(rates: list[float | None] | None, cost: Spread) -> PerSecond:
     """From the exchange rate, one per seed (None for a seed where the MoE's lead never showed; None or empty:
-    no seed showed one) and the step cost. "Pays per second" only when the lowest exchange rate over the seeds
-    exceeds the step cost's upper quartile; "does not pay" when the highest is below its lower quartile, or no
-    seed showed a lead; between, even within the spreads. A seed without a lead keeps "pays" from being said.
-    One seed gives the exchange rate no spread of its own, and the answer says so."""
-    found = [rate for rate in (rates or []) if rate is not None]
+    no seed showed one) and the step cost. Each seed is read on its own: it pays when its rate exceeds the step
+    cost's upper quartile, does not pay when its rate is below the lower quartile or it has none, and is even
+    between. Across seeds, "pays per second" only when every seed pays (one seed without it is enough to
+    withhold the claim), "does not pay per second" when most seeds do not pay, "even" otherwise. One seed gives
+    the exchange rate no spread of its own, and the answer says so."""
+    seeds = list(rates or [])
+    found = [rate for rate in seeds if rate is not None]
     if not found:
         return PerSecond("does not pay per second",
                          f"the dense model never fell to a loss the MoE had reached, so no step cost makes the MoE's "
                          f"result cheaper per second (a MoE step costs {cost})")
     low, high = min(found), max(found)
-    missing = len(rates) - len(found)
-    if len(rates) > 1:
-        worth = f"the MoE's result is worth {low:.2f}-{high:.2f}x the dense tokens over {len(found)} seeds"
-        if missing:
-            worth += f" (at {missing} of {len(rates)} seeds its lead never showed)"
+    paying = sum(rate > cost.q3 for rate in found)
+    not_paying = sum(rate < cost.q1 for rate in found) + len(seeds) - len(found)
+    if len(seeds) > 1:
+        worth = (f"the MoE's result is worth {low:.2f}-{high:.2f}x the dense tokens over "
+                 f"{_count(len(found), 'seed')} with a lead")
+        if len(found) == 1:
+            worth = f"the MoE's result is worth {low:.2f}x the dense tokens at the one seed with a lead"
+        worth += (f"; {paying} of {len(seeds)} seeds pay, {not_paying} do not"
+                  f"{' (no lead at ' + str(len(seeds) - len(found)) + ')' if len(found) < len(seeds) else ''}")
     else:
         worth = (f"the MoE's result is worth {low:.2f}x the dense tokens (one seed: the exchange rate's "
                  "seed-to-seed spread is not measured)")
-    if low > cost.q3 and not missing:
+    if paying == len(seeds):
         return PerSecond("pays per second", f"{worth}, more than a MoE step costs ({cost})")
-    if high < cost.q1:
-        return PerSecond("does not pay per second", f"{worth}, less than a MoE step costs ({cost})")
+    if 2 * not_paying > len(seeds):
+        return PerSecond("does not pay per second", f"{worth}; a MoE step costs {cost}")
     return PerSecond("even per second within the spreads", f"{worth}; a MoE step costs {cost}")
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun}s"

@@ -100,25 +100,59 @@ def test_folders_load_with_remote_code_where_flash_experts_cannot_be_imported(tm
     assert sorted(p.name for p in again.glob("*.py")) == sorted(p.name for p in folders["llama"].glob("*.py"))
 
 
-@pytest.mark.parametrize("order", ["flash_experts.model", "transformers first"])
+@pytest.mark.parametrize("order", ["flash_experts first", "transformers first", "flash_experts.model"])
 def test_package_import_registers_the_auto_classes(tmp_path, order):
-    """`import flash_experts.model` registers our types (no import hook: the package's modules run as read);
-    so does a plain `import flash_experts` once transformers is imported. Reference: the in-process model."""
+    """A plain `import flash_experts` registers our types whichever package the program imports first (issue
+    35: with flash_experts first, `from_pretrained` asked for trust_remote_code); no import hook: the package's
+    last lines run as read. Reference: the in-process model's logits and greedy tokens."""
     moe, folder = saved_moe(tmp_path, "llama")
-    imports = ("import flash_experts, sys\ntorch_early = 'torch' in sys.modules\nimport flash_experts.model\n"
-               if order == "flash_experts.model" else
-               "import transformers, sys\nimport flash_experts\ntorch_early = False\n")
-    code = imports + REPORT + (
-        "from transformers import AutoModelForCausalLM\n"
+    imports = {"flash_experts first": "import flash_experts\nfrom transformers import AutoModelForCausalLM\n",
+               "transformers first": "from transformers import AutoModelForCausalLM\nimport flash_experts\n",
+               "flash_experts.model": "import flash_experts.model\nfrom transformers import AutoModelForCausalLM\n"}
+    code = imports[order] + REPORT + (
         f"model = AutoModelForCausalLM.from_pretrained({str(folder)!r}).eval()\n"
-        "print(json.dumps(report(model, torch_early)))\n"
+        "print(json.dumps(report(model)))\n"
     )
     report = run_python(code, tmp_path)
     assert report["module"] == "flash_experts.model.llama_moe"
-    assert report["torch_early"] is False  # the package root still does not import torch
     logits, greedy = expected(moe)
     torch.testing.assert_close(torch.tensor(report["logits"]), logits, atol=1e-6, rtol=1e-6)
     assert report["greedy"] == greedy
+
+
+TORCH_AT_IMPORT = "import sys\n{setup}\nimport flash_experts\nprint('torch' in sys.modules)\n"
+
+
+@pytest.mark.parametrize(("setup", "imports_torch"), [
+    ("", True),  # a user's program: flash_experts registers, which loads torch
+    ("sys.argv[0] = '/venv/bin/flash-experts'", False),  # the console script sets torch's environment first
+    ("sys.argv[0] = 'C:/venv/Scripts/flash-experts.exe'", False),
+    ("sys.argv[0] = '/venv/bin/other-tool'", True),
+])
+def test_only_our_own_programs_import_the_package_without_torch(tmp_path, setup, imports_torch):
+    """Reference: `sys.modules` after the import, in a fresh interpreter. The command line must set OpenMP's
+    wait policy and the allocator's settings before torch loads (cli/main.py), and `--help` stays instant."""
+    result = subprocess.run([sys.executable, "-c", TORCH_AT_IMPORT.format(setup=setup)], capture_output=True,
+                            text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == [str(imports_torch)]
+
+
+@pytest.mark.parametrize("program", ["-m flash_experts.cli.main --help", "benchmarks/common.py",
+                                     "examples/common.py"])  # common.py: what each benchmark / example imports first
+def test_our_programs_load_torch_after_setting_its_environment(program):
+    """`python -X importtime` lists every module in the order it was imported: torch must come after
+    flash_experts.cpu_memory (which sets the wait policy libgomp reads when torch loads it), or not at all."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    arguments = program.split() if program.startswith("-m") else [os.path.join(root, program)]
+    result = subprocess.run([sys.executable, "-X", "importtime", *arguments], capture_output=True, text=True,
+                            timeout=300, cwd=root)
+    assert result.returncode == 0, result.stderr[-2000:]
+    modules = [line.split("|")[-1].strip() for line in result.stderr.splitlines() if line.startswith("import time")]
+    assert "flash_experts.cpu_memory" in modules
+    assert "torch" not in modules[:modules.index("flash_experts.cpu_memory")]
+    if program.startswith("-m"):
+        assert "torch" not in modules  # --help stays instant
 
 
 def test_a_source_loaded_from_gguf_leaves_no_quantization_config_in_our_folders(tmp_path):

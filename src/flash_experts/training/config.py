@@ -47,6 +47,9 @@ class RunConfig:
     # ddp: every process holds the whole model; fsdp: parameters, gradients and optimizer state sharded over the
     # processes (FSDP2; docs/DISTRIBUTED.md). With one process both train the same unsharded model.
     parallel: Literal["ddp", "fsdp"] = "ddp"
+    # processes that split each MoE layer's experts (expert parallelism, training/expert_parallel.py); it must
+    # divide the experts and the process count; 1 = every process holds every expert
+    expert_parallel: int = 1
     quiet: bool = False
 
 
@@ -288,6 +291,11 @@ def _validate(cfg: TrainConfig) -> None:
 
     require(bool(run.name.strip()), "run.name", "must not be empty", run.name)
     require(run.seed >= 0, "run.seed", "must be >= 0", run.seed)
+    require(run.expert_parallel >= 1, "run.expert_parallel", "must be >= 1 (1 = no expert parallelism)",
+            run.expert_parallel)
+    if cfg.moe is not None and cfg.moe.num_experts % run.expert_parallel:
+        require(False, "run.expert_parallel", f"must divide moe.num_experts={cfg.moe.num_experts}",
+                run.expert_parallel)
     if run.out_dir is None:
         run.out_dir = str(Path("runs") / run.name)
     require(bool(run.out_dir.strip()), "run.out_dir", "must not be empty", run.out_dir)

@@ -58,16 +58,20 @@ def init_distributed(device: str) -> DistInfo:
     return DistInfo(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
-def wrap_ddp(model: torch.nn.Module, info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, info: DistInfo, ignore: list[str] | None = None) -> torch.nn.Module:
     """DistributedDataParallel over `model` (which DDP broadcasts from rank 0 on construction).
 
     find_unused_parameters stays off: MoE experts are stacked tensors, so an expert that receives no token in
     a step still gets a (zero) gradient, and frozen parameters (train="moe") are not DDP's to reduce.
+    `ignore`: parameter names DDP neither broadcasts nor reduces (expert parallelism's experts, which differ
+    from process to process and are reduced over their replicas: training/expert_parallel.py).
     """
     if not info.enabled:
         return model
     from torch.nn.parallel import DistributedDataParallel
 
+    if ignore:
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignore)
     device_ids = [info.local_rank] if info.device.startswith("cuda") else None
     return DistributedDataParallel(model, device_ids=device_ids)
 

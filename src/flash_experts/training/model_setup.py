@@ -130,8 +130,8 @@ def optimizer_groups(model: nn.Module, weight_decay: float, moe_lr_scale: float 
 
 def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
                          shard: Callable[[nn.Module], None] | None = None) -> tuple[list[nn.Parameter], Any]:
-    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, shard it (`shard`, FSDP), and
-    build its AdamW.
+    """Put `model` in fp32 on `device`, freeze what cfg.model.train leaves out, shard it (`shard`: FSDP, or
+    expert parallelism's split of the experts), and build its AdamW.
 
     The trainer's own setup, shared with the step timing of training/steps.py so that a timed step is
     the trained step. Returns the trainable parameters and the optimizer."""
@@ -146,7 +146,10 @@ def prepare_for_training(model: nn.Module, cfg: TrainConfig, device: str,
         raise UserError("model.train=moe but the model has no expert or router parameters (is moe.moe_layers empty?)")
     groups = optimizer_groups(model, cfg.optim.weight_decay, moe_lr_scale=None if cfg.optim.rewarm_peak is None
                               else cfg.optim.rewarm_peak / cfg.optim.lr, router_lr_scale=cfg.optim.router_lr_scale)
-    return params, build_adamw(groups, cfg.optim, sharded=shard is not None)
+    from torch.distributed.tensor import DTensor
+
+    # FSDP2's shards are DTensors (the foreach AdamW); expert parallelism's are plain tensors (the fused one)
+    return params, build_adamw(groups, cfg.optim, sharded=any(isinstance(p, DTensor) for p in params))
 
 
 def seed_everything(seed: int) -> None:

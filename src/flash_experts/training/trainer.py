@@ -34,6 +34,7 @@ from flash_experts.training.compile import compile_fail_safe
 from flash_experts.training.config import TrainConfig, config_to_dict, resolve_device, resolve_precision, save_config
 from flash_experts.training.data import EvalBatches, TrainBatches
 from flash_experts.training.evaluation import next_token_loss_sums
+from flash_experts.training.expert_parallel import ExpertParallelTraining, check_expert_parallel_run
 from flash_experts.training.model_setup import build_model, prepare_for_training, read_meta, seed_everything
 from flash_experts.training.optimizer import clipped_step, gradient_norm, set_scheduled_lr
 from flash_experts.training.run_lock import RunFolderLock
@@ -42,6 +43,25 @@ from flash_experts.training.stop import StopRequest
 
 class TrainingDiverged(UserError):
     """The loss (or gradient) became NaN/inf; the run stopped without saving the bad state."""
+
+
+class LostAProcess(UserError):
+    """A collective failed because another process of the run died (killed, out of memory, its node gone)."""
+
+
+def _lost_a_process(error: RuntimeError) -> bool:
+    """Whether a collective's error says that a peer went away: torch's DistError (NCCL's, the timeouts) or
+    gloo's transport error, which comes as a plain RuntimeError naming the closed connection."""
+    import torch.distributed as dist
+
+    message = str(error)
+    return isinstance(error, getattr(dist, "DistError", ())) or any(
+        words in message for words in ("Connection closed by peer", "Connection reset by peer", "Timed out"))
+
+
+def _first_sentence(error: RuntimeError) -> str:
+    message = " ".join(str(error).split())
+    return message.split(". ")[0][:300]
 
 
 @dataclass
@@ -116,6 +136,13 @@ def train(cfg: TrainConfig, resume: str | None = None) -> TrainResult:
             trainer = Trainer(cfg, info, resume)
             try:
                 result = trainer.run()
+            except RuntimeError as error:
+                if info.enabled and _lost_a_process(error):
+                    raise LostAProcess(
+                        f"another process of this {info.world_size}-process run stopped ({_first_sentence(error)}); "
+                        f"the last checkpoint is {trainer.last_checkpoint or 'not written yet'}: run the same "
+                        "command with --resume auto") from None
+                raise
             finally:
                 trainer.close()
             del trainer  # free the DDP reducer while the process group it uses is still alive
@@ -167,10 +194,18 @@ class Trainer:
         if cfg.run.parallel == "fsdp" and not info.enabled:
             self._say("run.parallel=fsdp with one process: nothing to shard, training the whole model here "
                       "(its checkpoints resume on any number of processes)")
+        # Expert parallelism's refusals come before any collective: the same error line on every process.
+        check_expert_parallel_run(model, cfg.run.expert_parallel, info.world_size, cfg.run.parallel)
         if resume_folder is not None:  # before sharding: every rank loads the whole weights, then keeps its shard
             ckpt.load_model_weights(model, resume_folder)
         param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        shard = (lambda m: dist_utils.shard_fsdp(m, param_dtype)) if self.fsdp else None
+        self.expert_parallel: ExpertParallelTraining | None = None
+
+        def split_experts(m: torch.nn.Module) -> None:
+            self.expert_parallel = ExpertParallelTraining(m, cfg.run.expert_parallel)
+
+        shard = (lambda m: dist_utils.shard_fsdp(m, param_dtype)) if self.fsdp else (
+            split_experts if cfg.run.expert_parallel > 1 else None)
         self.params, self.optimizer = prepare_for_training(model, cfg, self.device, shard)
         self.raw_model = model
         self._fresh_lr_scales = [group["lr_scale"] for group in self.optimizer.param_groups]
@@ -204,7 +239,11 @@ class Trainer:
             )
 
         compiled = compile_fail_safe(model) if cfg.run.compile else model
-        self.model = compiled if self.fsdp else dist_utils.wrap_ddp(compiled, info)
+        ignore = None
+        if self.expert_parallel is not None:
+            prefix = "_orig_mod." if compiled is not model else ""
+            ignore = [prefix + name for name in self.expert_parallel.ignored_by_data_parallel()]
+        self.model = compiled if self.fsdp else dist_utils.wrap_ddp(compiled, info, ignore)
         self.eval_model = compiled
 
         if info.is_main:
@@ -227,6 +266,8 @@ class Trainer:
             elif self.fsdp:
                 raise UserError(f"cannot resume {folder} with run.parallel=fsdp: it was written by a ddp run "
                                 "(whole optimizer state); resume it with run.parallel=ddp")
+            elif self.expert_parallel is not None:  # one process's layout: each process keeps its experts' part
+                self.expert_parallel.load_whole_optimizer_state(self.optimizer, state["optimizer"])
             else:
                 self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError, RuntimeError) as error:
@@ -269,8 +310,11 @@ class Trainer:
             "last_val_loss": self.last_val_loss,
             "evals_without_improvement": self.evals_without_improvement,
             "train_seconds": self.train_seconds,
-            # FSDP: sharded beside it (checkpoint.OPTIMIZER_DIR), written by every rank in save()
-            "optimizer": None if self.fsdp else self.optimizer.state_dict(),
+            # FSDP: sharded beside it (checkpoint.OPTIMIZER_DIR), written by every rank in save(); expert
+            # parallelism: gathered to one process's layout (a collective), so a resume may take any degree
+            "optimizer": None if self.fsdp else (self.optimizer.state_dict() if self.expert_parallel is None
+                                                 else self.expert_parallel.whole_optimizer_state(self.optimizer)),
+            "expert_parallel": self.cfg.run.expert_parallel,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "rng": rng,
             "sampler": self.train_batches.state_dict(),
@@ -292,6 +336,8 @@ class Trainer:
             model_state = ckpt.gathered_model_state(self.raw_model)
             move_in = {ckpt.OPTIMIZER_DIR: staging}
             dist_utils.barrier()  # every shard written before rank 0 moves the folder into the checkpoint
+        elif self.expert_parallel is not None:  # a collective: every expert whole, as one process holds them
+            model_state = self.expert_parallel.whole_model_state(self.raw_model)
         if self.info.is_main:
             if best:
                 folder = ckpt.save_checkpoint(self.run_dir / ckpt.BEST, self.raw_model, self.tokenizer, state,
@@ -336,13 +382,16 @@ class Trainer:
             for stats in getattr(out, "router_stats", None) or []:
                 counts = stats.tokens_per_expert.detach()
                 expert_counts[stats.layer] = expert_counts.get(stats.layer, 0) + counts
+        if self.expert_parallel is not None:  # the experts' gradients, which DDP leaves alone
+            self.expert_parallel.reduce_expert_gradients()
         dist_utils.all_reduce_mean(sums)
         loss, lm, aux = sums.tolist()
         if not math.isfinite(loss):
             self._diverged(f"the loss is {loss}")
         self.scaler.unscale_(self.optimizer)
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = gradient_norm(self.params)
+        norm = (gradient_norm(self.params) if self.expert_parallel is None
+                else self.expert_parallel.gradient_norm(self.params))
         grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
             self._diverged(f"the gradient norm is {grad_norm}")
@@ -378,9 +427,16 @@ class Trainer:
         total, count = next_token_loss_sums(
             self.eval_model, (self._to_device(x) for x in self.eval_batches), self.autocast,
             on_output=lambda out, x: routing.add(getattr(out, "router_stats", None), x.numel()))
-        # this process's windows (the routers' view; the loss below is summed across ranks); FSDP holds only a
-        # shard of each expert stack here, so the experts' distances are measured on whole weights only
-        self.last_routing = routing.result(None if self.fsdp else expert_distances(self.raw_model))
+        if self.expert_parallel is not None:  # every process in every exchange, whatever its share of windows
+            sample = next(iter(self.eval_batches), None)  # None: this process has no window of its own
+            if sample is None:
+                sample = torch.zeros(1, self.eval_batches.length, dtype=torch.int64)
+            self.expert_parallel.forwards_for_every_exchange(
+                self.eval_model, len(self.eval_batches), self._to_device(sample), self.autocast)
+        # this process's windows (the routers' view; the loss below is summed across ranks); FSDP and expert
+        # parallelism hold only part of each expert stack here, so the experts' distances need whole weights
+        whole = not self.fsdp and self.expert_parallel is None
+        self.last_routing = routing.result(expert_distances(self.raw_model) if whole else None)
         totals = torch.tensor([total, count], dtype=torch.float64, device=self.device)
         dist_utils.all_reduce_sum(totals)
         return float(totals[0] / totals[1])

@@ -163,10 +163,10 @@ def test_the_config_refuses_what_no_process_count_can_run(tmp_path, overrides, w
 
 def test_refusals_known_to_one_process():
     """check_expert_parallel_run: the checks every process makes alone, before any collective."""
-    from flash_experts.model import upcycle
     from transformers import GPT2LMHeadModel
 
     from conftest import tiny_gpt2_config
+    from flash_experts.model import upcycle
 
     dense = GPT2LMHeadModel(tiny_gpt2_config())
     moe = upcycle(dense, num_experts=4, top_k=2)

@@ -220,3 +220,53 @@ def test_a_killed_process_leaves_a_loadable_checkpoint_and_the_other_exits(tmp_p
     last = checkpoints / (checkpoints / "latest").read_text().strip()
     model = AutoModelForCausalLM.from_pretrained(last)
     assert model.transformer.h[0].mlp.experts.w_up.shape[0] == 4
+
+
+RACE = ["race", "--quick", "--steps", "20", "--eval-every", "10", "--dtype", "fp32", "--aux-loss", "0"]
+
+
+def test_the_race_with_its_experts_split_over_two_processes_is_the_one_process_race(tmp_path):
+    """Reference: the one-process race (the same seed, the same batches). Two processes each take half of every
+    batch and split the MoE twin's experts; the balancing loss is off (`--aux-loss 0`): it is taken per process's
+    tokens, so with it on the two runs train slightly different objectives. Every validation and test figure
+    and the domain atlas agree."""
+    import json
+
+    env = dict(subprocess_env(), OMP_NUM_THREADS="1")
+    one = subprocess.run([sys.executable, "-m", "flash_experts.cli.main", *RACE, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
+                          "flash_experts.cli.main", *RACE, "--expert-parallel", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert two.returncode == 0, two.stdout[-3000:] + two.stderr[-3000:]
+    assert two.stdout.count("[4/4] the result") == 1  # one process prints
+    ours, reference = (json.loads((tmp_path / name / "race.json").read_text()) for name in ("two", "one"))
+    assert [e["step"] for e in ours["evaluations"]] == [0, 10, 20]
+    for mine, theirs in zip(ours["evaluations"], reference["evaluations"]):
+        for twin in ("dense", "moe"):
+            for domain, loss in theirs["val"][twin].items():
+                assert mine["val"][twin][domain] == pytest.approx(loss, rel=1e-5), (mine["step"], twin, domain)
+    for twin in ("dense", "moe"):
+        for domain, loss in reference["test"][twin].items():
+            assert ours["test"][twin][domain] == pytest.approx(loss, rel=1e-5)
+    assert ours["parameters"] == reference["parameters"]  # counted on whole models
+    assert ours["domain_atlas"]["layers"] == reference["domain_atlas"]["layers"]
+
+
+def test_the_race_refuses_expert_parallelism_it_cannot_run(tmp_path):
+    from flash_experts.contest.race import QUICK, Processes, RaceSettings
+
+    alone = subprocess.run([sys.executable, "-m", "flash_experts.cli.main", *RACE, "--expert-parallel", "2", "--out",
+                            str(tmp_path / "alone")], capture_output=True, text=True, env=subprocess_env(), timeout=120)
+    assert alone.returncode == 2 and alone.stderr.strip().splitlines() == [
+        "error: --expert-parallel 2 splits the experts over processes: run the race under torchrun with a multiple "
+        "of 2 processes"]
+    settings = RaceSettings(**QUICK)  # 4 experts, a batch of 12 windows
+    with pytest.raises(ConfigError, match="divisible by 3"):
+        Processes(0, 3, 3).check(settings)
+    with pytest.raises(ConfigError, match="number of processes divisible by 2; there are 3"):
+        Processes(0, 3, 2).check(settings)
+    with pytest.raises(ConfigError, match="does not split over 5 processes"):
+        Processes(0, 5, 1).check(settings)
+    Processes(1, 4, 2).check(settings)

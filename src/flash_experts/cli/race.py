@@ -5,6 +5,7 @@ from scratch on prose, Python source and card names, taking turns on the same ba
     flash-experts race --experts 16 --top-k 4
     flash-experts race --seeds 8            # eight paired seeds, decided by a one-sided paired t-test
     flash-experts race --quick              # a one-minute smoke run of the same pipeline
+    torchrun --nproc_per_node=2 -m flash_experts.cli.main race --expert-parallel 2   # the MoE's experts split
 
 1. the corpus, offline: Wikipedia summaries (prose), this Python's standard library (code), MTG card names
    (names), as bytes: at a vocabulary of 256 the MLPs carry the FLOPs;
@@ -65,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--dtype", type=training_dtype_word, default="auto", metavar="{auto,fp32,bf16}",
                         help="auto = bf16 autocast where the CPU computes bf16 natively, else fp32")
     parser.add_argument("--quick", action="store_true", help="tiny twins, 60 steps: checks the pipeline in a minute")
+    parser.add_argument("--expert-parallel", type=int, default=1, metavar="N",
+                        help="under torchrun: split the MoE twin's experts over groups of N processes (N divides the "
+                             "experts and the processes; each process takes its share of every batch); default 1")
     parser.set_defaults(func=run)
 
 
@@ -97,18 +101,41 @@ def race_settings(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
+    import contextlib
+    import os
+
+    from flash_experts.contest.race import Processes
     from flash_experts.errors import UserError
+    from flash_experts.training import distributed as dist_utils
 
     settings = race_settings(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file, not a folder")
+    if args.expert_parallel < 1:
+        raise UserError(f"--expert-parallel must be >= 1, got {args.expert_parallel}")
+    if args.expert_parallel > 1 and not dist_utils.launched_by_torchrun():
+        raise UserError(f"--expert-parallel {args.expert_parallel} splits the experts over processes: run the race "
+                        f"under torchrun with a multiple of {args.expert_parallel} processes")
+    info = dist_utils.init_distributed("cpu")
+    processes = Processes(info.rank, info.world_size, args.expert_parallel)
+    processes.check(settings)  # every process refuses alike, before any collective
+    try:
+        with contextlib.ExitStack() as quiet:
+            if not info.is_main:  # one process prints and writes
+                quiet.enter_context(contextlib.redirect_stdout(quiet.enter_context(open(os.devnull, "w"))))
+            return run_seeds(args, settings, out, processes)
+    finally:
+        dist_utils.teardown()
+
+
+def run_seeds(args: argparse.Namespace, settings: Any, out: Path, processes: Any) -> int:
     from flash_experts.contest.race import build_corpus
 
     started = time.perf_counter()
     print("[1/4] the corpus: Wikipedia summaries (prose), the Python standard library (code), MTG card names "
           "(names), as bytes", flush=True)
-    corpus = build_corpus(out / "data", args.quick)
+    corpus = build_corpus(out / "data", args.quick, save=processes.rank == 0)
     sizes = ", ".join(f"{d} {len(s['train']) / 1e6:.2f}M/{len(s['val']) / 1e3:.0f}K/{len(s['test']) / 1e3:.0f}K"
                       for d, s in corpus.streams.items())
     print(f"      train/val/test bytes: {sizes}", flush=True)
@@ -117,7 +144,8 @@ def run(args: argparse.Namespace) -> int:
         folder = out if args.seeds == 1 else out / f"seed-{seed}"
         if args.seeds > 1:
             print(f"=== seed {seed} ({len(results) + 1} of {args.seeds}) -> {folder}", flush=True)
-        result = race_one_seed(dataclasses.replace(settings, seed=seed), corpus, folder, one_seed=args.seeds == 1)
+        result = race_one_seed(dataclasses.replace(settings, seed=seed), corpus, folder, one_seed=args.seeds == 1,
+                               processes=processes)
         results.append(result)
         if result.stopped != "finished":
             break
@@ -128,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def race_one_seed(s: Any, corpus: Any, out: Path, one_seed: bool) -> Any:
+def race_one_seed(s: Any, corpus: Any, out: Path, one_seed: bool, processes: Any) -> Any:
     from flash_experts.contest.race import CONTENDERS, run_race
     from flash_experts.evaluation.domain_atlas import domain_atlas
     from flash_experts.training.plots import plot_race
@@ -147,10 +175,16 @@ def race_one_seed(s: Any, corpus: Any, out: Path, one_seed: bool) -> Any:
     print(f"[3/4] training both from scratch, taking turns, {s.steps} steps each; validation loss in nats per byte",
           flush=True)
     with StopRequest(then="evaluating, scoring the test split and printing the result so far") as stop:
-        result, models = run_race(s, corpus, on_evaluation=report, should_stop=lambda: stop.requested)
+        from flash_experts.training.distributed import any_rank
+
+        # every process stops at the same round (a collective each round; one process: the flag itself)
+        result, models = run_race(s, corpus, on_evaluation=report, should_stop=lambda: any_rank(stop.requested, "cpu"),
+                                  processes=processes)
     print("[4/4] the result", flush=True)
     val_windows = corpus.split_windows("val", s.context, s.eval_windows)
-    atlas = domain_atlas(models["moe"], val_windows, s.batch_size, s.torch_dtype)
+    atlas = domain_atlas(models["moe"], val_windows, s.batch_size, s.torch_dtype)  # every process: its exchanges
+    if processes.rank != 0:
+        return result
     out.mkdir(parents=True, exist_ok=True)
     (out / "race.json").write_text(json.dumps({**result.as_dict(), "domain_atlas": atlas.as_dict()}, indent=1))
     plot_race(race_curves(result, corpus.domains), out / "race.png",

@@ -235,17 +235,54 @@ def evaluate_domains(model: torch.nn.Module, windows: dict[str, torch.Tensor], d
             for domain, ids in windows.items()}
 
 
+@dataclass(frozen=True)
+class Processes:
+    """The processes that run one race together (under torchrun): each takes its share of every batch, the dense
+    twin's gradients are averaged over all of them, and the MoE twin's experts are split over groups of
+    `expert_parallel` (training/expert_parallel.py). The default is one process."""
+
+    rank: int = 0
+    world: int = 1
+    expert_parallel: int = 1
+
+    def check(self, settings: RaceSettings) -> None:
+        if self.expert_parallel > 1:
+            from flash_experts.model.expert_parallel import check_expert_parallel_degree
+
+            check_expert_parallel_degree(settings.num_experts, self.expert_parallel, self.world)
+        if settings.batch_size % self.world:
+            raise ConfigError(f"the batch of {settings.batch_size} windows does not split over {self.world} "
+                              "processes")
+
+    def gradients(self, name: str, model: torch.nn.Module) -> Any:
+        """What averages the twin's gradients (training_step's `gradients`): None in one process."""
+        if self.world == 1:
+            return None
+        if name == "moe" and self.expert_parallel > 1:
+            from flash_experts.training.expert_parallel import ExpertParallelTraining
+
+            return ExpertParallelTraining(model, self.expert_parallel)
+        from flash_experts.training.distributed import AveragedGradients
+
+        return AveragedGradients(model)
+
+    def share(self, batch: torch.Tensor) -> torch.Tensor:
+        """This process's windows of a step's batch (consecutive rows, so the processes cover it exactly)."""
+        per = len(batch) // self.world
+        return batch[self.rank * per:(self.rank + 1) * per]
+
+
 class TwinContender:
     """One twin in the contest: its optimizer and the race's schedule, a training step on the race's batch of
     the step, timed alone."""
 
     def __init__(self, name: str, model: torch.nn.Module, settings: RaceSettings,
-                 batch: Callable[[int], torch.Tensor]):
+                 batch: Callable[[int], torch.Tensor], gradients: Any = None):
         self.name, self.model, self.settings, self.batch = name, model, settings, batch
         self.optim = settings.optim()
         model.train()
         self.optimizer = race_optimizer(model, settings)
-        self.train_step = training_step(model, self.optimizer, settings.torch_dtype)
+        self.train_step = training_step(model, self.optimizer, settings.torch_dtype, gradients)
         self.steps_done = 0
         self.seconds = 0.0
 
@@ -269,28 +306,31 @@ class TwinContender:
 def run_race(settings: RaceSettings, corpus: DomainCorpus,
              on_evaluation: Callable[[Evaluation], None] | None = None,
              should_stop: Callable[[], bool] | None = None, contenders: tuple[str, ...] = CONTENDERS,
-             score_test: bool = True) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
+             score_test: bool = True, processes: Processes = Processes()) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
     """Train both twins `settings.steps` steps on the same batches, taking turns (engine.py: which one steps
     first alternates), each step timed; evaluate both per domain every `eval_every` steps and at the end; score
     the test split once. Returns the result and the trained models.
 
     `contenders` ("dense", "moe" or both) trains only those (a recipe sweep trains each seed's dense twin once;
     RaceResult's comparisons need both); `score_test=False` leaves the test split unread (a sweep scores it for
-    the recipe chosen on validation only)."""
+    the recipe chosen on validation only). `processes`: several processes running this race together (each
+    evaluates every window, so that the MoE's exchanges pair up); the figures are the one-process race's."""
     settings.check()
+    processes.check(settings)
     corpus.check(settings.context)
     if not contenders or set(contenders) - set(CONTENDERS):
         raise ConfigError(f"contenders must be some of {CONTENDERS}, got {contenders!r}")
     models = {name: model for name, model in race_twins(settings).items() if name in contenders}
-    # one batch per step, the same tensor for both twins
-    batch = functools.lru_cache(maxsize=1)(
-        lambda step: corpus.train_batch(step, settings.batch_size, settings.context, settings.seed))
-    twins = {name: TwinContender(name, model, settings, batch) for name, model in models.items()}
-    result = RaceResult(
+    result = RaceResult(  # counted on whole models, before any process keeps only some experts
         settings=asdict(settings),
         flops_per_token={n: m.flops_per_token(settings.context, training=True) for n, m in models.items()},
         parameters={n: sum(p.numel() for p in m.parameters()) for n, m in models.items()},
     )
+    # one batch per step, the same tensor for both twins (this process's share of it)
+    batch = functools.lru_cache(maxsize=1)(
+        lambda step: processes.share(corpus.train_batch(step, settings.batch_size, settings.context, settings.seed)))
+    twins = {name: TwinContender(name, model, settings, batch, processes.gradients(name, model))
+             for name, model in models.items()}
     val_windows = corpus.split_windows("val", settings.context, settings.eval_windows)
 
     def evaluate(step: int) -> None:
@@ -324,8 +364,9 @@ def score_on_test(models: dict[str, GPT2MoEForCausalLM], settings: RaceSettings,
     return {n: evaluate_domains(m, test_windows, settings.torch_dtype, settings.batch_size) for n, m in models.items()}
 
 
-def build_corpus(out: Path, quick: bool) -> DomainCorpus:
-    """prose, code, names: the offline sources, as byte streams saved under out/ (rebuilt each run: a minute)."""
+def build_corpus(out: Path, quick: bool, save: bool = True) -> DomainCorpus:
+    """prose, code, names: the offline sources, as byte streams saved under out/ (rebuilt each run: a minute;
+    `save=False`: not written, for every process of a race but the first)."""
     from flash_experts.data.domains import python_source_documents
     from flash_experts.data.text import wikipedia_documents
     from flash_experts.mtg.cards import load_offline_mtg, mtg_documents
@@ -334,5 +375,6 @@ def build_corpus(out: Path, quick: bool) -> DomainCorpus:
                  "names": mtg_documents(load_offline_mtg())}
     limits = {"train": QUICK_TRAIN_BYTES if quick else TRAIN_BYTES, "val": EVAL_BYTES, "test": EVAL_BYTES}
     corpus = DomainCorpus.from_documents(documents, limits)
-    corpus.save(out)
+    if save:
+        corpus.save(out)
     return corpus

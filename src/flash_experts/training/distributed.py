@@ -76,6 +76,39 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, ignore: list[str] | None = 
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
+class AveragedGradients:
+    """Data parallelism by hand, for loops that step a model themselves (the race): the weights broadcast from
+    rank 0 once, then after each backward every gradient averaged over the processes in one flat bucket (what
+    DDP's reducer computes, without its hooks). `norm` is the gradient norm clipping uses (equal on every
+    process after the average)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor.data, src=0)
+
+    def reduce(self, params: list[torch.nn.Parameter]) -> None:
+        average_over(params, None)
+
+    def norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
+        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+
+
+def average_over(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
+    """Each gradient of `params` averaged over the world's processes, summed within `group` (None: the world),
+    in one flat all-reduce."""
+    from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+    flat /= dist.get_world_size()
+    for grad, averaged in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(averaged)
+
+
 def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
     """FSDP's units: the blocks a transformers model declares it must not split (`_no_split_modules`: GPT2Block,
     LlamaDecoderLayer; ours and transformers' own dense models alike, as accelerate's FSDP wrapping reads them)."""

@@ -41,6 +41,7 @@ from flash_experts.model.expert_parallel import (
     whole_experts_state_dict,
 )
 from flash_experts.model.routing import moe_layers_of
+from flash_experts.training.distributed import average_over
 
 
 def process_groups_of(world_size: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -111,10 +112,16 @@ class ExpertParallelTraining:
     def reduce_expert_gradients(self) -> None:
         """Each expert's gradient summed over its replica group and divided by the world size: the average the
         data-parallel run takes (module docstring). Call after the last micro-batch's backward."""
-        for _, parameter, _ in self.experts:
-            if parameter.grad is not None:
-                dist.all_reduce(parameter.grad, op=dist.ReduceOp.SUM, group=self.replica_group)
-                parameter.grad.div_(self.world_size)
+        average_over([parameter for _, parameter, _ in self.experts], self.replica_group)
+
+    def reduce(self, params: list[nn.Parameter]) -> None:
+        """For a loop without DDP (the race): the replicated parameters' gradients averaged over every
+        process, the experts' over their replicas (training/distributed.py `AveragedGradients`' counterpart)."""
+        average_over([p for p in params if not self.is_expert(p)], None)
+        self.reduce_expert_gradients()
+
+    def norm(self, params: list[nn.Parameter]) -> Tensor:
+        return self.gradient_norm(params)
 
     def gradient_norm(self, params: list[nn.Parameter]) -> Tensor:
         """The whole model's gradient norm: the replicated parameters' squares here, plus the experts' summed

@@ -12,7 +12,7 @@ from __future__ import annotations
 import functools
 import statistics
 import time
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 
@@ -46,17 +46,22 @@ def interleaved_medians(calls: dict[str, Callable[[], object]], rounds: int, war
 
 
 def training_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  dtype: torch.dtype) -> Callable[[torch.Tensor], float]:
+                  dtype: torch.dtype, gradients: Any = None) -> Callable[[torch.Tensor], float]:
     """One training step on `ids` (B, T), the work of the trainer's step: forward, loss, backward, gradient
     clipping, optimizer update. Works for any causal LM taking `labels` (ours and HF's). Returns the LM loss
-    (a float: on CUDA that waits for the step, so timing the call times the step)."""
+    (a float: on CUDA that waits for the step, so timing the call times the step). `gradients`: over several
+    processes, what averages the gradients after the backward and gives the clipping norm (`reduce(params)`,
+    `norm(params)`: training/distributed.py `AveragedGradients`, training/expert_parallel.py)."""
     params = [p for p in model.parameters() if p.requires_grad]
 
     def step(ids: torch.Tensor) -> float:
         with torch.autocast(ids.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
             out = model(input_ids=ids, labels=ids)
         out.loss.backward()  # ours: lm loss + weighted router losses (the training objective)
-        clipped_step(optimizer, params, gradient_norm(params), 1.0)
+        if gradients is not None:
+            gradients.reduce(params)
+        norm = gradient_norm(params) if gradients is None else gradients.norm(params)
+        clipped_step(optimizer, params, norm, 1.0)
         optimizer.zero_grad(set_to_none=True)
         lm = getattr(out, "lm_loss", None)
         return float((lm if lm is not None else out.loss).detach())

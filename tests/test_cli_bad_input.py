@@ -263,6 +263,12 @@ OTHER_VERB_CASES = {
         lambda w: _generate(w, "--max-new-tokens", "100000"), "exceeds the model's 64 positions"),
     "generate empty stop string": pytest.param(
         lambda w: _generate(w, "--stop", ""), "stop strings must be non-empty"),
+    "generate-cards 0 cards": (lambda w: ["generate-cards", w["model"], "-n", "0", "--device", "cpu"],
+                               "--num-cards must be >= 1"),
+    "generate-cards unknown colour": (lambda w: ["generate-cards", w["model"], "--colors", "Q", "--device", "cpu"],
+                                      "unknown colour 'q'"),
+    "generate-cards malformed cost": (lambda w: ["generate-cards", w["model"], "--cost", "{G}{1}", "--device", "cpu"],
+                                      "is not a mana cost"),
     "generate-names unknown colour": (
         lambda w: ["generate-names", w["model"], "--type", "Creature", "--colors", "X", "--device", "cpu"],
         "unknown colour"),

@@ -31,6 +31,7 @@ VERB_MODULES = [
     "upcycle",
     "generate",
     "generate_names",
+    "generate_cards",
     "evaluate",
     "compare",
     "export",

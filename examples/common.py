@@ -33,9 +33,12 @@ DATA = Path("data")
 MODELS = Path("models")
 MTG_DATA = DATA / "mtg"
 MTG_MODEL = MODELS / "mtg-names"
+MTG_CARDS_DATA = DATA / "mtg-cards"
+MTG_CARDS_MODEL = MODELS / "mtg-cards"
 WIKITEXT_DATA = DATA / "wikitext"
 WIKITEXT_MODEL = MODELS / "wikitext-moe"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REAL_CARDS_FILE = "cards.json"  # every real whole card's fields, beside the card documents' token files
 CARD_NAMES_FILE = "card_names.txt"  # every real name, beside the MTG token files: novelty is judged against it
 os.environ.setdefault("WANDB_SILENT", "true")  # the scripts print what matters; W&B still writes its files
 

@@ -219,3 +219,20 @@ def test_setup_env_puts_src_first_on_pythonpath():
     result = subprocess.run(["bash", "-c", f"source {ROOT / 'setup_env.sh'} >/dev/null && echo $PYTHONPATH"],
                             capture_output=True, text=True, env={**os.environ, "PYTHONPATH": "/elsewhere"})
     assert result.stdout.strip() == f"{ROOT / 'src'}:/elsewhere"
+
+
+def test_mtg_cards_chain_prepares_trains_and_judges_whole_cards(tiny_base, card_file, tmp_path):
+    """The cards chain (docs/CARDS.md): whole-card documents, the same fine-tuning script, then generated cards
+    each with the grammar's verdict. The test's cards (the names file above) have no rules text and no P/T, and
+    the grammar, which the preparing script runs over the real cards, passes none of them."""
+    out = ok(run_script("prepare_mtg_data", "--cards", "--source", str(card_file), "--base", str(tiny_base),
+                        cwd=tmp_path))
+    meta = json.loads((tmp_path / "data/mtg-cards/meta.json").read_text())
+    assert meta["format"] == "mtg-cards" and meta["base"] == str(tiny_base)
+    # none passes: its creatures have no P/T and its instants no rules text (names-only test data)
+    assert "the card grammar passes 0 of 225 real cards" in out, out
+    assert len(json.loads((tmp_path / "data/mtg-cards/cards.json").read_text())) == 225
+    ok(run_script("finetune_mtg_names", "--data", "data/mtg-cards", "--out", "models/mtg-cards", cwd=tmp_path))
+    out = ok(run_script("generate_mtg_cards", cwd=tmp_path))
+    assert re.search(r"\d+ samples: parse \d+%, pass every rule check \d+%", out)
+    one_error_line(run_script("prepare_mtg_data", "--cards", "--conditioned", cwd=tmp_path), "two different formats")

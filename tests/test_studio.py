@@ -312,3 +312,85 @@ def test_page_shows_the_atlas_and_an_experts_tokens_in_headless_chromium(studio,
     assert len(rows) == 2 and "33.3%" in rows[0] and "66.7%" in rows[1]
     assert "x2.0" in rows[0] and "x1.5" in rows[1]
     assert marked == [" w5", " w5"]  # expert 0's top token, at both places it took it
+
+
+ELVES = "Llanowar Elves {G}\nCreature — Elf Druid\n{T}: Add {G} to your mana pool.\n1/1"
+
+
+def test_a_card_is_drawn_field_by_field_with_the_routers_own_experts(client, studio):
+    """Reference: the document's own lines (every token's text lies inside its field's text), the grammar's
+    verdict (`judge`), the studio's trace of the same tokens (top-1 experts), and the field atlas recomputed
+    here from the joint counts in float64."""
+    import math
+
+    from flash_experts.mtg.card_grammar import judge
+
+    response = client.post("/api/card", json={"model": 0, "document": ELVES})
+    assert response.status_code == 200, response.text
+    card = response.json()
+    assert card["verdict"] == {k: v for k, v in vars(judge(ELVES, studio.card_vocabulary)).items() if k != "card"}
+    assert card["card"] == {"name": "Llanowar Elves", "cost": "{G}", "type": "Creature — Elf Druid",
+                            "text": ["{T}: Add {G} to your mana pool."], "pt": "1/1"}
+    fields = {"name": "Llanowar Elves", "cost": " {G}\n", "type": "Creature — Elf Druid\n",
+              "text": "{T}: Add {G} to your mana pool.\n", "pt": "1/1"}
+    tokens = card["tokens"]
+    assert tokens[0]["field"] is None  # the start token every training document has before it
+    assert "".join(t["text"] for t in tokens[1:]) == ELVES
+    for field, text in fields.items():
+        assert "".join(t["text"] for t in tokens if t["field"] == field).strip() == text.strip(), field
+    slot = studio.slots[0]
+    trace = trace_text(slot.model, slot.tokenizer, [t["id"] for t in tokens])
+    assert card["experts"] == [[choices[0] for choices in layer] for layer in trace.experts]
+    for position, layer in enumerate(card["atlas"]):
+        pairs = [(t["field"], card["experts"][position][i]) for i, t in enumerate(tokens) if t["field"]]
+        joint = {pair: pairs.count(pair) / len(pairs) for pair in set(pairs)}
+        field_p = {f: sum(p for (g, _), p in joint.items() if g == f) for f, _ in joint}
+        expert_p = {e: sum(p for (_, x), p in joint.items() if x == e) for _, e in joint}
+        information = sum(p * math.log2(p / (field_p[f] * expert_p[e])) for (f, e), p in joint.items())
+        assert layer["information_bits"] == pytest.approx(information, abs=1e-12)
+        assert layer["information_bits"] <= layer["field_entropy_bits"] + 1e-12
+        assert sum(layer["tokens"].values()) == len(pairs)
+
+
+@pytest.mark.parametrize(("body", "message"), [
+    ({"model": 0, "document": "x" * 3000}, "up to 2000"),
+    ({"model": 5, "document": ELVES}, "there is no model 5"),
+])
+def test_bad_card_requests_get_a_message(client, body, message):
+    response = client.post("/api/card", json=body)
+    assert response.status_code == 400 and message in response.json()["error"]
+
+
+def test_a_card_that_breaks_the_grammar_says_which_rule(client):
+    response = client.post("/api/card", json={"model": 0, "document": "Shock {R}\nInstant\n~ deals 2 damage.\n2/2"})
+    assert response.status_code == 200
+    verdict = response.json()["verdict"]
+    assert verdict["parses"] and not verdict["passes"] and "pt" in verdict["failures"]
+
+
+@pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
+                    reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
+def test_page_draws_a_card_in_headless_chromium(studio, tmp_path):
+    """The Card tab: the card's fields in their boxes, every token coloured by the expert the server traced, the
+    grammar's verdict, the field atlas; the Runs tab says its plots are being drawn until they arrive."""
+    with browser_page(studio.slots[0].source, "--run", str(studio.runs[0])) as (page, url):
+        page.goto(url)
+        page.wait_for_function("document.querySelector('#card-model option:not([disabled])') !== null",
+                               timeout=120_000)
+        page.click("nav button[data-tab='card']")
+        page.click("#card-run")
+        page.wait_for_selector("#card-frame:not([hidden]) .tok[data-expert]", timeout=120_000)
+        name = page.inner_text("#card-name")
+        pt = page.inner_text("#card-pt")
+        colours = page.eval_on_selector_all(".mtg-card .tok", "spans => spans.map(s => s.style.background)")
+        verdict = page.inner_text("#card-verdict")
+        atlas = page.inner_text("#card-atlas")
+        page.screenshot(path=str(tmp_path / "card.png"))
+        page.click("nav button[data-tab='runs']")
+        drawing = page.locator("#plots-drawing")
+        page.wait_for_selector("#run-plots img", timeout=60_000)
+        drawing.wait_for(state="detached", timeout=120_000)  # gone once a plot arrives
+    assert name.replace("\n", "").strip() == "Llanowar Elves" and pt.strip() == "1/1"
+    assert colours and all(colours)
+    assert "parses" in verdict or "passes" in verdict
+    assert "I(field; expert)" in atlas and "name" in atlas

@@ -29,6 +29,7 @@ from flash_experts.studio.trace import attention_maps, trace_text
 STATIC = Path(__file__).parent / "static"
 STATIC_FILES = {"app.js": "text/javascript", "app.css": "text/css"}  # the only files served besides the page
 MAX_ATTENTION_TOKENS = 96  # heatmaps of longer prompts would be unreadable and heavy to send
+MAX_CARD_CHARACTERS = 2000  # the longest real card document is under 900
 MAX_MEMORY_LENGTH = 16384  # eager attention's scores at 16k and 32 heads are 32 GiB: the machine's limit, not ours
 PLOTS = ("loss", "loss_vs_tokens", "lr", "expert_load", "expert_load_time", "router")
 
@@ -67,6 +68,13 @@ class CompareRequest(Sampling):
     prompt: str = ""
 
 
+class CardRequest(BaseModel):
+    model: int = 0
+    document: str = ""  # a whole card (mtg/whole_cards.py's layout); empty: the model writes one
+    seed: int | None = 0
+    temperature: float = 0.8
+
+
 class AttentionRequest(BaseModel):
     model: int = 0
     prompt: str = ""
@@ -84,6 +92,20 @@ class Studio:
         self.device = device
         self.lock = threading.Lock()
         self._plots: dict[tuple[int, str], bytes] = {}
+        self._card_vocabulary = None
+
+    @property
+    def card_vocabulary(self):  # noqa: ANN201
+        """The subtypes of the real cards (the offline MTGJSON when cached; without it, none is known)."""
+        if self._card_vocabulary is None:
+            from flash_experts.mtg.card_grammar import CardVocabulary
+            from flash_experts.mtg.whole_cards import load_offline_whole_cards
+
+            try:
+                self._card_vocabulary = CardVocabulary.from_cards(load_offline_whole_cards(fetch=False))
+            except (UserError, OSError):
+                self._card_vocabulary = CardVocabulary({})
+        return self._card_vocabulary
 
     def load_all(self) -> None:
         from flash_experts.model.loading import load_model
@@ -299,6 +321,31 @@ def create_app(studio: Studio) -> FastAPI:
             raise UserError(f"length must be between 1 and {MAX_MEMORY_LENGTH}, got {length}")
         with studio.lock:
             return measure_attention_memory(slot.info["heads"], length, slot.info["head_dim"], studio.device)
+
+    @app.post("/api/card")
+    def card(request: CardRequest) -> dict:
+        from flash_experts.evaluation.lm_eval_task import prefix_token_id
+        from flash_experts.generation.generate import generate
+        from flash_experts.generation.sampling import SamplingConfig
+        from flash_experts.studio.card_view import card_view
+
+        slot = studio.slot(request.model)
+        document = request.document.strip()
+        if len(document) > MAX_CARD_CHARACTERS:
+            raise UserError(f"a card of {len(document)} characters: the studio draws cards up to {MAX_CARD_CHARACTERS}")
+        with studio.lock:
+            if not document:  # the model writes one, from the start token as every card begins in training
+                written = generate(slot.model, slot.tokenizer, [""], SamplingConfig(temperature=request.temperature),
+                                   160, seed=request.seed)
+                document = written.texts[0].strip()
+                if not document:
+                    raise UserError(f"{slot.name} wrote an empty card; try another seed")
+            length = 1 + len(slot.tokenizer(document, add_special_tokens=False)["input_ids"])
+            limit = slot.info["max_positions"]
+            if limit is not None and length > limit:
+                raise UserError(f"the card is {length} tokens, longer than {slot.name}'s {limit} positions")
+            return card_view(document, slot.tokenizer, lambda ids: trace_text(slot.model, slot.tokenizer, ids),
+                             studio.card_vocabulary, prefix_token_id(slot.tokenizer), slot.info["num_experts"])
 
     @app.get("/api/runs/{index}/atlas")
     def run_atlas(index: int) -> dict:

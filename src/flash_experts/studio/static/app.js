@@ -220,12 +220,15 @@ async function runMemory() {
   } catch (error) { $("mem-out").textContent = ""; showMessage(error.message); }
 }
 
+function plotArrived() { const note = $("plots-drawing"); if (note) note.remove(); }
 function showRun() {
   const id = $("run-select").value;
   if (id === "") return;
   $("run-plots").dataset.shown = "1";
-  $("run-plots").innerHTML = ["loss", "router", "expert_load", "expert_load_time", "lr"].map((kind) =>
-    `<img alt="${kind}" src="/api/runs/${id}/${kind}.png" onerror="this.replaceWith(Object.assign(document.createElement('p'), {textContent: 'no ${kind} plot for this run'}))">`).join("");
+  // The server draws every plot of a run the first time one is asked for (several seconds): say so until they come.
+  $("run-plots").innerHTML = `<p class="small" id="plots-drawing">drawing this run's plots (the first time takes a few seconds)…</p>` +
+    ["loss", "router", "expert_load", "expert_load_time", "lr"].map((kind) =>
+    `<img alt="${kind}" src="/api/runs/${id}/${kind}.png" onload="plotArrived()" onerror="plotArrived(); this.replaceWith(Object.assign(document.createElement('p'), {textContent: 'no ${kind} plot for this run'}))">`).join("");
   showAtlas(id);
 }
 
@@ -271,6 +274,67 @@ function showAtlasExpert(layer, expert) {
   $("atlas-examples").innerHTML = `<p class="small">layer ${layer.layer}, expert ${expert}: where it took its top token</p>${examples || "<p class='small'>no token reached the minimum count</p>"}`;
 }
 
+// A whole card (docs/CARDS.md) drawn as a card: each token in its field, coloured by the expert its router chose
+// first in the chosen MoE layer; the grammar's verdict; and how much the experts divide the fields.
+const FRAME = { W: "#f4efd2", U: "#bcd3e8", B: "#b9b0aa", R: "#e8a58a", G: "#a9c79a" };
+let lastCard = null;
+async function runCard(write) {
+  showMessage("");
+  $("card-progress").textContent = write ? "the model is writing a card…" : "tracing the card…";
+  try {
+    const body = { model: Number($("card-model").value || 0), document: write ? "" : $("card-document").value,
+                   seed: Math.floor(Math.random() * 1e6) };
+    lastCard = await (await api("/api/card", body)).json();
+    if (write) $("card-document").value = lastCard.document;
+    $("card-layer").innerHTML = lastCard.moe_layers.map((l, i) => `<option value="${i}">${l}</option>`).join("");
+    renderCard();
+    $("card-progress").textContent = "";
+  } catch (error) { $("card-progress").textContent = ""; showMessage(error.message); }
+}
+function renderCard() {
+  const card = lastCard;
+  const position = Number($("card-layer").value || 0);
+  const boxes = { name: $("card-name"), cost: $("card-cost"), type: $("card-type"), text: $("card-text"), pt: $("card-pt") };
+  for (const box of Object.values(boxes)) box.innerHTML = "";
+  card.tokens.forEach((token, t) => {
+    if (token.field === null) return;
+    const box = boxes[token.field];
+    const pieces = token.text.split("\n");
+    pieces.forEach((piece, i) => {
+      if (i > 0 && token.field === "text" && box.childNodes.length) box.appendChild(document.createElement("br"));
+      if (!piece) return;
+      const span = document.createElement("span");
+      span.className = "tok";
+      span.textContent = piece;
+      span.dataset.field = token.field;
+      if (card.moe_layers.length) {
+        const expert = card.experts[position][t];
+        span.dataset.expert = expert;
+        span.style.background = expertColor(expert);
+        span.title = `${token.field}: expert ${expert} (MoE layer ${card.moe_layers[position]})`;
+      }
+      box.appendChild(span);
+    });
+  });
+  const colours = [...new Set(((card.card && card.card.cost) || "").match(/[WUBRG]/g) || [])];
+  $("card-frame").style.background = colours.length === 1 ? FRAME[colours[0]] : colours.length > 1 ? "#e3cf87" : "#cfd3d6";
+  $("card-frame").hidden = false;
+  const v = card.verdict;
+  $("card-verdict").innerHTML = v.passes ? `<p class="verdict-ok">a real card's grammar: it parses and passes every rule check</p>`
+    : `<p class="verdict-bad">${v.parses ? "it parses, but fails" : "it does not parse"}</p><ul>` +
+      Object.entries(v.failures).map(([rule, why]) => `<li><b>${escapeHtml(rule)}</b>: ${escapeHtml(why)}</li>`).join("") + "</ul>";
+  const layer = card.atlas[position];
+  if (!layer) { $("card-atlas").innerHTML = "<p class='small'>a dense model: no experts</p>"; return; }
+  const experts = layer.shares.name.length;
+  const head = "<tr><th>field</th><th>tokens</th>" + [...Array(experts).keys()].map((e) =>
+    `<th style="background:${expertColor(e)}">e${e}</th>`).join("") + "</tr>";
+  const rows = Object.entries(layer.shares).filter(([field]) => layer.tokens[field]).map(([field, shares]) =>
+    `<tr><td>${field}</td><td>${layer.tokens[field]}</td>` + shares.map((x) => `<td>${(100 * x).toFixed(0)}%</td>`).join("") + "</tr>").join("");
+  $("card-atlas").innerHTML = `<table>${head}${rows}</table><p class="small">I(field; expert) = ` +
+    `${layer.information_bits.toFixed(2)} bits of H(field) = ${layer.field_entropy_bits.toFixed(2)} bits, over this card's ` +
+    `${Object.values(layer.tokens).reduce((a, b) => a + b, 0)} tokens (one card: a sketch; the race's domain atlas is the same measure over thousands)</p>`;
+}
+
 for (const button of document.querySelectorAll("nav button")) {
   button.onclick = () => {
     document.querySelectorAll("nav button").forEach((b) => b.classList.toggle("active", b === button));
@@ -285,6 +349,9 @@ $("att-run").onclick = runAttention;
 $("att-layer").onchange = runAttention;
 $("att-head").onchange = runAttention;
 $("mem-run").onclick = runMemory;
+$("card-run").onclick = () => runCard(false);
+$("card-write").onclick = () => runCard(true);
+$("card-layer").onchange = () => lastCard && renderCard();
 $("run-select").onchange = showRun;
 $("atlas-layer").onchange = renderAtlasLayer;
 $("cmp-b").onchange = () => { $("cmp-b").dataset.touched = "1"; };

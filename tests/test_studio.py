@@ -371,7 +371,8 @@ def test_a_card_that_breaks_the_grammar_says_which_rule(client):
 @pytest.mark.skipif(CHROMIUM is None or not HAS_PLAYWRIGHT,
                     reason="needs Debian's chromium (apt-get install chromium) and the playwright package")
 def test_page_draws_a_card_in_headless_chromium(studio, tmp_path):
-    """The Card tab: the card's fields in their boxes, every token coloured by the expert the server traced, the
+    """The Card tab (its element ids unique on the page: an id the Generate tab also used hid the type line):
+    the card's fields in their boxes, every token coloured by the expert the server traced, the
     grammar's verdict, the field atlas; the Runs tab says its plots are being drawn until they arrive."""
     with browser_page(studio.slots[0].source, "--run", str(studio.runs[0])) as (page, url):
         page.goto(url)
@@ -381,6 +382,7 @@ def test_page_draws_a_card_in_headless_chromium(studio, tmp_path):
         page.click("#card-run")
         page.wait_for_selector("#card-frame:not([hidden]) .tok[data-expert]", timeout=120_000)
         name = page.inner_text("#card-name")
+        type_line = page.inner_text("#card-typeline")
         pt = page.inner_text("#card-pt")
         colours = page.eval_on_selector_all(".mtg-card .tok", "spans => spans.map(s => s.style.background)")
         verdict = page.inner_text("#card-verdict")
@@ -391,6 +393,19 @@ def test_page_draws_a_card_in_headless_chromium(studio, tmp_path):
         page.wait_for_selector("#run-plots img", timeout=60_000)
         drawing.wait_for(state="detached", timeout=120_000)  # gone once a plot arrives
     assert name.replace("\n", "").strip() == "Llanowar Elves" and pt.strip() == "1/1"
+    assert type_line.replace("\n", "").strip() == "Creature — Elf Druid"
     assert colours and all(colours)
     assert "parses" in verdict or "passes" in verdict
     assert "I(field; expert)" in atlas and "name" in atlas
+
+
+def test_the_page_names_each_element_once():
+    """Reference: the page's own markup. app.js finds elements by id; a second element with the same id is never
+    found (the Card tab's type line once went into the Generate tab's input of the same id)."""
+    import re
+    from pathlib import Path
+
+    from flash_experts.studio import app as studio_app
+
+    ids = re.findall(r'\bid="([^"]+)"', (Path(studio_app.__file__).parent / "static" / "index.html").read_text())
+    assert ids and len(ids) == len(set(ids)), sorted({i for i in ids if ids.count(i) > 1})

@@ -294,7 +294,7 @@ async function runCard(write) {
 function renderCard() {
   const card = lastCard;
   const position = Number($("card-layer").value || 0);
-  const boxes = { name: $("card-name"), cost: $("card-cost"), type: $("card-type"), text: $("card-text"), pt: $("card-pt") };
+  const boxes = { name: $("card-name"), cost: $("card-cost"), type: $("card-typeline"), text: $("card-text"), pt: $("card-pt") };
   for (const box of Object.values(boxes)) box.innerHTML = "";
   card.tokens.forEach((token, t) => {
     if (token.field === null) return;

@@ -1,0 +1,121 @@
+"""Whole cards at equal compute: the dense base against its upcycle, fine-tuned on card documents on the contest
+engine, then measured as issue 37 asks (docs/CARDS.md holds the figures).
+
+    python benchmarks/cards_contest.py [--tokens 90112] [--cards 200] [--out runs/cards_contest] [--quick]
+
+1. the card documents (mtg/whole_cards.py) tokenised with the base's tokenizer (SmolLM2-135M offline);
+2. both fine-tuned by the trainer in turns on the same batches to the same training FLOPs (the main job's
+   recipe: 4 experts, top-1, every other layer; contest/upcycling.py), every step timed;
+3. from each best checkpoint: the validation loss per field (name, cost, type line, rules text, P/T; every
+   validation card, each token's loss given the card so far), then `--cards` cards sampled and judged by the card
+   grammar: parse rate, pass rate, unique and new names; ten cards printed. The test split is not read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
+
+import common  # noqa: E402, F401  (the command line's process settings, before torch loads)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tokens", type=int, default=88 * 8 * 128, help="the budget in the dense model's tokens")
+    parser.add_argument("--cards", type=int, default=200, help="cards sampled from each model (default 200)")
+    parser.add_argument("--out", default="runs/cards_contest", help="folder for the data, the runs and the JSON")
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--quick", action="store_true", help="a few steps and cards: checks the pipeline")
+    args = parser.parse_args(argv)
+    for name in ("tokens", "cards"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if Path(args.out).is_file():
+        parser.error(f"--out {args.out} is a file, not a folder")
+    if args.quick:
+        args.tokens, args.cards = 4 * 8 * 128, 8
+    return args
+
+
+def field_losses(model, tokenizer, documents: list[str]) -> dict[str, float]:
+    """Mean next-token loss (nats) of the tokens of each field over `documents`, each card scored after the
+    start token it has in training."""
+    from flash_experts.evaluation.lm_eval_task import prefix_token_id
+    from flash_experts.studio.card_view import FIELDS, token_pieces
+
+    sums = {field: 0.0 for field in FIELDS}
+    counts = {field: 0 for field in FIELDS}
+    start = prefix_token_id(tokenizer)
+    model.eval()
+    with torch.no_grad():
+        for document in documents:
+            ids, _, fields = token_pieces(tokenizer, document)
+            tokens = torch.tensor([[start, *ids]])
+            logits = model(input_ids=tokens).logits[0, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="none").tolist()
+            for loss, field in zip(losses, fields):
+                sums[field] += loss
+                counts[field] += 1
+    return {field: sums[field] / counts[field] for field in FIELDS if counts[field]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from flash_experts.contest.upcycling import UpcyclingSettings, plan_contest, run_config, train_contest
+    from flash_experts.data.tokens import prepare_token_splits
+    from flash_experts.model.loading import base_tokenizer, load_model
+    from flash_experts.mtg.card_generation import RealCards, card_lines, generate_cards
+    from flash_experts.mtg.card_grammar import CardVocabulary
+    from flash_experts.mtg.whole_cards import load_offline_whole_cards, whole_card_documents
+
+    started = time.perf_counter()
+    out = Path(args.out)
+    cards = load_offline_whole_cards()
+    documents = whole_card_documents(cards)
+    tokenizer = base_tokenizer("smollm2")
+    data_dir = out / "data"
+    prepare_token_splits(documents, tokenizer, data_dir, source="mtg cards", data_format="mtg-cards")
+    settings = UpcyclingSettings(base="smollm2", tokens=args.tokens, block_size=128, seed=args.seed, wandb="off")
+    settings.check()
+    plan = plan_contest(settings, "smollm2", str(data_dir), out)
+    configs = {name: run_config(settings, "smollm2", str(data_dir), out / name, moe=name == "moe",
+                                steps=plan["steps"][name]) for name in ("dense", "moe")}
+    print(f"budget {plan['budget'].as_dict()}; steps {plan['steps']}", flush=True)
+    results, log = train_contest(configs, resume=False)
+    from flash_experts.contest.report import step_cost
+
+    report = {"steps": plan["steps"], "flops_per_token": plan["flops_per_token"],
+              "step_cost": str(step_cost(log.step_seconds["dense"], log.step_seconds["moe"])), "models": {}}
+    real = RealCards(cards)
+    vocabulary = CardVocabulary.from_cards(cards)
+    for name, result in results.items():
+        model, tok = load_model(str(out / name / "best"))
+        model.eval()
+        losses = field_losses(model, tok, documents["val"])
+        batch = generate_cards(model, tok, args.cards, vocabulary, real=real, seed=args.seed, max_rounds=1,
+                               batch_size=args.cards)
+        report["models"][name] = {"best_val_loss": result.best_val_loss, "field_losses": losses,
+                                  "rates": batch.rates(), "samples": batch.samples,
+                                  "cards": [card.as_dict() for card in batch.cards]}
+        print(f"\n== {name}: best validation loss {result.best_val_loss:.4f}; per field "
+              + ", ".join(f"{field} {loss:.3f}" for field, loss in losses.items()), flush=True)
+        rates = batch.rates()
+        print(f"   {batch.samples} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
+              f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}")
+        for card in batch.cards[:10]:
+            print("\n".join(card_lines(card)))
+        del model
+    report["minutes"] = (time.perf_counter() - started) / 60
+    print(f"\na MoE step costs {report['step_cost']} a dense step; {report['minutes']:.1f} min in all")
+    (out / "cards_contest.json").write_text(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -11,6 +11,7 @@ equal seconds and its exchange rate; the CLI contract (one `error:` line, exit 2
 from __future__ import annotations
 
 import collections
+import dataclasses
 import math
 
 import numpy as np
@@ -270,6 +271,20 @@ def test_a_race_of_one_contender_matches_its_part_of_the_full_race():
         assert a.val["moe"] == pytest.approx(b.val["moe"], rel=1e-6)
     with pytest.raises(ConfigError, match="contenders"):
         run_race(settings, tiny_corpus(), contenders=("sparse",))
+
+
+def test_the_data_seed_moves_the_batches_and_leaves_the_weights():
+    """Reference: the race at the seed itself. `data_seed` equal to the seed is the same race; another data seed
+    trains the same step-0 weights (the same step-0 losses) on other batches (other losses after)."""
+    settings = RaceSettings(**TINY, steps=3, eval_every=3, warmup_steps=1, dtype="fp32")
+    plain, _ = run_race(settings, tiny_corpus(), contenders=("dense",), score_test=False)
+    same, _ = run_race(dataclasses.replace(settings, data_seed=settings.seed), tiny_corpus(), contenders=("dense",),
+                       score_test=False)
+    other, _ = run_race(dataclasses.replace(settings, data_seed=settings.seed + 1), tiny_corpus(),
+                        contenders=("dense",), score_test=False)
+    assert [e.val for e in same.evaluations] == [e.val for e in plain.evaluations]
+    assert other.evaluations[0].val == plain.evaluations[0].val
+    assert other.evaluations[-1].val != plain.evaluations[-1].val
 
 
 def test_an_interrupted_race_evaluates_where_it_stopped_and_still_scores_the_test_split():

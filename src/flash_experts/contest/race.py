@@ -79,6 +79,9 @@ class RaceSettings:
     eval_windows: int = 96  # validation windows per domain at each evaluation
     test_windows: int = 384  # test windows per domain, scored once at the end
     seed: int = 1337
+    # the batches' order; None: the seed's. Set apart from the seed, it tells what of a seed's result comes from
+    # the weights it draws and what from the data order (docs/FROM_SCRATCH.md, "What decides the sign")
+    data_seed: int | None = None
     dtype: str = "bf16"  # "fp32" or "bf16" (autocast)
 
     def check(self) -> None:
@@ -328,7 +331,9 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
     )
     # one batch per step, the same tensor for both twins (this process's share of it)
     batch = functools.lru_cache(maxsize=1)(
-        lambda step: processes.share(corpus.train_batch(step, settings.batch_size, settings.context, settings.seed)))
+        lambda step: processes.share(corpus.train_batch(step, settings.batch_size, settings.context,
+                                                        settings.seed if settings.data_seed is None
+                                                        else settings.data_seed)))
     twins = {name: TwinContender(name, model, settings, batch, processes.gradients(name, model))
              for name, model in models.items()}
     val_windows = corpus.split_windows("val", settings.context, settings.eval_windows)

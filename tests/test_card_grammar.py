@@ -234,12 +234,13 @@ def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabul
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    from flash_experts.data import load_tokenizer
     from test_trainer import subprocess_env
+    from tiny_tokenizer import make_tokenizer
 
     chosen = [card for card in real_cards if card.name in ("Llanowar Elves", "Shock", "Serra Angel")]
     assert len(chosen) == 3
-    tokenizer = load_tokenizer(None)
+    # a small byte-level BPE trained on the three documents: a model of a few thousand weights learns them fast
+    tokenizer = make_tokenizer([card_document(card) for card in chosen])
     eos = tokenizer.eos_token_id
     rows = [[eos, *tokenizer.encode(card_document(card)), eos] for card in chosen]
     width = max(map(len, rows))
@@ -269,5 +270,8 @@ def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabul
         assert card["document"] in documents, card["document"]
         name = documents[card["document"]]
         assert card["passes"] and card["is_new"] is False
-        assert card["nearest_by_name"] == name and card["nearest_by_text"] == name and card["text_similarity"] == 1.0
+        assert card["nearest_by_name"] == name and card["text_similarity"] == 1.0
+        # the nearest by text has the same rules text (Shock's is also Unyaro Bee Sting's, word for word)
+        texts = {c.name: c.text for c in real_cards}
+        assert texts[card["nearest_by_text"]] == texts[name]
     assert out["rates"]["parse"] == 1.0 and out["rates"]["new"] == 0.0

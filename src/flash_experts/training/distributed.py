@@ -83,15 +83,24 @@ class AveragedGradients:
     process after the average)."""
 
     def __init__(self, model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+        broadcast_from_first(model)
 
     def reduce(self, params: list[torch.nn.Parameter]) -> None:
         average_over(params, None)
 
     def norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        return torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        from flash_experts.training.optimizer import gradient_norm
+
+        return gradient_norm(params)
+
+
+def broadcast_from_first(model: torch.nn.Module) -> None:
+    """Every process's weights and buffers made rank 0's. Each rank built its own model (random init, expert
+    noise, Drop-Upcycling draw from per-rank seeds): rank 0's is the run's, as DDP's constructor makes it; a
+    shard (FSDP, expert parallelism) must be cut from identical whole weights."""
+    with torch.no_grad():
+        for tensor in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(tensor.data, src=0)
 
 
 def average_over(params: list[torch.nn.Parameter], group: dist.ProcessGroup | None) -> None:
@@ -126,11 +135,7 @@ def shard_fsdp(model: torch.nn.Module, param_dtype: torch.dtype | None) -> None:
     gradients are reduced in fp32."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    # Each rank built its own model (random init, expert noise, Drop-Upcycling draw from per-rank seeds): rank 0's
-    # is the run's, as DDP's constructor makes it by broadcasting. Shards are cut from identical weights.
-    with torch.no_grad():
-        for tensor in [*model.parameters(), *model.buffers()]:
-            dist.broadcast(tensor.data, src=0)
+    broadcast_from_first(model)  # shards are cut from identical weights
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
     for block in transformer_blocks(model):
         fully_shard(block, mp_policy=policy)

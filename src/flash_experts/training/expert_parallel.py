@@ -41,7 +41,7 @@ from flash_experts.model.expert_parallel import (
     whole_experts_state_dict,
 )
 from flash_experts.model.routing import moe_layers_of
-from flash_experts.training.distributed import average_over
+from flash_experts.training.distributed import average_over, broadcast_from_first
 
 
 def process_groups_of(world_size: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -87,11 +87,7 @@ class ExpertParallelTraining:
             group = dist.new_group(ranks)
             if rank in ranks:
                 self.replica_group = group
-        # Each process built its own weights (random init and expert noise from per-rank seeds): rank 0's are
-        # the run's, as DDP's constructor makes them; the experts are cut from identical whole weights.
-        with torch.no_grad():
-            for tensor in [*model.parameters(), *model.buffers()]:
-                dist.broadcast(tensor.data, src=0)
+        broadcast_from_first(model)  # the experts are cut from identical whole weights
         shard_experts(model, self.expert_group)
         # (name, parameter, its layer's dispatch) of every sharded expert weight, in the model's order
         self.experts: list[tuple[str, nn.Parameter, AllToAllExperts]] = []

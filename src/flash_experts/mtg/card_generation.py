@@ -16,7 +16,7 @@ from typing import Any, Iterable
 from flash_experts.errors import ConfigError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
-from flash_experts.mtg.card_grammar import COST_SYMBOL, CardVocabulary, check_cost, judge
+from flash_experts.mtg.card_grammar import COST_SYMBOL, CardVocabulary, check_cost, judge, split_name_and_cost
 from flash_experts.mtg.cards import COLOR_ORDER, name_key, normalize_colors
 from flash_experts.mtg.whole_cards import WholeCard
 
@@ -156,7 +156,7 @@ def generate_cards(model, tokenizer, count: int, vocabulary: CardVocabulary, *, 
             batch.judged.append(judged)
             batch.samples += 1
             fields = judged.document.split("\n")
-            cost_line = re.match(r"^.*?\s*((?:\{[^{}]*\})*)$", fields[0]).group(1) if fields else ""
+            cost_line = split_name_and_cost(fields[0])[1]
             type_line = fields[1] if len(fields) > 1 else ""
             if len(batch.cards) < count and request.accepts(cost_line, type_line):
                 batch.cards.append(judged)

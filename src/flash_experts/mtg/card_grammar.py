@@ -93,10 +93,6 @@ class ParsedCard:
     toughness: str | None
     loyalty: str | None
 
-    @property
-    def supertypes_types_subtypes(self) -> tuple[list[str], list[str], list[str]]:
-        return split_type_line(self.type_line)
-
 
 @dataclass
 class CardCheck:
@@ -115,25 +111,35 @@ class CardCheck:
 RULES = ("cost", "type_line", "pt", "loyalty", "text", "consistency")
 
 
+def split_name_and_cost(line: str) -> tuple[str, str]:
+    """A card's first line: (the name, the mana cost after it), the cost "" where there is none."""
+    found = re.match(r"^(.*?)\s*((?:\{[^{}]*\})*)$", line)
+    return found.group(1), found.group(2)
+
+
+def is_pt_line(line: str) -> bool:
+    """A power/toughness line ("2/2", "*/1+*"): never a letter in lower case, which every rules-text line has."""
+    return bool(PT_LINE.match(line)) and not re.search(r"[a-z]", line)
+
+
 def parse_card(document: str) -> ParsedCard:
     """The fields of a whole-card document (mtg/whole_cards.py's layout); ParseError where it has none."""
     lines = [line.strip() for line in document.strip().split("\n")]
     if len(lines) < 2 or not all(lines):
         raise ParseError("a card needs a name line and a type line, and no empty line")
-    first = re.match(r"^(.*?)\s*((?:\{[^{}]*\})*)$", lines[0])
-    name, cost = (first.group(1), first.group(2)) if first else (lines[0], "")
+    name, cost = split_name_and_cost(lines[0])
     if not name or "{" in name or "}" in name:
         raise ParseError(f"the first line must be the name, then the mana cost: {lines[0]!r}")
     power = toughness = loyalty = None
     rest = lines[2:]
-    if rest and (found := PT_LINE.match(rest[-1])) and not re.search(r"[a-z]", rest[-1]):
-        power, toughness = found.groups()
+    if rest and is_pt_line(rest[-1]):
+        power, toughness = PT_LINE.match(rest[-1]).groups()
         rest = rest[:-1]
     elif rest and (found := LOYALTY_LINE.match(rest[-1])):
         loyalty = found.group(1)
         rest = rest[:-1]
     for index, line in enumerate(rest):  # a leveler's P/T stands under its LEVEL line, nowhere else
-        if PT_LINE.match(line) and not re.search(r"[a-z]", line) and not (index and LEVEL.match(rest[index - 1])):
+        if is_pt_line(line) and not (index and LEVEL.match(rest[index - 1])):
             raise ParseError("a power/toughness line stands before the end of the card")
     return ParsedCard(name, cost, lines[1], tuple(rest), power, toughness, loyalty)
 
@@ -188,8 +194,6 @@ def check_cost(cost: str, types: list[str]) -> str | None:
         return "more than one generic number"
     if "".join(kinds) != "".join(sorted(kinds, key="xnc".index)):
         return "X, then the generic number, then the other symbols"
-    if symbols == ["{0}"] and len(symbols) == 1:
-        return None
     return None
 
 
@@ -314,7 +318,7 @@ def check_text_line(line: str, card_name: str) -> str | None:
     line = re.sub(r"^(?:• |[IVX]+(?:, [IVX]+)* — )", "", line)  # a mode or a chapter: its sentence follows
     if line.startswith("(") and line.endswith(")"):  # reminder text alone on its line
         return None
-    if PT_LINE.match(line) and not re.search(r"[a-z]", line):  # a leveler's P/T (parse_card placed it)
+    if is_pt_line(line):  # a leveler's P/T (parse_card placed it)
         return None
     line = ABILITY_WORD.sub("", line, count=1)  # "Metalcraft — {4}: ..." reads as "{4}: ..."
     if is_keyword_line(line):

@@ -10,10 +10,9 @@ of tokens); the page says so.
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
-from flash_experts.mtg.card_grammar import LOYALTY_LINE, PT_LINE, CardVocabulary, judge
+from flash_experts.mtg.card_grammar import LOYALTY_LINE, CardVocabulary, is_pt_line, judge, split_name_and_cost
 
 FIELDS = ("name", "cost", "type", "text", "pt")
 
@@ -26,13 +25,11 @@ def field_spans(document: str) -> list[tuple[int, int, str]]:
     for index, line in enumerate(lines):
         end = offset + len(line) + (1 if index < len(lines) - 1 else 0)
         if index == 0:
-            found = re.match(r"^(.*?)(\s*(?:\{[^{}]*\})*)$", line)
-            name_end = offset + len(found.group(1))
+            name_end = offset + len(split_name_and_cost(line)[0])
             spans += [(offset, name_end, "name"), (name_end, end, "cost")]
         elif index == 1:
             spans.append((offset, end, "type"))
-        elif index == len(lines) - 1 and index >= 2 and (
-                (PT_LINE.match(line) and not re.search(r"[a-z]", line)) or LOYALTY_LINE.match(line)):
+        elif index == len(lines) - 1 and index >= 2 and (is_pt_line(line) or LOYALTY_LINE.match(line)):
             spans.append((offset, end, "pt"))
         else:
             spans.append((offset, end, "text"))

@@ -31,8 +31,11 @@ STEPS = {"optim.max_steps": 20, "eval.interval": 10, "checkpoint.interval": 10}
 TOLERANCE = 1e-5  # fp32, relative: measured 1.5e-7 (the reductions' order differs)
 
 
-def torchrun(config_file: Path, processes: int, *extra: str, wait: bool = True, verb: str = "pretrain"):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+def torchrun(config_file: Path, processes: int, *extra: str, wait: bool = True, verb: str = "pretrain",
+             log_dir: Path | None = None):
+    """`log_dir`: each process's stderr in a file of its own (torchrun --redirects), not interleaved."""
+    logs = ["--log-dir", str(log_dir), "--redirects", "2"] if log_dir is not None else []
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}", *logs,
                "-m", "flash_experts.cli.main", verb, "--config", str(config_file), *extra]
     env = dict(subprocess_env(), OMP_NUM_THREADS="1")
     if not wait:
@@ -137,16 +140,21 @@ def test_finetune_of_an_upcycled_gpt2_matches_data_parallelism(tmp_path, tiny_gp
     ({"moe": "null"}, "needs a Mixture-of-Experts model"),
 ])
 def test_bad_settings_are_one_line_on_every_process(tmp_path, overrides, words):
-    """Reference: each process's stderr. Both refuse before any collective: no hang, no traceback of ours."""
+    """Reference: each process's own stderr (torchrun writes one file per process: written to one pipe, the two
+    lines once ran together). Both refuse before any collective: no hang, no traceback of ours."""
     data = make_data(tmp_path / "data")
     config_file = tmp_path / "bad.yaml"
     save_config(tiny_config(data, tmp_path / "bad", **{"run.expert_parallel": 2, **overrides}), config_file)
     started = time.perf_counter()
-    run = torchrun(config_file, 2)
+    run = torchrun(config_file, 2, log_dir=tmp_path / "logs")
     assert run.returncode != 0
-    errors = [line for line in run.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 2 and all(words in line for line in errors), run.stderr[-3000:]
-    # no frame of ours: what follows the two lines is torchrun's own summary of the failed processes
+    stderrs = sorted((tmp_path / "logs").rglob("stderr.log"))
+    assert len(stderrs) == 2, run.stderr[-3000:]  # one file per process: their lines cannot interleave
+    for stderr in stderrs:
+        errors = [line for line in stderr.read_text().splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and words in errors[0], stderr.read_text()[-3000:]
+        assert "Traceback" not in stderr.read_text()  # the one line, no traceback
+    # no frame of ours either in torchrun's own summary of the failed processes
     assert not any(line.strip().startswith("File") and "flash_experts" in line for line in run.stderr.splitlines())
     assert time.perf_counter() - started < 120
 

@@ -275,3 +275,23 @@ def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabul
         texts = {c.name: c.text for c in real_cards}
         assert texts[card["nearest_by_text"]] == texts[name]
     assert out["rates"]["parse"] == 1.0 and out["rates"]["new"] == 0.0
+
+
+def test_nearest_name_is_difflibs_choice(real_cards):
+    """RealCards.nearest_name skips names whose quick_ratio bound cannot win; the reference is
+    difflib.get_close_matches over every real name, on made-up names (halves of two real ones), real names,
+    names with characters no real card has, and the empty name."""
+    import difflib
+    import random
+
+    from flash_experts.mtg.card_generation import RealCards
+
+    real = RealCards(real_cards)
+    rng = random.Random(37)
+    queries = ["", "x", "Zzyx", "Æther Vial", "Goblin Warchief", "名前 of Ωmens", "Llanowar Elvs"]
+    for _ in range(25):
+        first, second = rng.choice(real.names), rng.choice(real.names)
+        queries.append(first[: len(first) // 2] + second[len(second) // 2:])
+    for query in queries:
+        expected = difflib.get_close_matches(query, real.names, n=1, cutoff=0.0)
+        assert real.nearest_name(query) == (expected[0] if expected else None), query

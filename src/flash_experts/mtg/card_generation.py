@@ -13,6 +13,8 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
+import numpy as np
+
 from flash_experts.errors import ConfigError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
@@ -103,10 +105,39 @@ class RealCards:
         self.names = [card.name for card in self.cards]
         self.keys = {name_key(name) for name in self.names}
         self.words = [_words(" ".join(card.text)) for card in self.cards]
+        # Each name's character counts, so that difflib's quick_ratio (an upper bound of its ratio) is one
+        # matrix operation over every name at once; see nearest_name.
+        self._alphabet = {char: i for i, char in enumerate(sorted({c for name in self.names for c in name}))}
+        self._counts = np.zeros((len(self.names), len(self._alphabet) + 1), dtype=np.int32)
+        for row, name in enumerate(self.names):
+            for char in name:
+                self._counts[row, self._alphabet[char]] += 1
+        self._lengths = np.array([len(name) for name in self.names], dtype=np.int64)
 
     def nearest_name(self, name: str) -> str | None:
-        found = difflib.get_close_matches(name, self.names, n=1, cutoff=0.0)
-        return found[0] if found else None
+        """The real name difflib.get_close_matches(name, names, n=1, cutoff=0) returns, found without scoring
+        all 16K names: every name's quick_ratio bounds its ratio from above, so names are scored in falling
+        bound and the search stops when no bound left can reach the best (ties go to the greater string, as
+        difflib's nlargest orders them)."""
+        if not self.names:
+            return None
+        mine = np.zeros(self._counts.shape[1], dtype=np.int32)
+        for char in name:
+            mine[self._alphabet.get(char, len(self._alphabet))] += 1
+        mine[-1] = 0  # characters no real name has match nothing
+        total = self._lengths + len(name)
+        bounds = 2.0 * np.minimum(self._counts, mine).sum(axis=1) / np.maximum(total, 1)
+        best: tuple[float, str] | None = None
+        matcher = difflib.SequenceMatcher()
+        matcher.set_seq2(name)
+        for row in np.argsort(-bounds, kind="stable"):
+            if best is not None and bounds[row] < best[0]:
+                break
+            matcher.set_seq1(self.names[row])
+            scored = (matcher.ratio(), self.names[row])
+            if best is None or scored > best:
+                best = scored
+        return best[1]
 
     def nearest_text(self, text: str) -> tuple[str | None, float | None]:
         words = _words(text)

@@ -1,7 +1,7 @@
 """Whole cards at equal compute: the dense base against its upcycle, fine-tuned on card documents on the contest
 engine, then measured as issue 37 asks (docs/CARDS.md holds the figures).
 
-    python benchmarks/cards_contest.py [--tokens 90112] [--cards 200] [--out runs/cards_contest] [--quick]
+    python benchmarks/cards_contest.py [--tokens 90112] [--cards 200] [--out runs/cards_contest] [--resume] [--quick]
 
 1. the card documents (mtg/whole_cards.py) tokenised with the base's tokenizer (SmolLM2-135M offline);
 2. both fine-tuned by the trainer in turns on the same batches to the same training FLOPs (the main job's
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--cards", type=int, default=200, help="cards sampled from each model (default 200)")
     parser.add_argument("--out", default="runs/cards_contest", help="folder for the data, the runs and the JSON")
     parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--resume", action="store_true",
+                        help="continue the runs in --out (finished runs are measured again, not retrained)")
     parser.add_argument("--quick", action="store_true", help="a few steps and cards: checks the pipeline")
     args = parser.parse_args(argv)
     for name in ("tokens", "cards"):
@@ -44,25 +46,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def field_losses(model, tokenizer, documents: list[str]) -> dict[str, float]:
-    """Mean next-token loss (nats) of the tokens of each field over `documents`, each card scored after the
-    start token it has in training."""
-    from flash_experts.evaluation.lm_eval_task import prefix_token_id
+    """Mean next-token loss (nats) of the tokens of each field over `documents`, each card scored after a
+    document boundary as it has in training (data/tokens.py's document_start_ids)."""
+    from flash_experts.data.tokens import document_start_ids
     from flash_experts.studio.card_view import FIELDS, token_pieces
 
     sums = {field: 0.0 for field in FIELDS}
     counts = {field: 0 for field in FIELDS}
-    start = prefix_token_id(tokenizer)
+    start = document_start_ids(tokenizer)
     model.eval()
     with torch.no_grad():
         for document in documents:
             ids, _, fields = token_pieces(tokenizer, document)
-            tokens = torch.tensor([[start, *ids]])
-            logits = model(input_ids=tokens).logits[0, :-1].float()
-            losses = torch.nn.functional.cross_entropy(logits, tokens[0, 1:], reduction="none").tolist()
+            tokens = torch.tensor([[*start, *ids]])
+            logits = model(input_ids=tokens).logits[0, len(start) - 1:-1].float()
+            losses = torch.nn.functional.cross_entropy(logits, tokens[0, len(start):], reduction="none").tolist()
             for loss, field in zip(losses, fields):
                 sums[field] += loss
                 counts[field] += 1
     return {field: sums[field] / counts[field] for field in FIELDS if counts[field]}
+
+
+def failures_by_rule(cards) -> dict[str, int]:
+    """How many of `cards` fail each rule (a card may fail several; "parse" counts those that do not parse),
+    most failed first."""
+    from collections import Counter
+
+    counts = Counter(rule for card in cards for rule in card.failures)
+    return dict(counts.most_common())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     configs = {name: run_config(settings, "smollm2", str(data_dir), out / name, moe=name == "moe",
                                 steps=plan["steps"][name]) for name in ("dense", "moe")}
     print(f"budget {plan['budget'].as_dict()}; steps {plan['steps']}", flush=True)
-    results, log = train_contest(configs, resume=False)
+    results, log = train_contest(configs, resume=args.resume)
     from flash_experts.contest.report import step_cost
 
+    timed = all(log.step_seconds.get(name) for name in ("dense", "moe"))
     report = {"steps": plan["steps"], "flops_per_token": plan["flops_per_token"],
-              "step_cost": str(step_cost(log.step_seconds["dense"], log.step_seconds["moe"])), "models": {}}
+              "step_cost": str(step_cost(log.step_seconds["dense"], log.step_seconds["moe"])) if timed else
+              "not timed in this run (resumed after the last step)", "models": {}}
     real = RealCards(cards)
     vocabulary = CardVocabulary.from_cards(cards)
     for name, result in results.items():
@@ -108,6 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         rates = batch.rates()
         print(f"   {batch.samples} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
               f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}")
+        by_rule = failures_by_rule(batch.judged)
+        report["models"][name]["failures_by_rule"] = by_rule
+        print("   failed rules (cards): " + (", ".join(f"{rule} {count}" for rule, count in by_rule.items()) or "none"))
         for card in batch.cards[:10]:
             print("\n".join(card_lines(card)))
         del model

@@ -242,7 +242,10 @@ def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabul
     # a small byte-level BPE trained on the three documents: a model of a few thousand weights learns them fast
     tokenizer = make_tokenizer([card_document(card) for card in chosen])
     eos = tokenizer.eos_token_id
-    rows = [[eos, *tokenizer.encode(card_document(card)), eos] for card in chosen]
+    # each row as generation starts a card: after a document boundary (data/tokens.py's document_start_ids)
+    from flash_experts.data.tokens import document_start_ids
+
+    rows = [[*document_start_ids(tokenizer), *tokenizer.encode(card_document(card)), eos] for card in chosen]
     width = max(map(len, rows))
     ids = torch.tensor([row + [eos] * (width - len(row)) for row in rows])
     torch.manual_seed(0)
@@ -258,7 +261,7 @@ def test_generate_cards_judges_what_a_model_writes(tmp_path, real_cards, vocabul
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     result = subprocess.run([sys.executable, "-m", "flash_experts.cli.main", "generate-cards", str(tmp_path / "model"),
-                             "-n", "2", "--temperature", "0", "--max-rounds", "1", "--max-new-tokens", "60", "--json",
+                             "-n", "2", "--temperature", "0", "--max-rounds", "1", "--max-new-tokens", "120", "--json",
                              "--device", "cpu"], capture_output=True, text=True, env=subprocess_env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout)

@@ -323,6 +323,7 @@ def test_a_card_is_drawn_field_by_field_with_the_routers_own_experts(client, stu
     here from the joint counts in float64."""
     import math
 
+    from flash_experts.data.tokens import document_start_ids
     from flash_experts.mtg.card_grammar import judge
 
     response = client.post("/api/card", json={"model": 0, "document": ELVES})
@@ -334,8 +335,10 @@ def test_a_card_is_drawn_field_by_field_with_the_routers_own_experts(client, stu
     fields = {"name": "Llanowar Elves", "cost": " {G}\n", "type": "Creature — Elf Druid\n",
               "text": "{T}: Add {G} to your mana pool.\n", "pt": "1/1"}
     tokens = card["tokens"]
-    assert tokens[0]["field"] is None  # the start token every training document has before it
-    assert "".join(t["text"] for t in tokens[1:]) == ELVES
+    # first the document boundary every training document has before it (data/tokens.py's document_start_ids)
+    start = document_start_ids(studio.slots[0].tokenizer)
+    assert [t["id"] for t in tokens[:len(start)]] == start and all(t["field"] is None for t in tokens[:len(start)])
+    assert "".join(t["text"] for t in tokens[len(start):]) == ELVES
     for field, text in fields.items():
         assert "".join(t["text"] for t in tokens if t["field"] == field).strip() == text.strip(), field
     slot = studio.slots[0]

@@ -14,7 +14,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
 import numpy as np
+import torch
 
+from flash_experts.data.tokens import document_start_ids
 from flash_experts.errors import ConfigError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
@@ -179,8 +181,9 @@ def generate_cards(model, tokenizer, count: int, vocabulary: CardVocabulary, *, 
     config = config or SamplingConfig(temperature=CARD_TEMPERATURE)
     batch_size = batch_size or min(2 * count, 64)
     batch = CardBatch([], 0)
+    start = document_start_ids(tokenizer)  # a new document, as in training (not BOS: see document_start_ids)
     for round_index in range(max_rounds):
-        result = generate(model, tokenizer, [""] * batch_size, config, max_new_tokens,
+        result = generate(model, tokenizer, torch.tensor([start] * batch_size), config, max_new_tokens,
                           seed=None if seed is None else seed + round_index)
         for text in result.texts:
             judged = judge_generated(text.strip(), vocabulary, real)

@@ -324,7 +324,7 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.post("/api/card")
     def card(request: CardRequest) -> dict:
-        from flash_experts.evaluation.lm_eval_task import prefix_token_id
+        from flash_experts.data.tokens import document_start_ids
         from flash_experts.generation.generate import generate
         from flash_experts.generation.sampling import SamplingConfig
         from flash_experts.studio.card_view import card_view
@@ -333,19 +333,20 @@ def create_app(studio: Studio) -> FastAPI:
         document = request.document.strip()
         if len(document) > MAX_CARD_CHARACTERS:
             raise UserError(f"a card of {len(document)} characters: the studio draws cards up to {MAX_CARD_CHARACTERS}")
+        start = document_start_ids(slot.tokenizer)
         with studio.lock:
-            if not document:  # the model writes one, from the start token as every card begins in training
-                written = generate(slot.model, slot.tokenizer, [""], SamplingConfig(temperature=request.temperature),
-                                   160, seed=request.seed)
+            if not document:  # the model writes one from a document boundary, as every card begins in training
+                written = generate(slot.model, slot.tokenizer, torch.tensor([start]),
+                                   SamplingConfig(temperature=request.temperature), 160, seed=request.seed)
                 document = written.texts[0].strip()
                 if not document:
                     raise UserError(f"{slot.name} wrote an empty card; try another seed")
-            length = 1 + len(slot.tokenizer(document, add_special_tokens=False)["input_ids"])
+            length = len(start) + len(slot.tokenizer(document, add_special_tokens=False)["input_ids"])
             limit = slot.info["max_positions"]
             if limit is not None and length > limit:
                 raise UserError(f"the card is {length} tokens, longer than {slot.name}'s {limit} positions")
             return card_view(document, slot.tokenizer, lambda ids: trace_text(slot.model, slot.tokenizer, ids),
-                             studio.card_vocabulary, prefix_token_id(slot.tokenizer), slot.info["num_experts"])
+                             studio.card_vocabulary, start, slot.info["num_experts"])
 
     @app.get("/api/runs/{index}/atlas")
     def run_atlas(index: int) -> dict:

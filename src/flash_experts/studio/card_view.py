@@ -78,14 +78,15 @@ def field_atlas(fields: list[str | None], experts_by_layer: list[list[int]], moe
     return out
 
 
-def card_view(document: str, tokenizer: Any, trace_of: Any, vocabulary: CardVocabulary, start_token: int,
+def card_view(document: str, tokenizer: Any, trace_of: Any, vocabulary: CardVocabulary, start_ids: list[int],
               num_experts: int) -> dict[str, Any]:
     """What the page draws of one card (module docstring). `trace_of(token_ids)` is studio/trace.py's trace of
-    the start token (as every training document has before it) and then the document's tokens."""
+    the start tokens (data/tokens.py's document_start_ids: a document boundary as in training) and then the
+    document's tokens."""
     verdict = judge(document, vocabulary)
     card = verdict.card
     ids, pieces, fields = token_pieces(tokenizer, document)
-    trace = trace_of([start_token, *ids])
+    trace = trace_of([*start_ids, *ids])
     top1 = [[choices[0] for choices in layer] for layer in trace.experts]
     return {
         "document": document,
@@ -94,9 +95,9 @@ def card_view(document: str, tokenizer: Any, trace_of: Any, vocabulary: CardVoca
             "name": card.name, "cost": card.mana_cost, "type": card.type_line, "text": list(card.text),
             "pt": f"{card.power}/{card.toughness}" if card.power is not None else (
                 f"Loyalty {card.loyalty}" if card.loyalty is not None else None)},
-        "tokens": [{"text": "", "field": None, "id": start_token},
+        "tokens": [*({"text": "", "field": None, "id": token} for token in start_ids),
                    *({"text": piece, "field": field, "id": token} for piece, field, token in zip(pieces, fields, ids))],
         "moe_layers": trace.moe_layers,
         "experts": top1,
-        "atlas": field_atlas([None, *fields], top1, trace.moe_layers, num_experts),
+        "atlas": field_atlas([None] * len(start_ids) + fields, top1, trace.moe_layers, num_experts),
     }

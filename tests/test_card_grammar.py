@@ -76,6 +76,18 @@ ELVES = "Llanowar Elves {G}\nCreature — Elf Druid\n{T}: Add {G} to your mana p
     ("Void {3}\nSorcery\nMetalcraft — Draw a card.", set()),  # an ability word
     ("Void {3}\nSorceri\nDraw a card.", {"type_line"}),
     ("Gnat {1}\nCreature — Elf Druid\nWhenever a creature dies, draw a card.\n*/1+*", set()),
+    # a permanent's abilities on a spell (Death Spark's, Whiteout's, Battle Cry's and the Pacts' shapes pass)
+    ("Plating {3}{U}\nInstant\nDraw a card.\nAt the beginning of your upkeep, tap target creature.", {"consistency"}),
+    ("Plating {3}{U}\nInstant\nDraw a card.\n{1}{U}: ~ deals 3 damage to target creature.", {"consistency"}),
+    ("Plating {3}{U}\nSorcery\nDraw a card.\nWhenever ~ deals damage, you gain 1 life.", {"consistency"}),
+    ("Spark {R}\nInstant\n~ deals 1 damage to target creature or player.\nAt the beginning of your upkeep, if ~ is "
+     "in your graveyard, you may pay {1}. If you do, return ~ to your hand.", set()),
+    ("Whiteout {3}{G}\nInstant\nAll creatures lose flying until end of turn.\nSacrifice a snow land: Return ~ from "
+     "your graveyard to your hand.", set()),
+    ("Cry {1}{W}\nInstant\nWhenever a creature blocks this turn, it gets +0/+1 until end of turn.", set()),
+    ("Pact {0}\nInstant\nDraw a card.\nAt the beginning of your next upkeep, pay {2}{U}. If you don't, you lose "
+     "the game.", set()),
+    ("Plating {3}{U}\nArtifact — Equipment\nWhenever ~ deals damage, you gain 1 life.\nEquip {2}", set()),
 ])
 def test_hand_written_cards(document, failed):
     verdict = judge(document, VOCABULARY)
@@ -184,6 +196,12 @@ def broken_versions(card: WholeCard) -> dict[str, str]:
         index = sentences[_pick(card, "cut", len(sentences))]
         cut = lines[index][:-1].rsplit(" ", 1)[0]
         out["a sentence cut short"] = "\n".join([*lines[:index], cut, *lines[index + 1:]])
+    if re.search(r"\b(?:Instant|Sorcery)\b", head) and not re.search(
+            r"\b(?:Artifact|Creature|Enchantment|Land|Planeswalker)\b", head):
+        abilities = ["At the beginning of your upkeep, you gain 1 life.", "{1}{G}: ~ gets +1/+1 until end of turn.",
+                     "{T}: Add {G} to your mana pool.", "Whenever ~ deals combat damage to a player, draw a card."]
+        out["a permanent's ability on an instant or sorcery"] = "\n".join(
+            [*lines, abilities[_pick(card, "ability", len(abilities))]])
     named = [i for i, line in enumerate(lines[2:], 2) if "~" in line]
     if named:
         index = named[0]

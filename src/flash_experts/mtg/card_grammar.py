@@ -19,8 +19,9 @@ Two separate answers, as mtgencode's validator gives (good / bad per rule) and m
                ends as Magic's sentences end, with its parentheses and quotes balanced; the card's own name
                is written "~", never spelled out
   consistency  an Aura has an "Enchant" line, Equipment "Equip", a Vehicle "Crew"; an instant or sorcery
-               has rules text; X in the cost is used by the text; "kicked" needs Kicker; level lines need
-               "Level up"
+               has rules text and no permanent's abilities (an activated ability or a trigger that neither
+               says where the card is, as "Return ~ from your graveyard" does, nor is delayed); X in the cost
+               is used by the text; "kicked" needs Kicker; level lines need "Level up"
 The parse rate and the pass rate on the real cards, and the share of deliberately broken cards caught, are
 tested (tests/test_card_grammar.py) and written in docs/CARDS.md.
 """
@@ -37,6 +38,9 @@ SUPERTYPES = ("Basic", "Legendary", "Snow", "World", "Ongoing", "Host")
 CARD_TYPES = ("Artifact", "Battle", "Creature", "Enchantment", "Instant", "Kindred", "Land", "Planeswalker",
               "Sorcery", "Tribal")
 SPELL_TYPES = ("Instant", "Sorcery")
+PERMANENT_TYPES = frozenset({"Artifact", "Battle", "Creature", "Enchantment", "Land", "Planeswalker"})
+# Where an instant or sorcery is when an ability of its own works (see _spell_ability).
+SPELL_IN_A_ZONE = re.compile(r"(?:cycle|cast|discard|exile|reveal|return|put) ~|~ (?:is|from|haunts) |counters? on ~")
 # Keyword abilities (Comprehensive Rules 702), lower case; a keyword line is a list of these, each with its
 # own parameters (a cost, a number, "from ...").
 KEYWORDS = frozenset(keyword.strip() for keyword in """
@@ -350,12 +354,36 @@ def check_consistency(card: ParsedCard, types: list[str], subtypes: list[str]) -
         return "a Vehicle without Crew"
     if set(types) & set(SPELL_TYPES) and not card.text:
         return "an instant or sorcery with no rules text"
+    if set(types) & set(SPELL_TYPES) and not set(types) & PERMANENT_TYPES:
+        for line in card.text:
+            reason = _spell_ability(ABILITY_WORD.sub("", line, count=1))
+            if reason:
+                return reason
     if "{X}" in card.mana_cost and "X" not in text:
         return "X in the cost, not in the text"
     if re.search(r"(?:~|it) was kicked", lower) and "target spell" not in lower and "kicker" not in lower:
         return "'kicked' without Kicker"
     if any(LEVEL.match(line) for line in card.text) and "level up" not in lower:
         return "level lines without Level up"
+    return None
+
+
+def _spell_ability(line: str) -> str | None:
+    """An instant or sorcery is never on the battlefield, so a permanent's abilities mean nothing on it. Every
+    real one's activated abilities and triggers say where the card is when they work: in its owner's hand or
+    graveyard, exiled, suspended, on the stack ("Return ~ from your graveyard", "Reveal ~ from your hand",
+    "When you cycle ~", "if ~ is in your graveyard", "counters on ~", "the creature ~ haunts"), or they are delayed ("At the beginning
+    of the next end step", "... this turn", "... this combat"). "{1}{U}: ~ deals 3 damage" and "At the
+    beginning of your upkeep, ..." on an instant are a creature's abilities written on a spell."""
+    if SPELL_IN_A_ZONE.search(line):
+        return None
+    if TRIGGER.match(line):
+        if re.search(r"\b(?:next|this turn|this combat|that (?:card|player|spell|creature))\b", line):
+            return None
+        return f"an instant or sorcery with a permanent's trigger: {line[:60]!r}"
+    cost, colon, _ = line.partition(": ")
+    if colon and '"' not in cost and "“" not in cost and len(cost) < 90 and check_activated_cost(cost):
+        return f"an instant or sorcery with a permanent's activated ability: {cost!r}"
     return None
 
 

@@ -1,7 +1,7 @@
 """Whole cards at equal compute: the dense base against its upcycle, fine-tuned on card documents on the contest
 engine, then measured as issue 37 asks (docs/CARDS.md holds the figures).
 
-    python benchmarks/cards_contest.py [--tokens 90112] [--cards 200] [--out runs/cards_contest] [--resume] [--quick]
+    python benchmarks/cards_contest.py [--tokens 90112] [--cards 200] [--out runs/cards_contest] [--resume] [--judge-again] [--quick]
 
 1. the card documents (mtg/whole_cards.py) tokenised with the base's tokenizer (SmolLM2-135M offline);
 2. both fine-tuned by the trainer in turns on the same batches to the same training FLOPs (the main job's
@@ -33,6 +33,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--resume", action="store_true",
                         help="continue the runs in --out (finished runs are measured again, not retrained)")
+    parser.add_argument("--judge-again", action="store_true",
+                        help="judge the cards of --out's cards_contest.json again with today's grammar (no model runs)")
     parser.add_argument("--quick", action="store_true", help="a few steps and cards: checks the pipeline")
     args = parser.parse_args(argv)
     for name in ("tokens", "cards"):
@@ -76,8 +78,33 @@ def failures_by_rule(cards) -> dict[str, int]:
     return dict(counts.most_common())
 
 
+def judge_again(out: Path) -> int:
+    """The saved cards of a finished run judged by the grammar as it is now (the grammar may have gained a rule
+    since the run), written back beside the run's own verdicts."""
+    from flash_experts.mtg.card_generation import CardBatch, RealCards, judge_generated
+    from flash_experts.mtg.card_grammar import CardVocabulary
+    from flash_experts.mtg.whole_cards import load_offline_whole_cards
+
+    path = out / "cards_contest.json"
+    report = json.loads(path.read_text())
+    cards = load_offline_whole_cards()
+    real, vocabulary = RealCards(cards), CardVocabulary.from_cards(cards)
+    for name, model in report["models"].items():
+        judged = [judge_generated(card["document"], vocabulary, real) for card in model["cards"]]
+        batch = CardBatch(judged, len(judged), judged)
+        model["rejudged"] = {"rates": batch.rates(), "failures_by_rule": failures_by_rule(judged)}
+        rates = batch.rates()
+        print(f"{name}: {len(judged)} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
+              f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}; failed rules (cards): "
+              + ", ".join(f"{rule} {count}" for rule, count in failures_by_rule(judged).items()))
+    path.write_text(json.dumps(report, indent=1))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.judge_again:
+        return judge_again(Path(args.out))
     from flash_experts.contest.upcycling import UpcyclingSettings, plan_contest, run_config, train_contest
     from flash_experts.data.tokens import prepare_token_splits
     from flash_experts.model.loading import base_tokenizer, load_model
@@ -128,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
             print("\n".join(card_lines(card)))
         del model
     report["minutes"] = (time.perf_counter() - started) / 60
-    print(f"\na MoE step costs {report['step_cost']} a dense step; {report['minutes']:.1f} min in all")
+    print(f"\na MoE step's cost against a dense step: {report['step_cost']}; {report['minutes']:.1f} min in all")
     (out / "cards_contest.json").write_text(json.dumps(report, indent=1))
     return 0
 

@@ -69,13 +69,12 @@ def field_losses(model, tokenizer, documents: list[str]) -> dict[str, float]:
     return {field: sums[field] / counts[field] for field in FIELDS if counts[field]}
 
 
-def failures_by_rule(cards) -> dict[str, int]:
-    """How many of `cards` fail each rule (a card may fail several; "parse" counts those that do not parse),
-    most failed first."""
-    from collections import Counter
-
-    counts = Counter(rule for card in cards for rule in card.failures)
-    return dict(counts.most_common())
+def rates_line(batch) -> str:
+    """A batch's parse, pass, unique and new rates, then its failed rules, on one line."""
+    rates = batch.rates()
+    return (f"{batch.samples} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
+            f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}; failed rules (cards): "
+            + (", ".join(f"{rule} {count}" for rule, count in batch.failures_by_rule().items()) or "none"))
 
 
 def judge_again(out: Path) -> int:
@@ -92,11 +91,8 @@ def judge_again(out: Path) -> int:
     for name, model in report["models"].items():
         judged = [judge_generated(card["document"], vocabulary, real) for card in model["cards"]]
         batch = CardBatch(judged, len(judged), judged)
-        model["rejudged"] = {"rates": batch.rates(), "failures_by_rule": failures_by_rule(judged)}
-        rates = batch.rates()
-        print(f"{name}: {len(judged)} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
-              f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}; failed rules (cards): "
-              + ", ".join(f"{rule} {count}" for rule, count in failures_by_rule(judged).items()))
+        model["rejudged"] = {"rates": batch.rates(), "failures_by_rule": batch.failures_by_rule()}
+        print(f"{name}: {rates_line(batch)}")
     path.write_text(json.dumps(report, indent=1))
     return 0
 
@@ -145,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                                   "cards": [card.as_dict() for card in batch.cards]}
         print(f"\n== {name}: best validation loss {result.best_val_loss:.4f}; per field "
               + ", ".join(f"{field} {loss:.3f}" for field, loss in losses.items()), flush=True)
-        rates = batch.rates()
-        print(f"   {batch.samples} cards: parse {rates['parse']:.1%}, pass every rule check {rates['pass']:.1%}, "
-              f"unique names {rates['unique']:.1%}, new names {rates['new']:.1%}")
-        by_rule = failures_by_rule(batch.judged)
-        report["models"][name]["failures_by_rule"] = by_rule
-        print("   failed rules (cards): " + (", ".join(f"{rule} {count}" for rule, count in by_rule.items()) or "none"))
+        report["models"][name]["failures_by_rule"] = batch.failures_by_rule()
+        print(f"   {rates_line(batch)}")
         for card in batch.cards[:10]:
             print("\n".join(card_lines(card)))
         del model

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any, Iterable
 
@@ -96,6 +97,11 @@ class CardBatch:
         return {"parse": len(parsed) / total, "pass": sum(c.passes for c in self.judged) / total,
                 "unique": len(set(names)) / len(names) if names else 0.0,
                 "new": sum(bool(c.is_new) for c in parsed) / len(parsed) if parsed else 0.0}
+
+    def failures_by_rule(self) -> dict[str, int]:
+        """How many samples fail each rule ("parse": those that do not parse; a card may fail several), most
+        failed first."""
+        return dict(Counter(rule for card in self.judged for rule in card.failures).most_common())
 
 
 class RealCards:

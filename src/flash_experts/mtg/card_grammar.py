@@ -312,6 +312,15 @@ def check_activated_cost(cost: str) -> bool:
     return True
 
 
+def activated_cost(line: str) -> str | None:
+    """The part before ": " of a line shaped as an activated ability ("{2}{R}, {T}: ..."), else None: not a
+    trigger ("When ...: ..."), not a colon inside a quoted ability, not a long sentence that has a colon."""
+    cost, colon, _ = line.partition(": ")
+    if colon and not TRIGGER.match(line) and '"' not in cost and "“" not in cost and len(cost) < 90:
+        return cost
+    return None
+
+
 def check_text_line(line: str, card_name: str) -> str | None:
     if card_name and card_name in line and card_name != SELF:
         return f"the card's name is spelled out ({card_name!r}) where {SELF!r} stands for it"
@@ -331,10 +340,9 @@ def check_text_line(line: str, card_name: str) -> str | None:
         return f"no words: {line!r}"
     if LOYALTY_ABILITY.match(line):
         return None if SENTENCE_END.search(line) else f"a loyalty ability without its end: {line!r}"
-    cost, colon, _ = line.partition(": ")
-    if colon and not TRIGGER.match(line) and '"' not in cost and "“" not in cost and len(cost) < 90:
-        if not check_activated_cost(cost):
-            return f"an activated ability's cost does not read: {cost!r}"
+    cost = activated_cost(line)
+    if cost is not None and not check_activated_cost(cost):
+        return f"an activated ability's cost does not read: {cost!r}"
     first = line.lstrip('"“(')[:1]
     if not (first.isupper() or first.isdigit() or first in (SELF, "{", "+", "−", "-")):
         return f"a line starts in the middle of a sentence: {line!r}"
@@ -352,9 +360,10 @@ def check_consistency(card: ParsedCard, types: list[str], subtypes: list[str]) -
         return "Equipment without Equip"
     if "Vehicle" in subtypes and not re.search(r"\bCrew\b", text):
         return "a Vehicle without Crew"
-    if set(types) & set(SPELL_TYPES) and not card.text:
+    is_spell = bool(set(types) & set(SPELL_TYPES))
+    if is_spell and not card.text:
         return "an instant or sorcery with no rules text"
-    if set(types) & set(SPELL_TYPES) and not set(types) & PERMANENT_TYPES:
+    if is_spell and not set(types) & PERMANENT_TYPES:
         for line in card.text:
             reason = _spell_ability(ABILITY_WORD.sub("", line, count=1))
             if reason:
@@ -372,17 +381,17 @@ def _spell_ability(line: str) -> str | None:
     """An instant or sorcery is never on the battlefield, so a permanent's abilities mean nothing on it. Every
     real one's activated abilities and triggers say where the card is when they work: in its owner's hand or
     graveyard, exiled, suspended, on the stack ("Return ~ from your graveyard", "Reveal ~ from your hand",
-    "When you cycle ~", "if ~ is in your graveyard", "counters on ~", "the creature ~ haunts"), or they are delayed ("At the beginning
-    of the next end step", "... this turn", "... this combat"). "{1}{U}: ~ deals 3 damage" and "At the
-    beginning of your upkeep, ..." on an instant are a creature's abilities written on a spell."""
+    "When you cycle ~", "if ~ is in your graveyard", "counters on ~", "the creature ~ haunts"), or they are
+    delayed ("At the beginning of the next end step", "... this turn", "... this combat"). "{1}{U}: ~ deals 3
+    damage" and "At the beginning of your upkeep, ..." on an instant are a creature's abilities on a spell."""
     if SPELL_IN_A_ZONE.search(line):
         return None
     if TRIGGER.match(line):
         if re.search(r"\b(?:next|this turn|this combat|that (?:card|player|spell|creature))\b", line):
             return None
         return f"an instant or sorcery with a permanent's trigger: {line[:60]!r}"
-    cost, colon, _ = line.partition(": ")
-    if colon and '"' not in cost and "“" not in cost and len(cost) < 90 and check_activated_cost(cost):
+    cost = activated_cost(line)
+    if cost is not None and check_activated_cost(cost):
         return f"an instant or sorcery with a permanent's activated ability: {cost!r}"
     return None
 

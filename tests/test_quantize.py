@@ -20,7 +20,13 @@ from flash_experts.model import upcycle_gpt2
 from flash_experts.model.moe import GroupedExperts, Router
 from flash_experts.model.quantize import QuantizedGroupedExperts, quantize, quantize_int8
 from flash_experts.model.quantize.int4 import Int4Linear, dequantize_int4, quantize_weight_int4
-from flash_experts.model.quantize.int8 import INT8_KERNEL_MAX_ROWS, Int8Linear, int8_linear, quantize_weight_int8
+from flash_experts.model.quantize.int8 import (
+    INT8_KERNEL_MAX_ROWS,
+    Int8Linear,
+    int8_linear,
+    int8_product,
+    quantize_weight_int8,
+)
 
 SCHEMES = ["int8", "int4"]
 
@@ -87,12 +93,62 @@ def test_int8_linear_equals_float64_math_on_the_dequantized_weight(rows, in_feat
     if bias is not None:
         reference = reference + bias.double()
     assert y.shape == (2, rows, 72) and y.dtype == dtype
-    # The product runs on bf16 x with bf16 scales and a bf16 (or fp32) result: each rounding is at most
-    # 2^-8 relative, of |x| |w| summed (x), of the product (scales, result).
+    # The product runs on bf16 x, its sum rounded to bf16, the scale fp32 (`int8_product`): each rounding is at
+    # most 2^-8 relative, of |x| |w| summed (x), of the product (the sum; a bf16 result once more).
     bound = 2**-8 * (x.double().abs() @ w_deq.abs().t()) + 2 * 2**-8 * reference.abs() + 1e-6
     assert bool(((y.double() - reference).abs() <= bound).all())
     uses_kernel = 2 * rows <= INT8_KERNEL_MAX_ROWS and in_features % 16 == 0
     assert bool(kernel_calls) == uses_kernel
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_every_int8_path_computes_int8_product(dtype, monkeypatch):
+    """One int8 arithmetic (int8.py): the CPU kernel (few rows), the dequantized product (many rows) and the
+    compiled step's multiply-and-sum (one row) all compute `int8_product`, rounding where it rounds, so they differ
+    by the order of their fp32 sums at most: one bf16 step of the result."""
+    torch.manual_seed(3)
+    module = Int8Linear(torch.randn(96, 64) * 0.05, None)
+    w_int8, scales = module.weight_int8, module.scales
+    x = torch.randn(INT8_KERNEL_MAX_ROWS + 8, 64).to(dtype)
+    want = int8_product(x, w_int8, scales).double()
+
+    def close(got: torch.Tensor, rows: slice) -> bool:
+        return bool(((got.double() - want[rows]).abs() <= 2**-8 * want[rows].abs() + 1e-7).all())
+
+    kernel_calls = []
+    kernel = torch._weight_int8pack_mm
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: kernel_calls.append(1) or kernel(*a))
+    few, many = slice(0, 3), slice(None)
+    assert close(int8_linear(x[few], w_int8, scales), few) and kernel_calls  # the kernel's path
+    calls = len(kernel_calls)
+    assert close(int8_linear(x, w_int8, scales), many) and len(kernel_calls) == calls  # the dequantized product
+    with monkeypatch.context() as patch, torch.no_grad():
+        patch.setattr(torch.compiler, "is_compiling", lambda: True)
+        assert close(module(x[:1]), slice(0, 1))  # the compiled step's multiply-and-sum
+
+
+def test_the_int8_kernel_path_has_no_bias_per_output_channel():
+    """Rounding errors of the products are random and average out over rows; a scale rounded to bf16 is not: it
+    moves every row of its channel by the same factor, up to 2^-8 (what eager int8 decoding did until the fp32
+    scale came after the kernel). Per channel, the mean relative error of the kernel path against float64 math
+    (on the same bf16 x) over 1,024 rows must stay under 2^-10 (measured: ~2^-12); the same kernel given bf16
+    scales must fail that (measured: ~2^-8)."""
+    torch.manual_seed(5)
+    w_int8, scales = quantize_weight_int8(torch.randn(96, 64) * 0.05)
+    x = torch.randn(1024, 64)
+    want = x.to(torch.bfloat16).double() @ (w_int8.double() * scales.double()[:, None]).t()
+
+    def worst_channel_bias(y: torch.Tensor) -> float:
+        counted = want.abs() > 0.5 * want.abs().mean(0)  # rows where a relative error means something
+        relative = torch.where(counted, (y.double() - want) / want, torch.zeros_like(want))
+        return float((relative.sum(0) / counted.sum(0)).abs().max())
+
+    rows = range(0, 1024, INT8_KERNEL_MAX_ROWS)
+    ours = torch.cat([int8_linear(x[r:r + INT8_KERNEL_MAX_ROWS], w_int8, scales) for r in rows])
+    rounded_scales = torch.cat([torch._weight_int8pack_mm(x[r:r + INT8_KERNEL_MAX_ROWS].to(torch.bfloat16), w_int8,
+                                                          scales.to(torch.bfloat16)) for r in rows])
+    assert worst_channel_bias(ours) < 2**-10
+    assert worst_channel_bias(rounded_scales) > 2**-10
 
 
 @pytest.mark.parametrize("kind", [nn.Linear, Conv1D])

@@ -1,15 +1,26 @@
 """Weight-only int8: a quarter of the fp32 bytes for every decoded token to read.
 
-Symmetric, one fp scale per output channel (gpt-fast's int8 scheme: scale = max|w_row| / 127,
-w ~ scale * round(w / scale)). The product y = (x @ w_int8.T) * scale runs as
-- `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight
-  directly (x in bf16), so a decoded token reads a quarter of the fp32 bytes (BENCHMARKS.md has the measured
-  speed-up). It is only correct for an inner size that is a multiple of 16 (other sizes gave wrong results or
-  crashed, torch 2.13), so it is used for those only, and only after a check of its product on this machine
-  for that size; and it does no blocking over rows, so
-- otherwise (many rows, other inner sizes, other devices): the weight is dequantized to the compute dtype
+Symmetric, one fp32 scale per output channel (gpt-fast's int8 scheme: scale = max|w_row| / 127,
+w ~ scale * round(w / scale)).
+
+One arithmetic, whichever path runs it (`int8_product` is its definition; tests/test_quantize.py holds every
+path to it and to float64 math): with c the compute dtype (bf16 for an fp32 model on CPU, where bf16 products
+are native and the int8 kernel takes nothing else; the activations' own dtype elsewhere),
+
+    y = c(c(x) @ w_int8.T) * scale       (the sum in fp32, the int8 weights exact in c, the scale in fp32)
+
+- `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight directly,
+  so a decoded token reads a quarter of the fp32 bytes (BENCHMARKS.md has the measured speed-up), given unit
+  scales so that the fp32 scale is applied after it: the kernel takes its scales in bf16, and a bf16 scale is
+  off by up to 2^-9 for every row of its channel alike, a bias that does not average out over a model's layers
+  (it was what set eager int8 decoding apart from the compiled one: BENCHMARKS.md). It is only correct for an
+  inner size that is a multiple of 16 (other sizes gave wrong results or crashed, torch 2.13), so it is used for
+  those only, and only after a check of its product on this machine for that size; and it does no blocking over
+  rows, so
+- otherwise (many rows, other inner sizes, other devices): the weight is converted to the compute dtype
   and multiplied with `F.linear` (gpt-fast's formulation). On a GPU that is a memory saving, not a speed-up,
-  unless torch.compile fuses the dequantization into the product (as gpt-fast does); untested here on GPU.
+  unless torch.compile fuses the dequantization into the product (as gpt-fast does); untested here on GPU;
+- inside the compiled decode step, one row: a multiply and a sum over the input features (`Int8Linear.product`).
 The error per weight is at most scale / 2.
 """
 
@@ -66,22 +77,45 @@ def _(x_RI: Tensor, w_int8_OI: Tensor, scales_O: Tensor) -> Tensor:
     return x_RI.new_empty(x_RI.shape[0], w_int8_OI.shape[0])
 
 
+def int8_compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype an int8 product rounds its input and its sum to: bf16 for fp32 activations on CPU, else theirs."""
+    return torch.bfloat16 if x.dtype == torch.float32 and x.device.type == "cpu" else x.dtype
+
+
+def int8_product(x_RI: Tensor, w_int8_OI: Tensor, scales_O: Tensor) -> Tensor:
+    """The int8 product's definition (module docstring), for 2-D x: (rows, out) in fp32. Every path computes
+    this; this one is the plain formulation, the reference the tests compare the faster ones with."""
+    compute = int8_compute_dtype(x_RI)
+    return F.linear(x_RI.to(compute), w_int8_OI.to(compute)).float() * scales_O.float()
+
+
 def int8_linear(x: Tensor, w_int8_OI: Tensor, scales_O: Tensor, bias_O: Tensor | None = None) -> Tensor:
-    """x (..., in) @ dequantized(w).T (+ bias), computed and returned in x's dtype."""
+    """x (..., in) @ dequantized(w).T (+ bias): `int8_product`, returned in x's dtype."""
     dtype = x.dtype
     in_features = x.shape[-1]
     x_RI = x.reshape(-1, in_features)
     if (x.device.type == "cpu" and x_RI.shape[0] <= INT8_KERNEL_MAX_ROWS and in_features % 16 == 0
+            and int8_compute_dtype(x_RI) == torch.bfloat16
             and hasattr(torch, "_weight_int8pack_mm") and _int8_kernel_is_correct(in_features)):
-        y = _int8_weight_mm(x_RI.to(torch.bfloat16).contiguous(), w_int8_OI, scales_O.to(torch.bfloat16)).to(dtype)
+        # unit scales: the kernel's bf16 result is c(c(x) @ w.T); the fp32 scale comes after
+        y = _int8_weight_mm(x_RI.to(torch.bfloat16).contiguous(), w_int8_OI, _unit_scales(w_int8_OI.shape[0]))
+        y = y.float() * scales_O.float()
     else:
-        # bf16 on CPU even for an fp32 model: the kernel path rounds x to bf16 too (the two paths agree), and
-        # the bf16 product of the dequantized weight is faster than fp32 where the CPU computes bf16 natively.
-        compute = torch.bfloat16 if dtype == torch.float32 and x.device.type == "cpu" else dtype
-        y = (F.linear(x_RI.to(compute), w_int8_OI.to(compute)) * scales_O.to(compute)).to(dtype)
+        y = int8_product(x_RI, w_int8_OI, scales_O)
+    y = y.to(dtype)
     if bias_O is not None:
         y = y + bias_O.to(dtype)
     return y.view(*x.shape[:-1], w_int8_OI.shape[0])
+
+
+_UNIT_SCALES: dict[int, Tensor] = {}
+
+
+def _unit_scales(out_features: int) -> Tensor:
+    """bf16 ones for the kernel's scale argument, one tensor per output size for the process."""
+    if out_features not in _UNIT_SCALES:
+        _UNIT_SCALES[out_features] = torch.ones(out_features, dtype=torch.bfloat16)
+    return _UNIT_SCALES[out_features]
 
 
 class Int8Linear(QuantizedLinear):
@@ -98,6 +132,9 @@ class Int8Linear(QuantizedLinear):
     def product(self, x_RI: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and x_RI.shape[0] <= COMPILED_SUM_MAX_ROWS and not torch.is_grad_enabled():
             # Compiled (the decode step): a multiply and a sum over the input features, which inductor fuses with
-            # the int8 -> float conversion into one loop streaming the int8 weight once (faster than the kernel).
-            return (x_RI[:, None, :].float() * self.weight_int8.float()).sum(-1) * self.scales
+            # the int8 -> float conversion into one loop streaming the int8 weight once (faster than the kernel),
+            # rounded where `int8_product` rounds.
+            compute = int8_compute_dtype(x_RI)
+            products = x_RI.to(compute).float()[:, None, :] * self.weight_int8.float()
+            return products.sum(-1).to(compute).float() * self.scales
         return int8_linear(x_RI, self.weight_int8, self.scales)

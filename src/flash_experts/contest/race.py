@@ -83,6 +83,8 @@ class RaceSettings:
     # the weights it draws and what from the data order (docs/FROM_SCRATCH.md, "What decides the sign")
     data_seed: int | None = None
     dtype: str = "bf16"  # "fp32" or "bf16" (autocast)
+    # a LayerNorm on each head's queries and keys, both twins (GPT2MoEConfig.qk_norm; docs/FROM_SCRATCH.md)
+    qk_norm: bool = False
 
     def check(self) -> None:
         """One ConfigError naming the first setting that cannot run."""
@@ -157,7 +159,7 @@ def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
     s = settings
     common = dict(vocab_size=VOCAB_SIZE, n_positions=s.context, n_embd=s.width, n_layer=s.layers, n_head=s.heads,
                   resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0,
-                  attention_implementation="auto")
+                  attention_implementation="auto", qk_norm=s.qk_norm)
     torch.manual_seed(s.seed)
     dense = GPT2MoEForCausalLM(GPT2MoEConfig(n_inner=4 * s.width, num_experts=1, num_experts_per_tok=1,
                                              moe_layers=[], **common))

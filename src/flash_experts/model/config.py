@@ -137,6 +137,7 @@ class GPT2MoEConfig(MoEConfigMixin, PretrainedConfig):
         initializer_range: float = 0.02,
         scale_attn_weights: bool = True,
         scale_attn_by_inverse_layer_idx: bool = False,
+        qk_norm: bool = False,
         bos_token_id: int = 50256,
         eos_token_id: int = 50256,
         tie_word_embeddings: bool = True,
@@ -157,6 +158,10 @@ class GPT2MoEConfig(MoEConfigMixin, PretrainedConfig):
         self.initializer_range = initializer_range
         self.scale_attn_weights = scale_attn_weights
         self.scale_attn_by_inverse_layer_idx = scale_attn_by_inverse_layer_idx
+        # A LayerNorm over each head's queries and keys before their product (not in GPT-2; Dehghani et al. 2023,
+        # Wortsman et al. 2023): the attention logits cannot grow without bound, the instability of small models
+        # at high learning rates. Off for every GPT-2 checkpoint; the race's twins use it (docs/FROM_SCRATCH.md).
+        self.qk_norm = qk_norm
         self.__dict__.update(moe)
         # GPT-2 checkpoints carry fields we do not use (summary_*, reorder_and_upcast_attn, ...): keep them
         # so that a round trip does not lose them.

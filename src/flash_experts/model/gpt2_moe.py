@@ -48,12 +48,17 @@ class GPT2Attention(nn.Module):
             scale /= layer_index + 1
         self.scale = scale
         self.config = config
+        # qk_norm: one LayerNorm over the head dimension for queries, one for keys, shared by the heads
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_epsilon) if config.qk_norm else None
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=config.layer_norm_epsilon) if config.qk_norm else None
         # Attention dropout is not applied (no implementation here supports it); resid/embd dropout are.
 
     def forward(self, x_BTD: Tensor, key_padding_mask: Tensor | None, cache: LayerCache | None) -> Tensor:
         B, T, D = x_BTD.shape
         q, k, v = self.c_attn(x_BTD).split(D, dim=2)
         q, k, v = (t.view(B, T, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if cache is not None:
             k, v = cache.update(k, v, self.layer_index)
         y = attention(q, k, v, causal=True, key_padding_mask=key_padding_mask,

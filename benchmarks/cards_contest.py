@@ -40,8 +40,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("tokens", "cards"):
         if getattr(args, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    if Path(args.out).is_file():
-        parser.error(f"--out {args.out} is a file, not a folder")
+    from flash_experts.data.tokens import check_output_folder
+
+    check_output_folder(args.out)  # it, or a folder above it, a file: one line before any work
     if args.quick:
         args.tokens, args.cards = 4 * 8 * 128, 4  # and 40 validation cards for the losses per field
     return args
@@ -80,16 +81,24 @@ def rates_line(batch) -> str:
 def judge_again(out: Path) -> int:
     """The saved cards of a finished run judged by the grammar as it is now (the grammar may have gained a rule
     since the run), written back beside the run's own verdicts."""
+    from flash_experts.errors import UserError
     from flash_experts.mtg.card_generation import CardBatch, RealCards, judge_generated
     from flash_experts.mtg.card_grammar import CardVocabulary
     from flash_experts.mtg.whole_cards import load_offline_whole_cards
 
     path = out / "cards_contest.json"
-    report = json.loads(path.read_text())
+    if not path.is_file():
+        raise UserError(f"--judge-again: {out} holds no finished run ({path.name} is written at a run's end)")
+    try:
+        report = json.loads(path.read_text())
+        saved = {name: [card["document"] for card in model["cards"]] for name, model in report["models"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise UserError(f"{path} is not a cards contest report ({type(error).__name__}: {error}); run the contest "
+                        "again") from None
     cards = load_offline_whole_cards()
     real, vocabulary = RealCards(cards), CardVocabulary.from_cards(cards)
     for name, model in report["models"].items():
-        judged = [judge_generated(card["document"], vocabulary, real) for card in model["cards"]]
+        judged = [judge_generated(document, vocabulary, real) for document in saved[name]]
         batch = CardBatch(judged, len(judged), judged)
         model["rejudged"] = {"rates": batch.rates(), "failures_by_rule": batch.failures_by_rule()}
         print(f"{name}: {rates_line(batch)}")
@@ -153,4 +162,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flash_experts.errors import report_errors
+
+    sys.exit(report_errors(main))

@@ -77,6 +77,10 @@ def w(tmp_path_factory) -> dict[str, Path]:
     (root / "cards_unknown.json").write_text('{"cards": [1, 2]}')
     (root / "cards_malformed.json").write_text('{"LEA": {"name": "Alpha", "cards": [1, "Black Lotus"]}}')
     (root / "cards_no_names.json").write_text('{"LEA": {"name": "Alpha", "cards": []}}')
+    (root / "cards_numeric_cost.json").write_text(
+        '{"LEA": {"name": "Alpha", "cards": [{"name": "Grizzly Bears", "manaCost": 2, "type": "Creature — Bear", '
+        '"types": ["Creature"], "text": "", "power": "2", "toughness": "2", "layout": "normal"}]}}')
+    (root / "a_file").write_text("not a folder")
     for name, content in {"metrics_garbage": "not json\n{oops\n", "metrics_empty": "", "metrics_list": "[1, 2]\n"}.items():
         (root / name).mkdir()
         (root / name / "metrics.jsonl").write_text(content)
@@ -227,6 +231,17 @@ DATA_AND_PLOT_CASES = {
                                            "--out", w["root"] / "p", "--no-fetch"], "not a card file this reader knows"),
     "mtg malformed cards": (lambda w: ["prepare-data", "mtg", "--source", w["root"] / "cards_malformed.json",
                                        "--out", w["root"] / "p", "--no-fetch"], "malformed mtgjson-v3 data"),
+    # issue 44's probes: internal errors before, one sentence now
+    "mtg whole cards numeric mana cost": (
+        lambda w: ["prepare-data", "mtg", "--cards", "--source", w["root"] / "cards_numeric_cost.json", "--out",
+                   w["root"] / "p", "--no-fetch"], "malformed mtgjson-v3 data .TypeError: expected a string, got int 2"),
+    "mtg names numeric mana cost": (
+        lambda w: ["prepare-data", "mtg", "--source", w["root"] / "cards_numeric_cost.json", "--out",
+                   w["root"] / "p", "--no-fetch"], "malformed mtgjson-v3 data"),
+    "prepare-data --out a file": (lambda w: ["prepare-data", "text", w["root"] / "notes.txt", "--out",
+                                             w["root"] / "a_file"], "a_file is a file: give a folder"),
+    "prepare-data --out under a file": (lambda w: ["prepare-data", "text", w["root"] / "notes.txt", "--out",
+                                                   w["root"] / "a_file" / "p"], "which is a file"),
     "mtg no cards": (lambda w: ["prepare-data", "mtg", "--source", w["root"] / "cards_no_names.json", "--out",
                                 w["root"] / "p", "--no-fetch", "--tokenizer", w["data"]], "no documents"),
     "text with --conditioned": (lambda w: ["prepare-data", "text", w["root"] / "notes.txt", "--conditioned",
@@ -267,6 +282,8 @@ OTHER_VERB_CASES = {
                                "--num-cards must be >= 1"),
     "generate-cards unknown colour": (lambda w: ["generate-cards", w["model"], "--colors", "Q", "--device", "cpu"],
                                       "unknown colour 'q'"),
+    "generate-cards empty colours": (lambda w: ["generate-cards", w["model"], "--colors", "", "--device", "cpu"],
+                                     "--colors must not be empty"),  # ran as colourless (issue 44)
     "generate-cards malformed cost": (lambda w: ["generate-cards", w["model"], "--cost", "{G}{1}", "--device", "cpu"],
                                       "is not a mana cost"),
     "generate-names unknown colour": (

@@ -143,7 +143,9 @@ def test_demo_quick_on_smollm2(tmp_path, capsys, monkeypatch):
     (["--budget", "180"], "error: flash-experts demo: --budget is now --tokens"),
     (["--tokens", "0"], "error: --tokens must be >= 1"),
     (["--tokens", "nan"], "error: flash-experts demo: argument --tokens: invalid int value"),
-    (["--seeds", "0"], "error: --seeds must be >= 1"),
+    (["--seeds", "0"], "error: --seeds must be an integer from 1 to 1000"),
+    (["--seeds", "1000000000"], "error: --seeds must be an integer from 1 to 1000"),  # hung silently (issue 44)
+    (["--seed", "-1"], "error: --seed must be an integer from 0 to 2^63 - 1"),
     (["--experts", "1", "--top-k", "1"], "error: --experts must be >= 2"),
     (["--top-k", "5", "--experts", "4"], "error: --top-k (5) cannot exceed --experts (4)"),
     (["--lr", "-1"], "error: --lr must be > 0"),

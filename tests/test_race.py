@@ -251,7 +251,12 @@ def test_a_tiny_race_trains_both_on_the_same_batches_and_scores_every_domain():
     (["--moe-layers", "every_other", "--layers", "1"], "at least 2 layers"),
     (["--top-k", "1", "--router-gradient", "through-sum"],
      "renormalize_through_sum needs normalize_top_k and num_experts_per_tok >= 2"),
-    (["--seeds", "0"], "--seeds must be >= 1"),
+    (["--seeds", "0"], "--seeds must be an integer from 1 to 1000"),
+    # issue 44's probes: refused before the corpus or the models are built (a seed torch or numpy cannot take)
+    (["--seeds", str(10**20)], "--seeds must be an integer from 1 to 1000, got 100000000000000000000"),
+    (["--seed", "-1"], "--seed must be an integer from 0 to 2^63 - 1"),
+    (["--seed", str(2**70)], "--seed must be an integer from 0 to 2^63 - 1"),
+    (["--seed", str(2**63 - 2), "--seeds", "3"], "(with --seeds 3: to 9223372036854775805)"),
 ])
 def test_bad_arguments_are_one_error_line(argv, message, tmp_path, capsys):
     assert main(["race", "--out", str(tmp_path / "r"), *argv]) == 2
@@ -327,3 +332,18 @@ def test_the_race_at_two_seeds_decides_with_the_paired_test(tmp_path, capsys):
     assert [r["settings"]["seed"] for r in results] == [5, 6]
     assert all(len(r["step_seconds"]["moe"]) == 4 for r in results)
     assert "Across 2 paired seeds" in printed and "Across seeds: one seed decides nothing" not in printed
+
+
+def test_the_seed_range_is_what_torch_and_numpy_take_with_room_for_derived_seeds():
+    """Reference: the libraries themselves. The largest seed accepted, plus the offsets the main job derives from
+    it, seeds torch and numpy; one past it is refused before any work (RaceSettings.check)."""
+    from flash_experts.contest.seeds import MAX_SEED
+
+    torch.Generator().manual_seed(MAX_SEED + 1000)
+    np.random.default_rng([MAX_SEED + 1000, 799])
+    RaceSettings(seed=MAX_SEED).check()
+    for bad in (MAX_SEED + 1, -1):
+        with pytest.raises(ConfigError, match="seed must be an integer from 0 to 2"):
+            RaceSettings(seed=bad).check()
+    with pytest.raises(ConfigError, match="data_seed must be"):
+        RaceSettings(data_seed=-5).check()

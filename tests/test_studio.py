@@ -148,6 +148,8 @@ def test_generate_streams_text_then_the_trace_of_every_token(client, studio):
     (dict(prompt="Elves " * 400), "longer than"),
     (dict(card_type="Creature", card_colors="X"), "unknown colour"),
     (dict(temperature="hot"), "temperature"),
+    (dict(temprature=0.1), "temprature: unknown field"),
+    (dict(seed=2**64), "seed: Input should be less than or equal to"),
 ])
 def test_bad_requests_get_a_message_and_the_server_keeps_serving(client, body, message):
     status, answer = generate(client, **body)
@@ -358,10 +360,15 @@ def test_a_card_is_drawn_field_by_field_with_the_routers_own_experts(client, stu
 @pytest.mark.parametrize(("body", "message"), [
     ({"model": 0, "document": "x" * 3000}, "up to 2000"),
     ({"model": 5, "document": ELVES}, "there is no model 5"),
+    # issue 44's probes: an unknown field ran with the defaults; a seed torch cannot take answered with its overflow
+    ({"model": 0, "document": ELVES, "temprature": 0.1}, "temprature: unknown field"),
+    ({"model": 0, "seed": 10**30}, "seed: Input should be less than or equal to 9223372036854775807"),
+    ({"model": 0, "seed": -1}, "seed: Input should be greater than or equal to 0"),
 ])
 def test_bad_card_requests_get_a_message(client, body, message):
     response = client.post("/api/card", json=body)
-    assert response.status_code == 400 and message in response.json()["error"]
+    assert response.status_code in (400, 422) and message in response.json()["error"]
+    assert client.get("/api/state").status_code == 200
 
 
 def test_a_card_that_breaks_the_grammar_says_which_rule(client):

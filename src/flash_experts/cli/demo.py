@@ -77,11 +77,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def settings_from(args: argparse.Namespace) -> Any:
     """UpcyclingSettings from the arguments (--quick's budget and names); one error line for a bad value."""
     from flash_experts.contest.defaults import QUICK_TOKENS
+    from flash_experts.contest.seeds import check_seeds
     from flash_experts.contest.upcycling import UpcyclingSettings
     from flash_experts.errors import UserError
 
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    check_seeds(args.seed, args.seeds)
     for name in ("experts", "top_k", "batch_size", "block_size", "names", "tokens"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")

@@ -48,8 +48,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from flash_experts.data import load_tokenizer, prepare_token_splits
+    from flash_experts.data.tokens import check_output_folder
     from flash_experts.errors import UserError
 
+    check_output_folder(args.out)  # before the sources are read and tokenised
     if args.paths and args.dataset != "text":
         raise UserError(f"prepare-data {args.dataset} takes no positional paths (use --source)")
     if args.conditioned and args.dataset != "mtg":

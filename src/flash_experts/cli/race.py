@@ -87,8 +87,9 @@ def race_settings(args: argparse.Namespace):
 
     if args.dtype == "fp16":
         raise UserError("--dtype fp16 needs a CUDA device; the race runs on the CPU: use bf16 or fp32")
-    if args.seeds < 1:
-        raise UserError(f"--seeds must be >= 1, got {args.seeds}")
+    from flash_experts.contest.seeds import check_seeds
+
+    check_seeds(args.seed, args.seeds)
     given = {field: getattr(args, option) for option, field in OPTION_FIELDS.items() if getattr(args, option) is not None}
     if args.router_gradient is not None:
         given["renormalize_through_sum"] = args.router_gradient == "through-sum"

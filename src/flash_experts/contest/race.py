@@ -88,6 +88,11 @@ class RaceSettings:
 
     def check(self) -> None:
         """One ConfigError naming the first setting that cannot run."""
+        from flash_experts.contest.seeds import check_seeds
+
+        check_seeds(self.seed, 1, "seed")
+        if self.data_seed is not None:
+            check_seeds(self.data_seed, 1, "data_seed")
         positive = ("width", "layers", "heads", "context", "batch_size", "steps", "eval_every", "eval_windows",
                     "test_windows")
         for name in positive:

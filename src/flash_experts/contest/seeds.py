@@ -17,6 +17,23 @@ import math
 from dataclasses import dataclass
 
 ALPHA = 0.01
+# A seed draws with torch (manual_seed: up to 2^64 - 1) and numpy (default_rng: non-negative), and the main job
+# derives more from it (names sampled at seed + 1, + round): 2^63 - 1 leaves them all room. Runs of more seeds
+# than MAX_SEEDS take minutes each times a number no machine finishes: refused.
+MAX_SEED = 2**63 - 1
+MAX_SEEDS = 1000
+
+
+def check_seeds(first: int, count: int, option: str = "--seed") -> None:
+    """One ConfigError, before any work, unless seeds first ... first + count - 1 are all seeds the libraries
+    take and count is 1 ... MAX_SEEDS."""
+    from flash_experts.errors import ConfigError
+
+    if not isinstance(count, int) or not 1 <= count <= MAX_SEEDS:
+        raise ConfigError(f"--seeds must be an integer from 1 to {MAX_SEEDS}, got {count!r}")
+    if not isinstance(first, int) or first < 0 or first + count - 1 > MAX_SEED:
+        last = "" if count == 1 else f" (with --seeds {count}: to {MAX_SEED - count + 1})"
+        raise ConfigError(f"{option} must be an integer from 0 to 2^63 - 1 = {MAX_SEED}{last}, got {first!r}")
 
 
 def regularized_incomplete_beta(x: float, a: float, b: float) -> float:

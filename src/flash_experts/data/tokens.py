@@ -42,6 +42,19 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
 
 
+def check_output_folder(out_dir: str | Path) -> Path:
+    """`out_dir` as a Path, or a UserError when it cannot become a folder (it, or a folder above it, is a file):
+    checked before any work, so the error is one sentence and not the OS's at the end of tokenising."""
+    out = Path(out_dir)
+    for place in (out, *out.parents):
+        if place.exists():
+            if not place.is_dir():
+                where = "is a file" if place == out else f"lies under {place}, which is a file"
+                raise UserError(f"--out {out} {where}: give a folder for the token files")
+            break
+    return out
+
+
 def prepare_token_splits(documents_by_split: dict[str, list[str]], tokenizer, out_dir: str | Path,
                          *, source: str | None = None, data_format: str | None = None,
                          extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -54,7 +67,7 @@ def prepare_token_splits(documents_by_split: dict[str, list[str]], tokenizer, ou
         raise UserError("no documents to tokenise")
     vocab_size = len(tokenizer)
     dtype = token_dtype(vocab_size)
-    out = Path(out_dir)
+    out = check_output_folder(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / META_FILE).unlink(missing_ok=True)  # a half-written folder must not look complete
 

@@ -41,6 +41,9 @@ class CardRequest:
     def of(type_line: str | None = None, colors: str | None = None, mana_cost: str | None = None) -> "CardRequest":
         """Checked: an unknown colour or a malformed cost is a ConfigError (before any model loads)."""
         if colors is not None:
+            if not colors.strip():  # an empty --colors is a slip, not a request for colourless (that is C)
+                raise ConfigError("--colors must not be empty: give W, U, B, R, G (or their names), or C for "
+                                  "colourless")
             try:
                 colors = "" if colors.strip().upper() in ("C", "COLORLESS", "COLOURLESS") else normalize_colors(colors)
             except ValueError as error:

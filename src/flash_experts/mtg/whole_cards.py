@@ -132,8 +132,13 @@ def load_whole_cards(sources: list[str], fetch: bool = True) -> list[WholeCard]:
                                                                    for v in data.values()):
             raise UserError(f"{path} is not an MTGJSON v3 AllSets file ({{set code: {{cards: [...]}}}}): whole cards "
                             "read v3's fields (text, power, toughness, loyalty)")
-        for card in whole_cards_from_v3(data):
-            cards.setdefault(name_key(card.name), card)
+        try:
+            for card in whole_cards_from_v3(data):
+                cards.setdefault(name_key(card.name), card)
+        except (AttributeError, TypeError, KeyError, ValueError) as error:
+            # a card entry whose fields are not what v3 writes (a numeric manaCost, a name that is not a string):
+            # a damaged or unknown file, said as the names' reader says it (cards.py `records_from_data`)
+            raise UserError(f"{path}: malformed mtgjson-v3 data ({type(error).__name__}: {error})") from None
     return list(cards.values())
 
 

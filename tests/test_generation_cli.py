@@ -239,14 +239,24 @@ def test_stop_argument_escapes_hand_made(model_dir, capsys):
     assert capsys.readouterr().out == "the" + text[:text.index(stop)] + "\n"
 
 
-def test_generate_cli_compile_on_a_transformers_model_warns_and_decodes_eagerly(model_dir, capsys):
-    """Reference: the same command without --compile. A plain transformers model is not ours: the decode step
-    is not compiled, one warning line says so, and the output is unchanged."""
-    argv = ["generate", str(model_dir), "--prompt", "Sword of", "--max-new-tokens", "6", "--greedy", "--no-stream",
-            "--device", "cpu"]
+def test_generate_cli_compile_on_a_family_we_do_not_have_says_so_and_decodes_eagerly(tmp_path, capsys):
+    """Reference: the same command without --compile. A transformers GPT-2 or Llama folder now runs in our class
+    (tests/test_our_classes.py); a family we have no class for (GPT-NeoX) runs as transformers' own: one note says
+    so, the decode step is not compiled, one warning line says that, and the output is unchanged."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                                     num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=64)
+                       ).save_pretrained(tmp_path / "neox")
+    tokenizer.save_pretrained(tmp_path / "neox")
+    argv = ["generate", str(tmp_path / "neox"), "--prompt", "Sword of", "--max-new-tokens", "6", "--greedy",
+            "--no-stream", "--device", "cpu"]
     assert main(argv) == 0
-    plain = capsys.readouterr().out
+    plain = capsys.readouterr()
+    assert "runs as transformers' GPTNeoXForCausalLM: GPTNeoXForCausalLM (gpt_neox) has no class of ours" in plain.err
     with pytest.warns(UserWarning, match="not one of our models; decoding eagerly"):
         assert main([*argv, "--compile"]) == 0
     captured = capsys.readouterr()
-    assert captured.out == plain and "Traceback" not in captured.err
+    assert captured.out == plain.out and "Traceback" not in captured.err

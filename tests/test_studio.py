@@ -176,7 +176,10 @@ def test_attention_and_memory_endpoints(client):
     for row in data["maps"][0]:
         assert sum(row) == pytest.approx(1.0, abs=1e-3)
     assert client.post("/api/attention", json={"model": 0, "prompt": "x", "layer": 9}).status_code == 400
-    assert client.post("/api/attention", json={"model": 1, "prompt": "x"}).status_code == 400  # HF GPT-2
+    # a transformers GPT-2 folder loads into our class (issue 45), so its attention maps are drawn too
+    other = client.post("/api/attention", json={"model": 1, "prompt": "a different corpus", "layer": 0})
+    assert other.status_code == 200 and all(sum(row) == pytest.approx(1.0, abs=1e-3) for row in other.json()["maps"][0])
+    assert client.get("/api/state").json()["models"][1]["note"] is None
     memory = client.post("/api/attention_memory", json={"model": 0, "length": 2048}).json()
     assert memory["eager"] > memory["flash"]  # eager holds 4 x 2048 x 2048 fp32 scores (64 MiB), flash none
     assert client.post("/api/attention_memory", json={"model": 0, "length": 10**6}).status_code == 400

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -134,7 +135,7 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
     import torch
 
     from flash_experts.errors import UserError
-    from flash_experts.model.loading import load_model
+    from flash_experts.model.loading import in_our_classes, load_model
 
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -156,6 +157,9 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
     model, tokenizer = load_model(name_or_path)
     if tokenizer is None:
         raise UserError(f"no tokenizer found for {name_or_path}")
+    model, why_not = in_our_classes(model)  # our attention, cache, quantization and compiled decode apply
+    if why_not is not None:
+        print(f"note: {name_or_path} runs as transformers' {type(model).__name__}: {why_not}", file=sys.stderr)
     model = model.to(device=device, dtype=dtype).eval()
     if quantize != "none":
         from flash_experts.model.quantize import quantize as quantize_model

@@ -42,6 +42,7 @@ class ModelSlot:
     source: str
     status: str = "waiting"  # waiting | loading | ready | error
     error: str | None = None
+    note: str | None = None  # why the model runs as transformers' class, when it does
     model: Any = None
     tokenizer: Any = None
     info: dict = field(default_factory=dict)
@@ -120,7 +121,7 @@ class Studio:
         return self._card_vocabulary
 
     def load_all(self) -> None:
-        from flash_experts.model.loading import load_model
+        from flash_experts.model.loading import in_our_classes, load_model
 
         for slot in self.slots:
             slot.status = "loading"
@@ -128,6 +129,8 @@ class Studio:
                 model, tokenizer = load_model(slot.source)
                 if tokenizer is None:
                     raise UserError("no tokenizer beside the model")
+                # our class where it computes the same logits: our attention (its maps), cache and traces apply
+                model, slot.note = in_our_classes(model)
                 slot.model, slot.tokenizer = model.to(self.device).eval(), tokenizer
                 slot.info = model_info(model, tokenizer)
                 slot.status = "ready"
@@ -269,7 +272,7 @@ def create_app(studio: Studio) -> FastAPI:
 
     @app.get("/api/state")
     def state() -> dict:
-        return {"models": [{"id": i, "name": s.name, "status": s.status, "error": s.error, **s.info}
+        return {"models": [{"id": i, "name": s.name, "status": s.status, "error": s.error, "note": s.note, **s.info}
                            for i, s in enumerate(studio.slots)],
                 "runs": [{"id": i, "name": r.name} for i, r in enumerate(studio.runs)]}
 

@@ -11,6 +11,7 @@ the order; nothing here is timed). Settings are RaceSettings fields (`--set lr=1
 
     python benchmarks/race_trace.py --seeds 100 101 --out runs/race_trace [--steps 300] [--set FIELD=VALUE ...]
     python benchmarks/race_trace.py --quick --check   # the loop's validation losses equal run_race's (quick race)
+    python benchmarks/race_trace.py --report runs/race_trace   # a Markdown table of every trace in the folder
 
 Writes one JSON per (seed, twin) in --out: trace_<label>_<seed>_<twin>.json. Use seeds nobody chooses a verdict
 on (100-107 are the tuning seeds; never 1337-1344).
@@ -146,6 +147,31 @@ def trace_twin(name: str, model: torch.nn.Module, settings: RaceSettings, corpus
     return record
 
 
+REPORT_STEPS = (50, 100, 200, 400, 800)
+
+
+def report(folder: Path) -> None:
+    """One Markdown row per trace in `folder` (label, seed, twin): validation loss (mean over domains) at
+    REPORT_STEPS, the largest attention logit at steps 100 / 200 / 400, the steps whose gradient norm was
+    clipped, and for a MoE the least-loaded expert's share at step 50."""
+    rows = []
+    for path in sorted(folder.glob("trace_*.json")):
+        record = json.loads(path.read_text())
+        label, seed = path.stem.split("_")[1:3]
+        val = {v["step"]: v["mean"] for v in record["val"]}
+        probes = {p["step"]: p for p in record["probes"]}
+        attn = [f"{max(probes[s]['attn_logit_max']):.0f}" if s in probes else "" for s in (100, 200, 400)]
+        clipped = sum(g > 1.0 for g in record["grad_norm"])
+        load = f"{min(probes[50]['load_min']):.3f}" if 50 in probes and probes[50]["load_min"] else ""
+        rows.append([label, seed, record["twin"], *(f"{val[s]:.4f}" if s in val else "" for s in REPORT_STEPS),
+                     " / ".join(attn), f"{clipped}/{len(record['grad_norm'])}", load])
+    header = ["recipe", "seed", "twin", *(f"val @{s}" for s in REPORT_STEPS), "max attention logit @100/200/400",
+              "clipped steps", "least expert share @50"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[100])
@@ -158,7 +184,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="the quick race's shapes")
     parser.add_argument("--check", action="store_true", help="compare this loop's validation with run_race's")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--report", type=Path, default=None, help="print a table of the traces in this folder")
     args = parser.parse_args()
+    if args.report:
+        report(args.report)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     fields = {f.name: f.type for f in dataclasses.fields(RaceSettings)}

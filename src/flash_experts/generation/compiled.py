@@ -34,7 +34,6 @@ from typing import Callable
 
 import torch
 import torch._dynamo
-import torch._inductor.config
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -128,11 +127,7 @@ class CompiledDecoder:
                 try:
                     start = time.perf_counter()
                     dynamo_config = torch._dynamo.config
-                    # emulate_precision_casts: inductor computes a bf16 intermediate in fp32 unless told to round
-                    # where the model rounds; the int8 products round x and their sums to bf16 (int8.py's one
-                    # arithmetic), and the compiled step must compute what the eager one does.
-                    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)), \
-                            torch._inductor.config.patch(emulate_precision_casts=True):
+                    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)):
                         logits = _compiled_step(ids_B1.device.type)(self.model, ids_B1, positions_B1, key_mask_BL,
                                                                     self.cache)
                     if self.compile_seconds is None:

@@ -3,8 +3,8 @@
 Symmetric, one fp32 scale per output channel (gpt-fast's int8 scheme: scale = max|w_row| / 127,
 w ~ scale * round(w / scale)).
 
-One arithmetic, whichever path runs it (`int8_product` is its definition; tests/test_quantize.py holds every
-path to it and to float64 math): with c the compute dtype (bf16 for an fp32 model on CPU, where bf16 products
+The arithmetic (`int8_product` is its definition; tests/test_quantize.py holds every path to it or to float64
+math): with c the compute dtype (bf16 for an fp32 model on CPU, where bf16 products
 are native and the int8 kernel takes nothing else; the activations' own dtype elsewhere),
 
     y = c(c(x) @ w_int8.T) * scale       (the sum in fp32, the int8 weights exact in c, the scale in fp32)
@@ -12,8 +12,8 @@ are native and the int8 kernel takes nothing else; the activations' own dtype el
 - `torch._weight_int8pack_mm` on CPU for a few rows (decoding): one kernel that reads the int8 weight directly,
   so a decoded token reads a quarter of the fp32 bytes (BENCHMARKS.md has the measured speed-up), given unit
   scales so that the fp32 scale is applied after it: the kernel takes its scales in bf16, and a bf16 scale is
-  off by up to 2^-9 for every row of its channel alike, a bias that does not average out over a model's layers
-  (it was what set eager int8 decoding apart from the compiled one: BENCHMARKS.md). It is only correct for an
+  off by up to 2^-8 for every row of its channel alike, a bias that does not average out over a model's layers
+  (issue 45: eager int8 decoding was further from float64 math than the compiled one). It is only correct for an
   inner size that is a multiple of 16 (other sizes gave wrong results or crashed, torch 2.13), so it is used for
   those only, and only after a check of its product on this machine for that size; and it does no blocking over
   rows, so

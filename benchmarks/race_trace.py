@@ -11,7 +11,7 @@ the order; nothing here is timed). Settings are RaceSettings fields (`--set lr=1
 
     python benchmarks/race_trace.py --seeds 100 101 --out runs/race_trace [--steps 300] [--set FIELD=VALUE ...]
     python benchmarks/race_trace.py --quick --check   # the loop's validation losses equal run_race's (quick race)
-    python benchmarks/race_trace.py --report runs/race_trace   # a Markdown table of every trace in the folder
+    python benchmarks/race_trace.py --report runs/race_trace [--plot trace.png]   # a table (and plot) of the traces
 
 Writes one JSON per (seed, twin) in --out: trace_<label>_<seed>_<twin>.json. Use seeds nobody chooses a verdict
 on (100-107 are the tuning seeds; never 1337-1344).
@@ -172,6 +172,43 @@ def report(folder: Path) -> None:
         print("| " + " | ".join(row) + " |")
 
 
+def plot(folder: Path, out: Path, twin: str = "dense") -> None:
+    """Validation loss, the largest attention logit and the gradient norm (mean of 25 steps) against the step for
+    every trace of `twin` in `folder`: one colour per recipe, one line per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    colours: dict[str, str] = {}
+    for path in sorted(folder.glob(f"trace_*_{twin}.json")):
+        record = json.loads(path.read_text())
+        label, seed = path.stem.split("_")[1:3]
+        colour = colours.setdefault(label, f"C{len(colours)}")
+        name = f"{label} (seed {seed})"
+        axes[0].plot([v["step"] for v in record["val"]], [v["mean"] for v in record["val"]], color=colour,
+                     label=name, alpha=0.8)
+        probes = record["probes"]
+        axes[1].plot([p["step"] for p in probes], [max(p["attn_logit_max"]) for p in probes], color=colour, alpha=0.8)
+        norms = record["grad_norm"]
+        means = [sum(norms[i:i + 25]) / len(norms[i:i + 25]) for i in range(0, len(norms), 25)]
+        axes[2].plot(range(0, len(norms), 25), means, color=colour, alpha=0.8)
+    axes[0].set_ylim(1.7, 2.9)
+    axes[0].set_ylabel("validation loss, nats per byte (mean over domains)")
+    axes[1].set_ylabel("largest attention logit (probe batch)")
+    axes[2].set_ylabel("gradient norm before clipping (mean of 25 steps)")
+    axes[2].axhline(1.0, color="grey", linestyle=":", label="clipping threshold")
+    for ax in axes:
+        ax.set_xlabel("step")
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"the race's {twin} twin, traced (benchmarks/race_trace.py)")
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[100])
@@ -185,9 +222,13 @@ def main() -> None:
     parser.add_argument("--check", action="store_true", help="compare this loop's validation with run_race's")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--report", type=Path, default=None, help="print a table of the traces in this folder")
+    parser.add_argument("--plot", type=Path, default=None, help="with --report: a PNG of the traces' curves")
     args = parser.parse_args()
     if args.report:
         report(args.report)
+        if args.plot:
+            for twin in ("dense", "moe"):
+                plot(args.report, args.plot.with_name(f"{args.plot.stem}_{twin}{args.plot.suffix}"), twin)
         return
     if args.threads:
         torch.set_num_threads(args.threads)

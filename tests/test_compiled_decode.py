@@ -100,10 +100,10 @@ def test_an_moe_model_compiles_and_decodes_the_eager_greedy_tokens():
 
 @pytest.mark.parametrize("gated", [True, False])  # Llama's SwiGLU experts; GPT-2's, with biases
 @pytest.mark.parametrize(("rows", "top_k"), [(1, 1), (1, 2), (3, 2), (5, 1)])
-def test_decode_moe_layer_equals_the_training_dispatch(gated, rows, top_k, monkeypatch):
-    """Reference: MoELayer's sorted dispatch (sort by expert, grouped products) on the same layer and rows: the
-    outputs and the router statistics of the fixed-shape dispatch the layer takes inside a compiled step."""
-    from flash_experts.model.moe import MoELayer, MoESettings
+def test_decode_moe_layer_equals_the_training_dispatch(gated, rows, top_k):
+    """Reference: SortedDispatch (sort by expert, grouped products) on the same layer and rows: the outputs and
+    the router statistics of FixedShapeDispatch, the dispatch the compiled decode step gives every MoE layer."""
+    from flash_experts.model.moe import FixedShapeDispatch, MoELayer, MoESettings, SortedDispatch
 
     torch.manual_seed(rows * 10 + top_k)
     layer = MoELayer(MoESettings(num_experts=4, num_experts_per_tok=top_k), hidden_size=16, ffn_size=24,
@@ -112,18 +112,45 @@ def test_decode_moe_layer_equals_the_training_dispatch(gated, rows, top_k, monke
         for param in layer.parameters():
             param.normal_(0, 0.5)
     x = torch.randn(1, rows, 16)
-    taken = []
-    sorted_dispatch, fixed_dispatch = MoELayer._dispatch_sorted, MoELayer._dispatch_fixed_shapes
-    monkeypatch.setattr(MoELayer, "_dispatch_fixed_shapes", lambda self, *a: taken.append(1) or fixed_dispatch(self, *a))
+    assert isinstance(layer.dispatch, SortedDispatch)  # the layer's own
     with torch.no_grad():
         want, want_stats = layer(x)
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        layer.dispatch = FixedShapeDispatch()
         got, stats = layer(x)
-    assert taken == [1] and sorted_dispatch is MoELayer._dispatch_sorted  # the fixed-shape dispatch ran
     assert torch.allclose(got, want, rtol=0, atol=1e-5)
     assert torch.equal(stats.tokens_per_expert, want_stats.tokens_per_expert)
     for name in ("load_balancing_loss", "z_loss", "entropy"):
         assert torch.allclose(getattr(stats, name), getattr(want_stats, name), atol=1e-6), name
+
+
+def test_the_compiled_step_runs_the_fixed_shape_dispatch_and_gives_the_layers_theirs_back():
+    """The compiled decode step traces its MoE layers through DECODE_DISPATCH (a dispatch that records its calls:
+    dynamo runs it while tracing), every layer has the sorted dispatch again after the step, and the step's logits
+    are the eager step's (the sorted dispatch)."""
+    from flash_experts.model.moe import SORTED, FixedShapeDispatch, MoELayer
+
+    seen = []
+
+    class Recording(FixedShapeDispatch):
+        def __call__(self, layer, x_TD, routing):
+            seen.append(x_TD.shape[0])
+            return super().__call__(layer, x_TD, routing)
+
+    torch.manual_seed(0)
+    moe = upcycle(tiny_llama(), num_experts=4, top_k=2, moe_layers="every_other").eval()
+    layers = [m for m in moe.modules() if isinstance(m, MoELayer)]
+    ids = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    mask = torch.zeros(1, 128, dtype=torch.bool)
+    mask[0, :6] = True
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(compiled, "DECODE_DISPATCH", Recording())
+        decoder = CompiledDecoder(moe, moe.make_cache(1, 128))
+        moe(ids[:, :5], cache=decoder.cache, use_cache=True)
+        got = decoder(ids[:, 5:], torch.tensor([[5]]), 5, mask)
+        want = moe(ids).logits[:, -1:]
+    assert decoder.failure is None and seen == [1] * len(layers)
+    assert all(layer.dispatch is SORTED for layer in layers)
+    assert torch.allclose(got, want, rtol=0, atol=1e-4)
 
 
 def test_a_quantized_moe_model_decodes_eagerly_with_a_warning():

@@ -1,5 +1,5 @@
 """The command line runs our model classes (issue 45): a transformers GPT-2 or Llama-family model is moved into
-`GPT2MoEForCausalLM` / `LlamaMoEForCausalLM` (model/loading.py `in_our_classes`) so that our attention, static
+`GPT2MoEForCausalLM` / `LlamaMoEForCausalLM` (model/upcycle.py `in_our_classes`) so that our attention, static
 KV cache, quantization and compiled decode apply. Reference: transformers' own model on the same weights
 (logits to the parity tests' fp32 tolerance, greedy tokens through HF `generate`); a model we cannot represent
 comes back as it is, with the reason, and a conversion that computes something else is caught."""
@@ -25,7 +25,7 @@ from conftest import smollm2_installed
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
 from flash_experts.model import GPT2MoEForCausalLM, LlamaMoEForCausalLM
-from flash_experts.model.loading import SAME_LOGITS_RTOL, in_our_classes
+from flash_experts.model.upcycle import SAME_LOGITS_RTOL, in_our_classes
 
 
 def tiny(kind: str) -> torch.nn.Module:

@@ -135,7 +135,8 @@ def load_for_generation(name_or_path: str, device_name: str, dtype_name: str = "
     import torch
 
     from flash_experts.errors import UserError
-    from flash_experts.model.loading import in_our_classes, load_model
+    from flash_experts.model.loading import load_model
+    from flash_experts.model.upcycle import in_our_classes
 
     if device_name == "auto":
         device_name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -17,8 +17,9 @@ the same graph, where `mode="reduce-overhead"` adds CUDA graphs), but only if ev
   computes those products so; the model files stay plain and eager calls never see it;
 - an MoE layer's training dispatch (sort by expert, per-expert row counts read on the host) takes a new shape
   every step, which would break the graph in every MoE layer (tried: minutes of compiling, then dynamo's
-  recompile limit). `MoELayer` itself routes a compiled inference step of a few rows in fixed shapes instead
-  (its second dispatch, model/moe.py). Quantized experts decode eagerly (with a warning).
+  recompile limit). For the length of its step the decoder gives every MoE layer the fixed-shape dispatch
+  instead (`FixedShapeDispatch`, model/moe.py: gpt-fast's expert indexing), and the layer's own back after.
+  Quantized experts decode eagerly (with a warning).
 
 The first call compiles (printed by the caller with its time; inductor keeps compiled kernels in its on-disk
 cache, so a later process compiles faster). A step that fails to compile decodes eagerly from then on, with a
@@ -27,6 +28,7 @@ warning saying why: `generate(..., compile=True)` never fails where eager decodi
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 import weakref
@@ -39,9 +41,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from flash_experts.model.kv_cache import KVCache
+from flash_experts.model.moe import SORTED, FixedShapeDispatch, MoELayer
 from flash_experts.model.quantize import QuantizedGroupedExperts
 from flash_experts.model.quantize.base import COMPILED_SUM_MAX_ROWS
 
+DECODE_DISPATCH = FixedShapeDispatch()  # what every MoE layer runs inside the compiled step
 LENGTH_BUCKET = 128  # cache lengths are rounded up to a multiple of this (one compiled step serves the bucket)
 # Each model (and each cache-length bucket) is one more entry of the one compiled function; dynamo's default
 # limit of 8 would send a process decoding several models (a benchmark, `compare`) back to eager. Raised only
@@ -110,11 +114,24 @@ class CompiledDecoder:
         if not hasattr(model, "backbone") or not isinstance(cache, KVCache):
             raise TypeError("the compiled decode step needs one of our models and its static cache")
         self.model, self.cache = model, cache
+        self.moe_layers = [m for m in model.modules() if isinstance(m, MoELayer)]
         self.compile_seconds: float | None = None
         self.failure: str | None = _FAILED.get(model)
         if any(isinstance(m, QuantizedGroupedExperts) for m in model.modules()):
             self.failure = "the model has quantized MoE experts, whose products run one expert at a time"
             warnings.warn(f"compile: {self.failure}; decoding eagerly", stacklevel=3)
+
+    @contextlib.contextmanager
+    def fixed_shape_dispatch(self):
+        """Every MoE layer on DECODE_DISPATCH inside, on its sorted dispatch again after (an eager step, the
+        fallback included, runs the layers' own)."""
+        for moe_layer in self.moe_layers:
+            moe_layer.dispatch = DECODE_DISPATCH
+        try:
+            yield
+        finally:
+            for moe_layer in self.moe_layers:
+                moe_layer.dispatch = SORTED
 
     def __call__(self, ids_B1: Tensor, positions_B1: Tensor, slot: int, key_mask_BL: Tensor) -> Tensor:
         """Logits (B, 1, V) for the tokens `ids_B1` at cache slot `slot`; key_mask_BL marks the filled slots
@@ -127,7 +144,8 @@ class CompiledDecoder:
                 try:
                     start = time.perf_counter()
                     dynamo_config = torch._dynamo.config
-                    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)):
+                    with dynamo_config.patch(recompile_limit=max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)), \
+                            self.fixed_shape_dispatch():
                         logits = _compiled_step(ids_B1.device.type)(self.model, ids_B1, positions_B1, key_mask_BL,
                                                                     self.cache)
                     if self.compile_seconds is None:

@@ -116,41 +116,6 @@ def _load_from_hub(name: str, dtype: torch.dtype | None) -> PreTrainedModel:
         ) from None
 
 
-# What "computes the same function" means here: the parity tests' fp32 tolerance (tests/test_llama_moe.py,
-# tests/test_model_upcycle_gpt2.py), relative to the logits' scale.
-SAME_LOGITS_RTOL = 1e-4
-
-
-def in_our_classes(model: PreTrainedModel) -> tuple[PreTrainedModel, str | None]:
-    """(model in our own class, None) for a transformers GPT-2 or Llama-family model, the same weights moved into
-    `GPT2MoEForCausalLM` / `LlamaMoEForCausalLM` without experts, so that our attention, static KV cache,
-    quantization and compiled decode apply; checked: its logits on a short input must equal the model's own
-    within SAME_LOGITS_RTOL of their scale. Otherwise (another family, or a setting our classes compute
-    differently) (the model itself, why): the caller says so in one line and runs it as it is. Our own models
-    come back as they are."""
-    from flash_experts.model.upcycle import SUPPORTED_FAMILIES, upcycle
-
-    model_type = model.config.model_type
-    if model_type in ("gpt2_moe", "llama_moe"):
-        return model, None
-    if model_type not in SUPPORTED_FAMILIES:
-        return model, f"{type(model).__name__} ({model_type}) has no class of ours (GPT-2 and the Llama family do)"
-    try:
-        ours = upcycle(model, moe_layers=[]).eval()
-    except (UserError, ValueError, KeyError, TypeError) as error:
-        return model, f"{type(model).__name__} does not convert to our class ({' '.join(str(error).split())[:160]})"
-    vocab = model.config.vocab_size
-    ids = (torch.arange(16) * max(1, vocab // 16) + 1).clamp(max=vocab - 1)[None].to(next(model.parameters()).device)
-    with torch.no_grad():
-        want = model.eval()(input_ids=ids).logits.float()
-        got = ours(input_ids=ids).logits.float()
-    error = float((got - want).abs().max() / want.abs().max().clamp(min=1e-6))
-    if not error <= SAME_LOGITS_RTOL:
-        return model, (f"{type(model).__name__} in our class gives other logits ({error:.1e} of their scale, over "
-                       f"{SAME_LOGITS_RTOL:.0e}): a setting our class does not compute as transformers does")
-    return ours.train(model.training), None
-
-
 def load_tokenizer_for(source: str, model: PreTrainedModel) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside the model, else (GPT-2 family) the GPT-2 BPE from our offline sources."""
     path = Path(source).expanduser()

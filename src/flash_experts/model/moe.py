@@ -191,7 +191,7 @@ class LocalExperts:
 
 # -- the layer -------------------------------------------------------------------------------------------------
 
-FIXED_SHAPE_MAX_ROWS = 64  # a compiled inference forward of at most this many rows is a decode step
+FIXED_SHAPE_MAX_ROWS = 64  # FixedShapeDispatch runs every expert on every row: beyond this many, sorting wins
 
 
 class MoELayer(nn.Module):
@@ -206,6 +206,9 @@ class MoELayer(nn.Module):
         self.capacity_factor = settings.capacity_factor
         self.layer_index = layer_index
         self.expert_dispatch = LocalExperts()  # or AllToAllExperts (model/expert_parallel.py): same call
+        # how assignments reach the experts: sorted by expert (training, evaluation, prefill), or in shapes that do
+        # not depend on the routing (FixedShapeDispatch, which the compiled decode step sets: generation/compiled.py)
+        self.dispatch: SortedDispatch | FixedShapeDispatch = SORTED
         self.router = Router(hidden_size, settings)
         expert_size = settings.moe_intermediate_size or ffn_size
         self.experts = GroupedExperts(settings.num_experts, hidden_size, expert_size, activation, gated, bias)
@@ -225,28 +228,25 @@ class MoELayer(nn.Module):
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
-        # Two dispatches of one function. A compiled decode step (generation/compiled.py) needs the same shapes
-        # every step, which sorting by expert does not give; a capacity limit drops assignments only where several
-        # rows choose one expert, so several rows under a limit keep the sorted dispatch.
-        rows = B * T
-        fixed_shapes = (self.expert_dispatch.local and torch.compiler.is_compiling() and not torch.is_grad_enabled()
-                        and rows <= FIXED_SHAPE_MAX_ROWS and (rows == 1 or self.capacity(rows) is None))
-        dispatch = self._dispatch_fixed_shapes if fixed_shapes else self._dispatch_sorted
-        out_TD, counts_E, dropped = dispatch(x_TD, routing)
+        out_TD, counts_E, dropped = self.dispatch(self, x_TD, routing)
         if self.shared_expert is not None:  # every token, weight 1
-            out_TD = out_TD + self.shared_expert(x_TD, torch.tensor([rows], device=x_TD.device))
+            out_TD = out_TD + self.shared_expert(x_TD, torch.tensor([B * T], device=x_TD.device))
         stats = routing_stats(self.layer_index, routing, counts_E, dropped)
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
 
-    def _dispatch_sorted(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
-        """Sort the N = T*K assignments by expert, run each expert on its slice, add the outputs back weighted.
-        Returns (out_TD fp32, assignments per expert before drops, assignments dropped)."""
+
+class SortedDispatch:
+    """The layer's dispatch (training, evaluation, prefill): sort the N = T*K assignments by expert, run each
+    expert on its slice (grouped products), add the outputs back weighted. Returns (out_TD fp32, assignments per
+    expert before drops, assignments dropped)."""
+
+    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
         experts_N = routing.experts_TK.reshape(-1)
         # stable: earlier tokens first, which is also the order in which a capacity limit keeps them
         order_N = torch.argsort(experts_N, stable=True)
-        counts_E = torch.bincount(experts_N, minlength=self.num_experts)
+        counts_E = torch.bincount(experts_N, minlength=layer.num_experts)
         kept_counts_E, dropped = counts_E, torch.zeros((), dtype=torch.long, device=x_TD.device)
-        capacity = self.capacity(x_TD.shape[0])
+        capacity = layer.capacity(x_TD.shape[0])
         if capacity is not None:
             starts_E = torch.cumsum(counts_E, dim=0) - counts_E
             rank_N = torch.arange(order_N.numel(), device=x_TD.device) - starts_E[experts_N[order_N]]
@@ -254,11 +254,11 @@ class MoELayer(nn.Module):
             kept_counts_E = counts_E.clamp(max=capacity)
             dropped = (counts_E - kept_counts_E).sum()
 
-        token_N = order_N // self.top_k
+        token_N = order_N // layer.top_k
         # Cast before the gather, which copies each row K times: under bf16 autocast half the bytes (and the
         # backward adds a token's K input gradients in bf16, the dtype autocast's own products return them in).
         x_ND = x_TD.to(expert_compute_dtype(x_TD)).index_select(0, token_N)
-        expert_out_ND = self.expert_dispatch(self.experts, x_ND, kept_counts_E)
+        expert_out_ND = layer.expert_dispatch(layer.experts, x_ND, kept_counts_E)
         weight_N = routing.weights_TK.reshape(-1)[order_N]
         # Combined in fp32: a token's K outputs summed with weights that sum to 1 keep an upcycled model
         # (identical experts) equal to its dense source. out[t] = sum of weight[n] * expert_out[n] over t's
@@ -266,15 +266,25 @@ class MoELayer(nn.Module):
         out_TD = combine_expert_outputs(expert_out_ND, weight_N, token_N, x_TD.shape[0], kept_counts_E)
         return out_TD, counts_E, dropped
 
-    def _dispatch_fixed_shapes(self, x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
-        """The same function in shapes that do not depend on the routing (expert_products.py): one row reads
-        only its K experts' weights, through the expert index; several rows run every expert on every row and
-        weight the unchosen ones by zero (each weight read once, E/K times the expert arithmetic)."""
-        experts = self.experts
-        chosen_TKE = F.one_hot(routing.experts_TK, self.num_experts).to(routing.weights_TK.dtype)
+
+class FixedShapeDispatch:
+    """The same function in shapes that do not depend on the routing (expert_products.py), for a compiled decode
+    step, which needs the same shapes every step (sorting by expert gives new ones): one row reads only its K
+    experts' weights, through the expert index; several rows run every expert on every row and weight the
+    unchosen ones by zero (each weight read once, E/K times the expert arithmetic). Tested against SortedDispatch.
+    Where its shapes cannot serve (more than FIXED_SHAPE_MAX_ROWS rows, a capacity limit that would drop
+    assignments of several rows, experts on other processes) it is the sorted dispatch."""
+
+    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+        rows = x_TD.shape[0]
+        if (not layer.expert_dispatch.local or rows > FIXED_SHAPE_MAX_ROWS
+                or (rows > 1 and layer.capacity(rows) is not None)):
+            return SORTED(layer, x_TD, routing)
+        experts = layer.experts
+        chosen_TKE = F.one_hot(routing.experts_TK, layer.num_experts).to(routing.weights_TK.dtype)
         if x_TD.shape[0] == 1:
             out_TD = 0
-            for k in range(self.top_k):
+            for k in range(layer.top_k):
                 project = functools.partial(chosen_experts_product, experts, routing.experts_TK[:, k])
                 out_TD = out_TD + routing.weights_TK[:, k, None] * expert_mlp(x_TD, project, experts.gated,
                                                                              experts.activation)
@@ -284,6 +294,9 @@ class MoELayer(nn.Module):
             weights_TE = (routing.weights_TK[..., None] * chosen_TKE).sum(1)
             out_TD = torch.einsum("te,etd->td", weights_TE, out_ETD)
         return out_TD, chosen_TKE.sum((0, 1)), torch.zeros((), dtype=torch.long, device=x_TD.device)
+
+
+SORTED = SortedDispatch()
 
 
 # -- the losses and what the router did -----------------------------------------------------------------------

@@ -121,7 +121,8 @@ class Studio:
         return self._card_vocabulary
 
     def load_all(self) -> None:
-        from flash_experts.model.loading import in_our_classes, load_model
+        from flash_experts.model.loading import load_model
+        from flash_experts.model.upcycle import in_our_classes
 
         for slot in self.slots:
             slot.status = "loading"

@@ -68,7 +68,11 @@ def run(args: argparse.Namespace) -> int:
         print(prompt + text)
     tokens = sum(result.num_new_tokens)
     if result.compile_seconds is not None:
-        print(f"[decode step compiled: its first call took {result.compile_seconds:.1f} s of these]", file=sys.stderr)
+        # the rate without the compiling call, which is neither decoding nor paid again in this process
+        rest = seconds - result.compile_seconds
+        after = f"; the other {tokens - 1} in {rest:.2f} s, {(tokens - 1) / rest:.1f} tokens/s" if tokens > 1 and rest > 0 else ""
+        print(f"[decode step compiled: its first call took {result.compile_seconds:.1f} s of these{after}]",
+              file=sys.stderr)
     print(f"[{tokens} new tokens in {seconds:.2f} s, {tokens / max(seconds, 1e-9):.1f} tokens/s, "
           f"finish: {', '.join(sorted(set(result.finish_reasons)))}]", file=sys.stderr)
     return 0

@@ -282,7 +282,7 @@ class FixedShapeDispatch:
             return SORTED(layer, x_TD, routing)
         experts = layer.experts
         chosen_TKE = F.one_hot(routing.experts_TK, layer.num_experts).to(routing.weights_TK.dtype)
-        if x_TD.shape[0] == 1:
+        if rows == 1:
             out_TD = 0
             for k in range(layer.top_k):
                 project = functools.partial(chosen_experts_product, experts, routing.experts_TK[:, k])

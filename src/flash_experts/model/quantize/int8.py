@@ -85,8 +85,9 @@ def int8_compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def int8_product(x_RI: Tensor, w_int8_OI: Tensor, scales_O: Tensor) -> Tensor:
-    """The int8 product's definition (module docstring), for 2-D x: (rows, out) in fp32. Every path computes
-    this; this one is the plain formulation, the reference the tests compare the faster ones with."""
+    """The int8 product's definition (module docstring), for 2-D x: (rows, out) in fp32. The kernel path computes
+    this too; this one is the plain formulation, the reference the tests compare it with (the compiled one-row
+    product is the exception: fp32 from unrounded x)."""
     compute = int8_compute_dtype(x_RI)
     return F.linear(x_RI.to(compute), w_int8_OI.to(compute)).float() * scales_O.float()
 
@@ -134,8 +135,7 @@ class Int8Linear(QuantizedLinear):
     def product(self, x_RI: Tensor) -> Tensor:
         if torch.compiler.is_compiling() and x_RI.shape[0] <= COMPILED_SUM_MAX_ROWS and not torch.is_grad_enabled():
             # Compiled (the decode step): a multiply and a sum over the input features, which inductor fuses with
-            # the int8 -> float conversion into one loop streaming the int8 weight once (faster than the kernel),
-            # rounded where `int8_product` rounds.
+            # the int8 -> float conversion into one loop streaming the int8 weight once (faster than the kernel).
             # In fp32 from x as it is: rounding x to bf16 here as `int8_product` does made inductor round it again
             # for every weight it met (the rounding fused into the loop): 0.79x the decode speed, measured. So this
             # path is the precise one; the others differ from it by bf16 rounding only (tests bound it).

@@ -29,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
+from flash_experts.contest.plots import plot_race_recipes  # noqa: E402
 from flash_experts.contest.race import (  # noqa: E402
     QUICK,
     TARGET_RATIO,
@@ -39,7 +40,6 @@ from flash_experts.contest.race import (  # noqa: E402
 )
 from flash_experts.errors import UserError, report_errors  # noqa: E402
 from flash_experts.training.config import resolve_precision  # noqa: E402
-from flash_experts.training.plots import plot_race_recipes  # noqa: E402
 
 RECIPES = {
     "baseline": {},  # 8 experts of 4d/2, top-2, every layer, balancing 0.01, z 0.001, Mixtral's router gradient

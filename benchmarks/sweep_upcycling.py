@@ -36,8 +36,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_description, markdown_table  # noqa: E402
+from flash_experts.contest.plots import plot_validation_vs_compute, validation_curve  # noqa: E402
 from flash_experts.evaluation.perplexity import split_bits_per_character  # noqa: E402
-from flash_experts.training.plots import plot_validation_vs_compute, validation_curve  # noqa: E402
 from flash_experts.training.steps import measure_step_seconds  # noqa: E402
 
 

@@ -18,9 +18,12 @@ from flash_experts.contest.budget import ComputeBudget, equal_tokens, steps_for_
 from flash_experts.contest.engine import run_contest
 from flash_experts.contest.report import Curve, Spread, at_equal_seconds, exchange_rate, per_second_answer, step_cost
 from flash_experts.contest.seeds import (
+    contest,
     paired_test,
     regularized_incomplete_beta,
     student_t_cdf,
+    student_t_quantile,
+    verdict_of,
     verdict_words,
 )
 from flash_experts.errors import UserError
@@ -186,6 +189,81 @@ def test_the_paired_test_against_scipy(pairs):
     assert test.p_moe_better == pytest.approx(float(less.pvalue), rel=1e-9)
     assert test.p_dense_better == pytest.approx(float(greater.pvalue), rel=1e-9)
     assert test.mean_ratio == pytest.approx(float(np.exp(np.mean(log_moe - log_dense))))
+
+
+@pytest.mark.parametrize(("probability", "dof"), [(0.99, 1), (0.99, 7), (0.95, 4), (0.9, 3), (0.01, 12)])
+def test_the_t_quantile_against_scipy(probability, dof):
+    assert student_t_quantile(probability, dof) == pytest.approx(float(scipy_stats.t.ppf(probability, dof)),
+                                                                 rel=1e-9, abs=1e-12)
+
+
+def test_the_smallest_detectable_difference_is_just_significant():
+    """Reference: scipy's t quantile for the formula, and the test itself: seeds whose mean log-ratio is exactly
+    the detectable size (with the same spread) sit at p = 0.01; a bit less is not significant, a bit more is."""
+    moe, dense = [0.95, 0.96, 0.94, 0.97, 0.955, 0.962, 0.948, 0.951], [1.0] * 8
+    test = paired_test(moe, dense)
+    d = np.log(moe)
+    assert test.sd_log_ratio == pytest.approx(float(np.std(d, ddof=1)), rel=1e-12)
+    assert test.detectable() == pytest.approx(float(scipy_stats.t.ppf(0.99, 7)) * np.std(d, ddof=1) / math.sqrt(8))
+    for scale, significant in ((0.999, False), (1.0, None), (1.001, True)):
+        shifted = np.exp(d - d.mean() - scale * test.detectable())  # the same spread, its mean moved
+        p = paired_test(list(shifted), dense).p_moe_better
+        if significant is None:
+            assert p == pytest.approx(0.01, rel=1e-6)
+        else:
+            assert (p < 0.01) == significant
+    assert "the smallest difference these seeds could show" in verdict_words(test)
+
+
+class SeedStub:
+    """A seed's result as the verdict reads it (seeds.py SeedResult), with figures set by hand."""
+
+    def __init__(self, seed: int, moe: float, pairs: list[float], rate: float | None, stopped: str = "finished"):
+        self.seed, self.stopped, self.losses, self.pairs, self.rate = seed, stopped, {"moe": moe, "dense": 1.0}, pairs, rate
+
+    def compared_loss(self, contender: str) -> float:
+        return self.losses[contender]
+
+    def step_pairs(self) -> list[float]:
+        return self.pairs
+
+    def exchange(self) -> float | None:
+        return self.rate
+
+
+def test_a_contest_runs_its_seeds_in_order_and_decides_across_them():
+    """Reference: the paired test and the spread computed here from the stubs' figures."""
+    ran = []
+    figures = {7: (0.95, [1.1, 1.2], 1.5), 8: (0.97, [1.3], None), 9: (0.96, [1.0, 1.4, 1.2], 1.3)}
+
+    def run_seed(seed: int) -> SeedStub:
+        ran.append(seed)
+        return SeedStub(seed, *figures[seed])
+
+    seeds = contest(run_seed, 7, 3)
+    assert ran == [7, 8, 9] and [r.seed for r in seeds.results] == [7, 8, 9]
+    assert seeds.verdict.test == paired_test([0.95, 0.97, 0.96], [1.0] * 3)
+    assert seeds.verdict.cost == Spread.of([1.1, 1.2, 1.3, 1.0, 1.4, 1.2])
+    assert str(seeds.verdict.per_second) == str(per_second_answer([1.5, None, 1.3], seeds.verdict.cost))
+    assert seeds.verdict.lines("at equal tokens")[0].startswith("  quality at equal tokens: ")
+    assert contest(run_seed, 8, 1).verdict is None  # one seed: no test
+
+
+def test_a_contest_stops_after_a_seed_that_did_not_finish_and_checks_its_seeds_first():
+    ran = []
+
+    def run_seed(seed: int) -> SeedStub:
+        ran.append(seed)
+        return SeedStub(seed, 0.9, [1.0], None, stopped="interrupted at step 3" if seed == 2 else "finished")
+
+    seeds = contest(run_seed, 1, 5)
+    assert ran == [1, 2] and seeds.results[-1].stopped == "interrupted at step 3"
+    ran.clear()
+    for first, count in ((-1, 2), (0, 0), (0, 1001), (2**63 - 2, 3)):
+        with pytest.raises(UserError, match="--seed|--seeds"):
+            contest(run_seed, first, count)
+    assert ran == []  # refused before the first seed ran
+    assert verdict_of([SeedStub(1, 0.9, [], None), SeedStub(2, 0.95, [], None)]).cost is None  # no pairs ran
 
 
 def test_the_verdict_says_better_only_at_p_below_the_threshold():

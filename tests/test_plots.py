@@ -148,7 +148,7 @@ def test_validation_vs_compute_plot_keeps_every_text_inside_the_figure(tmp_path:
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    from flash_experts.training.plots import plot_validation_vs_compute
+    from flash_experts.contest.plots import plot_validation_vs_compute
 
     outside = []
     save = Figure.savefig

@@ -129,7 +129,7 @@ def test_bits_per_character_refuses_no_characters(tiny_gpt2_dir):
 
 def test_validation_curve_and_plot(tmp_path):
     """Reference: a metrics file written by hand: (step x seconds per step, val loss) per evaluation."""
-    from flash_experts.training.plots import plot_validation_vs_compute, validation_curve
+    from flash_experts.contest.plots import plot_validation_vs_compute, validation_curve
 
     run = tmp_path / "run"
     run.mkdir()

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -87,9 +86,6 @@ def race_settings(args: argparse.Namespace):
 
     if args.dtype == "fp16":
         raise UserError("--dtype fp16 needs a CUDA device; the race runs on the CPU: use bf16 or fp32")
-    from flash_experts.contest.seeds import check_seeds
-
-    check_seeds(args.seed, args.seeds)
     given = {field: getattr(args, option) for option, field in OPTION_FIELDS.items() if getattr(args, option) is not None}
     if args.router_gradient is not None:
         given["renormalize_through_sum"] = args.router_gradient == "through-sum"
@@ -97,7 +93,8 @@ def race_settings(args: argparse.Namespace):
                             dtype=resolve_precision(args.dtype, "cpu"))
     if settings.num_experts < 2:
         raise UserError(f"--experts must be >= 2 for a Mixture of Experts, got {settings.num_experts}")
-    settings.check()
+    settings.check({"seed": "--seed", **{field: "--" + option.replace("_", "-")
+                                          for option, field in OPTION_FIELDS.items()}})
     return settings
 
 
@@ -132,153 +129,32 @@ def run(args: argparse.Namespace) -> int:
 
 def run_seeds(args: argparse.Namespace, settings: Any, out: Path, processes: Any) -> int:
     from flash_experts.contest.race import build_corpus
+    from flash_experts.contest.race_report import race_seed, seed_rows, summary_lines
+    from flash_experts.contest.seeds import contest
 
-    started = time.perf_counter()
-    print("[1/4] the corpus: Wikipedia summaries (prose), the Python standard library (code), MTG card names "
-          "(names), as bytes", flush=True)
-    corpus = build_corpus(out / "data", args.quick, save=processes.rank == 0)
-    sizes = ", ".join(f"{d} {len(s['train']) / 1e6:.2f}M/{len(s['val']) / 1e3:.0f}K/{len(s['test']) / 1e3:.0f}K"
-                      for d, s in corpus.streams.items())
-    print(f"      train/val/test bytes: {sizes}", flush=True)
-    results = []
-    for seed in range(args.seed, args.seed + args.seeds):
+    started, corpora = time.perf_counter(), []
+
+    def one_seed(seed: int) -> Any:
+        if not corpora:  # built at the first seed: `contest` checks the seeds before any work
+            print("[1/4] the corpus: Wikipedia summaries (prose), the Python standard library (code), MTG card names "
+                  "(names), as bytes", flush=True)
+            corpora.append(build_corpus(out / "data", args.quick, save=processes.rank == 0))
+            print("      train/val/test bytes: " + ", ".join(
+                f"{d} {len(s['train']) / 1e6:.2f}M/{len(s['val']) / 1e3:.0f}K/{len(s['test']) / 1e3:.0f}K"
+                for d, s in corpora[0].streams.items()), flush=True)
         folder = out if args.seeds == 1 else out / f"seed-{seed}"
         if args.seeds > 1:
-            print(f"=== seed {seed} ({len(results) + 1} of {args.seeds}) -> {folder}", flush=True)
-        result = race_one_seed(dataclasses.replace(settings, seed=seed), corpus, folder, one_seed=args.seeds == 1,
-                               processes=processes)
-        results.append(result)
-        if result.stopped != "finished":
-            break
-    if len(results) > 1:
-        print_seeds(results, corpus.domains)
-    print(f"\nrace.json, race.png and the corpus in {out}; {(time.perf_counter() - started) / 60:.1f} min in all"
-          f"{'; ' + results[-1].stopped if results[-1].stopped != 'finished' else ''}")
-    return 0
-
-
-def race_one_seed(s: Any, corpus: Any, out: Path, one_seed: bool, processes: Any) -> Any:
-    from flash_experts.contest.race import CONTENDERS, run_race
-    from flash_experts.evaluation.domain_atlas import domain_atlas
-    from flash_experts.training.plots import plot_race
-    from flash_experts.training.stop import StopRequest
-
-    print(f"[2/4] the twins: d={s.width}, {s.layers} layers, {s.heads} heads, context {s.context}, batch "
-          f"{s.batch_size}, {s.dtype}, seed {s.seed}; dense MLP {4 * s.width} against {s.recipe_words()}", flush=True)
-
-    def report(evaluation: Any) -> None:
-        cells = " | ".join(f"{name} " + " ".join(f"{d} {v:.3f}" for d, v in evaluation.val[name].items())
-                           for name in CONTENDERS)
-        seconds = " / ".join(f"{evaluation.seconds[n]:.0f}" for n in CONTENDERS)
-        print(f"      step {evaluation.step:>5}  {evaluation.tokens / 1e6:5.2f}M bytes  {cells}  (s {seconds})",
-              flush=True)
-
-    print(f"[3/4] training both from scratch, taking turns, {s.steps} steps each; validation loss in nats per byte",
-          flush=True)
-    with StopRequest(then="evaluating, scoring the test split and printing the result so far") as stop:
-        from flash_experts.training.distributed import any_rank
-
-        # every process stops at the same round (a collective each round; one process: the flag itself)
-        result, models = run_race(s, corpus, on_evaluation=report, should_stop=lambda: any_rank(stop.requested, "cpu"),
-                                  processes=processes)
-    print("[4/4] the result", flush=True)
-    val_windows = corpus.split_windows("val", s.context, s.eval_windows)
-    atlas = domain_atlas(models["moe"], val_windows, s.batch_size, s.torch_dtype)  # every process: its exchanges
-    if processes.rank != 0:
+            print(f"=== seed {seed} ({seed - args.seed + 1} of {args.seeds}) -> {folder}", flush=True)
+        result = race_seed(dataclasses.replace(settings, seed=seed), corpora[0], folder,
+                           say=lambda line: print(line, flush=True), processes=processes)
+        print("\n".join(summary_lines(result, corpora[0].domains, one_seed=args.seeds == 1)))
         return result
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "race.json").write_text(json.dumps({**result.as_dict(), "domain_atlas": atlas.as_dict()}, indent=1))
-    plot_race(race_curves(result, corpus.domains), out / "race.png",
-              f"from scratch: dense vs iso-FLOP MoE ({s.recipe_words()}), {s.dtype}, seed {s.seed}")
-    print_summary(result, corpus.domains, one_seed)
-    print("\nWhich experts took which domain (validation bytes; each expert's mix, then its load):")
-    print("\n".join(atlas.lines()))
-    return result
 
-
-def race_curves(result: Any, domains: list[str]) -> dict[str, dict[str, tuple]]:
-    from flash_experts.contest.race import CONTENDERS
-
-    def as_lists(curve: Any) -> tuple:
-        return curve.tokens.tolist(), curve.seconds.tolist(), curve.loss.tolist()
-
-    return {name: {domain: as_lists(result.curve(name, None if domain == "mean" else domain))
-                   for domain in ["mean", *domains]} for name in CONTENDERS}
-
-
-def print_summary(result: Any, domains: list[str], one_seed: bool) -> None:
-    from flash_experts.contest.race import TARGET_RATIO
-    from flash_experts.contest.report import per_second_answer
-    from flash_experts.contest.seeds import one_seed_words
-
-    flops, params = result.flops_per_token, result.parameters
-    last = result.evaluations[-1]
-    cost = result.step_cost()
-    finish, timed = result.at_equal_time()
-    print(f"\nTraining FLOPs per token: dense {flops['dense'] / 1e6:.2f}M, MoE {flops['moe'] / 1e6:.2f}M "
-          f"({flops['moe'] / flops['dense']:.4f}x); parameters: dense {params['dense'] / 1e6:.2f}M, MoE "
-          f"{params['moe'] / 1e6:.2f}M")
-    print(f"Steps {last.step} each, {last.tokens / 1e6:.2f}M bytes each; seconds of training steps: dense "
-          f"{last.seconds['dense']:.0f}, MoE {last.seconds['moe']:.0f}; a MoE step costs {cost} a dense step")
-    header = f"{'domain':<8}{'tokens: dense':>14}{'MoE':>8}{'MoE/dense':>11}   {'at ' + format(finish, '.0f') + ' s: dense':>16}" \
-             f"{'MoE':>8}{'MoE/dense':>11}   {'test: dense':>12}{'MoE':>8}{'MoE/dense':>11}"
-    print("\nValidation loss, nats per byte (equal tokens: the last evaluation; equal seconds: each at the seconds the "
-          "faster one spent in all; test: once, at the end)")
-    print(header)
-
-    def pick(table: dict[str, float], domain: str) -> float:
-        return table[domain] if domain != "mean" else sum(table[d] for d in domains) / len(domains)
-
-    for domain in [*domains, "mean"]:
-        cells = []
-        for table in (last.val, timed, result.test):
-            dense, moe = pick(table["dense"], domain), pick(table["moe"], domain)
-            cells.append(f"{dense:>8.4f}{moe:>8.4f}{moe / dense:>10.3f}x")
-        print(f"{domain:<8}{cells[0]:>33}   {cells[1]:>35}   {cells[2]:>31}")
-    ratios = {d: last.val["moe"][d] / last.val["dense"][d] for d in domains}
-    met = all(r <= TARGET_RATIO for r in ratios.values())
-    print(f"\nAt equal tokens: MoE / dense {', '.join(f'{d} {r:.3f}' for d, r in ratios.items())}; target <= "
-          f"{TARGET_RATIO} in every domain: {'met' if met else 'not met'} at this seed")
-    if one_seed:
-        print(f"Across seeds: {one_seed_words('race')}")
-    seconds_ratio = {d: timed["moe"][d] / timed["dense"][d] for d in domains}
-    ahead = all(r <= 1.0 for r in seconds_ratio.values())
-    print(f"At equal seconds ({finish:.0f} s): the MoE is {'no worse than' if ahead else 'behind'} the dense model "
-          f"({', '.join(f'{d} {r:.3f}' for d, r in seconds_ratio.items())})")
-    exchange = result.token_exchange_rate()
-    if exchange is None:
-        print("Exchange rate: the dense model never reached a loss the MoE had: no step-cost ratio at which the "
-              "MoE's lead pays can be read off this run")
-    else:
-        step, rate = exchange
-        print(f"Exchange rate: the MoE's loss at step {step} took the dense model {rate:.2f}x the tokens (the lead "
-              "grows with training, so longer runs pay at higher step costs)")
-    print(f"Per second: {per_second_answer([exchange[1]] if exchange else None, cost)}")
-
-
-def print_seeds(results: list[Any], domains: list[str]) -> None:
-    """The seeds side by side and the verdict across them (validation at equal tokens, mean over domains)."""
-    import numpy as np
-
-    from flash_experts.contest.report import Spread, per_second_answer
-    from flash_experts.contest.seeds import paired_test, verdict_words
-
-    print(f"\nAcross {len(results)} paired seeds (MoE / dense validation loss at equal tokens; test: scored once):")
-    print(f"  {'seed':>6} " + " ".join(f"{d:>8}" for d in domains) + f" {'mean':>8} {'test mean':>10} {'step cost':>10} "
-          f"{'exchange':>9}")
-    rates, pairs = [], []
-    for r in results:
-        last = r.evaluations[-1]
-        ratios = [last.val["moe"][d] / last.val["dense"][d] for d in domains]
-        test = np.mean([r.test["moe"][d] for d in domains]) / np.mean([r.test["dense"][d] for d in domains])
-        cost, exchange = r.step_cost(), r.token_exchange_rate()
-        rates.append(exchange[1] if exchange else None)
-        pairs += [m / d for d, m in zip(r.step_seconds["dense"], r.step_seconds["moe"])]
-        print(f"  {r.settings['seed']:>6} " + " ".join(f"{x:>8.3f}" for x in ratios)
-              + f" {r.final_mean_loss('moe') / r.final_mean_loss('dense'):>8.3f} {test:>10.3f} "
-                f"{cost.median:>9.3f}x {(f'{exchange[1]:.2f}x' if exchange else 'none'):>9}")
-    test = paired_test([r.final_mean_loss("moe") for r in results], [r.final_mean_loss("dense") for r in results])
-    print(f"  quality at equal tokens (mean over domains): {verdict_words(test)}")
-    cost = Spread.of(pairs)
-    print(f"  a MoE step costs {cost} a dense step (all seeds' step pairs)")
-    print(f"  per second: {per_second_answer(rates, cost)}")
+    seeds = contest(one_seed, args.seed, args.seeds)
+    if seeds.verdict is not None:
+        print("\n".join(seed_rows(seeds.results, corpora[0].domains)
+                        + seeds.verdict.lines("at equal tokens (mean over domains)")))
+    last = seeds.results[-1].stopped
+    print(f"\nrace.json, race.png and the corpus in {out}; {(time.perf_counter() - started) / 60:.1f} min in all"
+          f"{'; ' + last if last != 'finished' else ''}")
+    return 0

@@ -20,7 +20,7 @@ from __future__ import annotations
 import functools
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -86,18 +86,22 @@ class RaceSettings:
     # a LayerNorm on each head's queries and keys, both twins (GPT2MoEConfig.qk_norm; docs/FROM_SCRATCH.md)
     qk_norm: bool = False
 
-    def check(self) -> None:
-        """One ConfigError naming the first setting that cannot run."""
+    def check(self, named: dict[str, str] | None = None) -> None:
+        """One ConfigError naming the first setting that cannot run; `named` maps fields to the words the caller
+        gave them (the command line's options), the field's own name otherwise."""
         from flash_experts.contest.seeds import check_seeds
 
-        check_seeds(self.seed, 1, "seed")
+        def word(field: str) -> str:
+            return (named or {}).get(field, field)
+
+        check_seeds(self.seed, 1, word("seed"))
         if self.data_seed is not None:
-            check_seeds(self.data_seed, 1, "data_seed")
+            check_seeds(self.data_seed, 1, word("data_seed"))
         positive = ("width", "layers", "heads", "context", "batch_size", "steps", "eval_every", "eval_windows",
                     "test_windows")
         for name in positive:
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{word(name)} must be a positive integer, got {getattr(self, name)!r}")
         if self.width % self.heads:
             raise ConfigError(f"width {self.width} is not divisible by heads {self.heads}")
         if not isinstance(self.shared_experts, int) or self.shared_experts < 0:
@@ -198,9 +202,28 @@ class RaceResult:
     step_seconds: dict[str, list[float]] = field(default_factory=dict)
     test: dict[str, dict[str, float]] = field(default_factory=dict)
     stopped: str = "finished"
+    atlas: Any = None  # which experts took which domain (race_report.py `race_seed`); saved beside, as domain_atlas
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        plain = asdict(replace(self, atlas=None))  # the atlas is saved on its own (race.json's domain_atlas)
+        del plain["atlas"]
+        return plain
+
+    # what the verdict across seeds reads (seeds.py SeedResult)
+    @property
+    def seed(self) -> int:
+        return self.settings["seed"]
+
+    def compared_loss(self, contender: str) -> float:
+        """The race compares validation loss at equal tokens, mean over domains, at the last evaluation."""
+        return self.final_mean_loss(contender)
+
+    def step_pairs(self) -> list[float]:
+        return [moe / dense for dense, moe in zip(self.step_seconds["dense"], self.step_seconds["moe"])]
+
+    def exchange(self) -> float | None:
+        found = self.token_exchange_rate()
+        return None if found is None else found[1]
 
     def curve(self, contender: str, domain: str | None = None) -> Curve:
         """Tokens, seconds and loss at every evaluation; loss of one domain, or the mean over domains."""

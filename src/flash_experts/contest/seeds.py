@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any, Callable, Protocol
 
 ALPHA = 0.01
 # A seed draws with torch (manual_seed: up to 2^64 - 1) and numpy (default_rng: non-negative), and the main job
@@ -71,6 +72,16 @@ def student_t_cdf(t: float, dof: int) -> float:
     return 1.0 - tail if t > 0 else tail
 
 
+def student_t_quantile(probability: float, dof: int) -> float:
+    """The t with P(T <= t) = probability (bisection on student_t_cdf: monotone, and 200 halvings reach the
+    float's resolution)."""
+    low, high = -1e6, 1e6
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if student_t_cdf(middle, dof) < probability else (low, middle)
+    return (low + high) / 2
+
+
 @dataclass(frozen=True)
 class PairedTest:
     """A one-sided paired t-test of the MoE's log loss against its dense twin's, over seeds."""
@@ -80,11 +91,17 @@ class PairedTest:
     t: float
     p_moe_better: float  # one-sided: H1 the MoE's loss is lower
     p_dense_better: float  # one-sided: H1 the dense model's loss is lower
+    sd_log_ratio: float = 0.0  # the seeds' sd of ln(MoE / dense): the noise the test reads the mean against
 
     @property
     def mean_ratio(self) -> float:
         """The geometric mean of the MoE / dense loss ratios."""
         return math.exp(self.mean_log_ratio)
+
+    def detectable(self, alpha: float = ALPHA) -> float:
+        """The smallest |ln(MoE / dense)| these seeds could call at p < alpha, one-sided, given their spread:
+        t_(1 - alpha, n - 1) x sd / sqrt(n) (a mean of that size and this sd is just significant)."""
+        return student_t_quantile(1.0 - alpha, self.seeds - 1) * self.sd_log_ratio / math.sqrt(self.seeds)
 
 
 def paired_test(moe: list[float], dense: list[float]) -> PairedTest:
@@ -101,14 +118,15 @@ def paired_test(moe: list[float], dense: list[float]) -> PairedTest:
     else:
         t = mean / (sd / math.sqrt(n))
     below = student_t_cdf(t, n - 1)
-    return PairedTest(n, mean, t, p_moe_better=below, p_dense_better=1.0 - below)
+    return PairedTest(n, mean, t, p_moe_better=below, p_dense_better=1.0 - below, sd_log_ratio=sd)
 
 
 def verdict_words(test: PairedTest, alpha: float = ALPHA) -> str:
     """The quality verdict in words, from the test."""
     where = (f"one-sided paired t-test over {test.seeds} seeds, MoE / dense loss {test.mean_ratio:.3f} "
              f"(geometric mean), p = {test.p_moe_better:.2g} for the MoE better, {test.p_dense_better:.2g} for the "
-             f"dense model better")
+             f"dense model better; the smallest difference these seeds could show: "
+             f"{100 * math.expm1(test.detectable(alpha)):.2f}%")
     if test.p_moe_better < alpha:
         return f"the MoE is better at p < {alpha:g} ({where})"
     if test.p_dense_better < alpha:
@@ -150,3 +168,74 @@ def one_seed_words(contest: str) -> str:
         return ("one seed decides nothing, and this contest's seed-to-seed band is not measured yet at five seeds: "
                 "--seeds 5 runs the paired test")
     return band.words()
+
+
+# ----------------------------------------------------------------------------------------- a contest of N seeds
+
+
+class SeedResult(Protocol):
+    """One seed of a contest as the verdict reads it (contest/race.py RaceResult, contest/upcycling.py
+    UpcyclingOutcome)."""
+
+    seed: int
+    stopped: str  # "finished", or why the seed ended early (the contest then runs no further seed)
+
+    def compared_loss(self, contender: str) -> float:
+        """The loss the contest compares the contenders on ("dense", "moe"): validation, never test."""
+
+    def step_pairs(self) -> list[float]:
+        """MoE step seconds over dense step seconds, pair by pair (the two steps of one round)."""
+
+    def exchange(self) -> float | None:
+        """How many dense tokens the MoE's result was worth, per MoE token; None where the MoE led nowhere."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What N paired seeds say: the quality test, the step cost over every seed's step pairs, and the answer per
+    second (contest/report.py)."""
+
+    test: PairedTest
+    cost: Any  # report.Spread over all the seeds' step pairs; None where no pair ran (a resumed, finished job)
+    per_second: Any  # report.PerSecond; None with the cost
+
+    def lines(self, quality: str) -> list[str]:
+        """The verdict in words, `quality` naming what the losses compare ("at equal tokens ...")."""
+        lines = [f"  quality {quality}: {verdict_words(self.test)}"]
+        if self.cost is not None:
+            lines += [f"  a MoE step costs {self.cost} a dense step (all seeds' step pairs)",
+                      f"  per second: {self.per_second}"]
+        return lines
+
+
+def verdict_of(results: list[SeedResult]) -> Verdict:
+    """The verdict across two or more seeds' results."""
+    from flash_experts.contest.report import Spread, per_second_answer
+
+    test = paired_test([r.compared_loss("moe") for r in results], [r.compared_loss("dense") for r in results])
+    pairs = [ratio for r in results for ratio in r.step_pairs()]
+    if not pairs:
+        return Verdict(test, None, None)
+    cost = Spread.of(pairs)
+    return Verdict(test, cost, per_second_answer([r.exchange() for r in results], cost))
+
+
+@dataclass
+class ContestSeeds:
+    """A contest's seeds, in order (the last one may have stopped early), and their verdict (None below two)."""
+
+    results: list[Any]
+    verdict: Verdict | None
+
+
+def contest(run_seed: Callable[[int], SeedResult], first_seed: int, seeds: int) -> ContestSeeds:
+    """Run seeds first_seed ... first_seed + seeds - 1 (checked before any of them starts), one after another,
+    each seed's two contenders paired (the same start and data order); stop after a seed that did not finish;
+    decide across them with the paired test."""
+    check_seeds(first_seed, seeds)
+    results: list[Any] = []
+    for seed in range(first_seed, first_seed + seeds):
+        results.append(run_seed(seed))
+        if results[-1].stopped != "finished":
+            break
+    return ContestSeeds(results, verdict_of(results) if len(results) > 1 else None)

@@ -27,6 +27,7 @@ from flash_experts.contest.budget import ComputeBudget, equal_tokens, steps_for_
 from flash_experts.contest.defaults import DEFAULT_TOKENS, ROUTER_AUX_LOSS_COEF, ROUTER_LR_SCALE
 from flash_experts.contest.engine import ContestLog, run_contest
 from flash_experts.contest.report import Curve, Spread, exchange_rate, step_cost
+from flash_experts.contest.seeds import check_seeds
 from flash_experts.errors import UserError
 
 RUNS = ("dense", "moe")
@@ -56,27 +57,33 @@ class UpcyclingSettings:
     dtype: str = "auto"
     wandb: str = "auto"
 
-    def check(self) -> None:
-        """One UserError naming the first setting that cannot run."""
-        for name in ("num_experts", "num_experts_per_tok", "batch_size", "block_size", "names"):
+    def check(self, named: dict[str, str] | None = None) -> None:
+        """One UserError naming the first setting that cannot run; `named` maps fields to the words the caller
+        gave them (the command line's options), the field's own name otherwise. The one place a main-job setting
+        is checked: the trainer's config built from it is valid by construction (run_config)."""
+        def word(field: str) -> str:
+            return (named or {}).get(field, field)
+
+        def number(value: Any) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+        for name in ("tokens", "num_experts", "num_experts_per_tok", "batch_size", "block_size", "names"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise UserError(f"{name} must be an integer >= 1, got {value!r}")
-        if not isinstance(self.tokens, int) or self.tokens < 1:
-            raise UserError(f"the budget must be a whole number of tokens >= 1, got {self.tokens!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"{word(name)} must be >= 1, got {value!r}")
         if self.num_experts < 2:
-            raise UserError(f"a Mixture of Experts needs num_experts >= 2, got {self.num_experts}")
+            raise UserError(f"{word('num_experts')} must be >= 2 for a Mixture of Experts, got {self.num_experts}")
         if self.num_experts_per_tok > self.num_experts:
-            raise UserError(f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts "
-                            f"({self.num_experts})")
+            raise UserError(f"{word('num_experts_per_tok')} ({self.num_experts_per_tok}) cannot exceed "
+                            f"{word('num_experts')} ({self.num_experts})")
         if self.train not in ("all", "moe"):
-            raise UserError(f"train must be 'all' or 'moe', got {self.train!r}")
-        for name, low in (("lr", 0.0), ("router_lr_scale", 0.0)):
-            value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > low):
-                raise UserError(f"{name} must be a number > {low:g}, got {value!r}")
-        if not (math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
-            raise UserError(f"router_aux_loss_coef must be a number >= 0, got {self.router_aux_loss_coef!r}")
+            raise UserError(f"{word('train')} must be 'all' or 'moe', got {self.train!r}")
+        for name in ("lr", "router_lr_scale"):
+            if not (number(getattr(self, name)) and getattr(self, name) > 0):
+                raise UserError(f"{word(name)} must be a number > 0, got {getattr(self, name)!r}")
+        if not (number(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0):
+            raise UserError(f"{word('router_aux_loss_coef')} must be a number >= 0, got {self.router_aux_loss_coef!r}")
+        check_seeds(self.seed, 1, word("seed"))
 
     @property
     def tokens_per_step(self) -> int:
@@ -278,6 +285,7 @@ class UpcyclingOutcome:
     scores: dict[str, dict[str, Any]] = field(default_factory=dict)
     atlas: Any = None
     minutes: float = 0.0
+    plot: Path | None = None  # val_vs_compute.png: both runs' validation against the seconds each spent
 
     @property
     def val_loss_ratio(self) -> float:
@@ -287,6 +295,24 @@ class UpcyclingOutcome:
     @property
     def val_ppl_ratio(self) -> float:
         return self.results["moe"].best_val_ppl / self.results["dense"].best_val_ppl
+
+    # what the verdict across seeds reads (seeds.py SeedResult)
+    stopped = "finished"  # an interrupted main job raises instead (run_upcycling_contest): --resume continues it
+
+    @property
+    def seed(self) -> int:
+        return self.settings.seed
+
+    def compared_loss(self, contender: str) -> float:
+        """The main job compares each run's best validation loss at equal compute."""
+        return self.results[contender].best_val_loss
+
+    def step_pairs(self) -> list[float]:
+        dense, moe = self.log.step_seconds.get("dense", []), self.log.step_seconds.get("moe", [])
+        return [b / a for a, b in zip(dense, moe)]
+
+    def exchange(self) -> float | None:
+        return self.exchange_rate()
 
     def step_cost(self) -> Spread | None:
         """A MoE step's seconds over a dense step's, pair by pair (None when no pair ran: a resumed finished job)."""
@@ -312,6 +338,27 @@ class UpcyclingOutcome:
             "step_cost": asdict(cost) if cost else None, "exchange_rate": self.exchange_rate(),
             "budget": self.plan["budget"].as_dict(), "flops_per_token": self.plan["flops_per_token"],
         }
+
+
+def seed_folders(out: Path, first_seed: int, seeds: int) -> dict[int, Path]:
+    """Each seed's folder: `out` itself for one seed, out/seed-N for several (the seeds checked first: a count
+    of 10^9 would list as many)."""
+    check_seeds(first_seed, seeds)
+    if seeds == 1:
+        return {first_seed: out}
+    return {seed: out / f"seed-{seed}" for seed in range(first_seed, first_seed + seeds)}
+
+
+def check_folders(out: Path, folders: dict[int, Path], resume: bool) -> None:
+    """Never overwrite an earlier run; never start fresh where `resume` was asked for (one UserError)."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file, not a folder")
+    for folder in folders.values():
+        earlier = [folder / name for name in (*RUNS, PLAN_FILE, "run") if (folder / name).exists()]
+        if earlier and not resume:
+            raise UserError(f"{earlier[0]} already holds a run: pass --resume to continue it, or another --out")
+    if resume and not any((folder / PLAN_FILE).exists() for folder in folders.values()):
+        raise UserError(f"nothing to resume in {out}: it holds no demo plan ({PLAN_FILE})")
 
 
 def run_upcycling_contest(settings: UpcyclingSettings, out: Path, resume: bool = False,
@@ -350,6 +397,7 @@ def run_upcycling_contest(settings: UpcyclingSettings, out: Path, resume: bool =
             raise UserError(f"the {name} run stopped ({result.stopped}) before its first evaluation; run again "
                             "with --resume")
     outcome = UpcyclingOutcome(settings, base, why, plan, results, log)
+    outcome.plot = plot_validation_against_seconds(out, base)
     say("[5/6] the routers on the validation split: step 0 against the end, and what each expert took")
     outcome.atlas = expert_atlas_of(results["moe"], data_dir, settings.block_size)
     save_routing(results["moe"], outcome.atlas)
@@ -360,6 +408,15 @@ def run_upcycling_contest(settings: UpcyclingSettings, out: Path, resume: bool =
     outcome.minutes = (time.perf_counter() - started) / 60
     (out / "summary.json").write_text(json.dumps(outcome.summary(), indent=1))
     return outcome
+
+
+def plot_validation_against_seconds(out: Path, base: str) -> Path:
+    """val_vs_compute.png in `out`: each run's validation perplexity against the seconds it really spent."""
+    from flash_experts.contest.plots import plot_validation_vs_compute, validation_curve
+
+    curves = {label: validation_curve(out / name) for label, name in (("dense", "dense"), ("MoE", "moe"))}
+    return plot_validation_vs_compute(curves, out / "val_vs_compute.png",
+                                      f"MTG card names, {Path(base).name} base, equal FLOPs")
 
 
 def save_routing(moe: Any, atlas: Any) -> None:

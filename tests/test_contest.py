@@ -309,3 +309,36 @@ def test_two_trainers_take_turns_and_each_learns_as_it_would_alone(tmp_path, mon
         assert metrics(tmp_path / "turns" / name, "train/loss") == metrics(tmp_path / "alone" / name, "train/loss")
         assert metrics(tmp_path / "turns" / name, "val/loss") == metrics(tmp_path / "alone" / name, "val/loss")
         assert sorted(metrics(tmp_path / "turns" / name, "train/tokens")) == [0, 1, 2, 3, 4]
+
+
+# -- the main job's settings ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("moe", [False, True])
+def test_the_main_jobs_run_config_is_one_the_trainers_own_validation_accepts(moe, monkeypatch, tmp_path):
+    """Reference: the trainer's config reader (config_from_dict validates every field): the typed config built
+    from checked settings reads back from its plain form unchanged."""
+    import flash_experts.data.tokens as tokens
+    from flash_experts.contest.upcycling import UpcyclingSettings, run_config
+    from flash_experts.training.config import config_from_dict, config_to_dict
+
+    monkeypatch.setattr(tokens, "load_meta", lambda data_dir: {"splits": {"val": {"tokens": 5000}}})
+    settings = UpcyclingSettings(num_experts=4, num_experts_per_tok=1, lr=3e-4, dtype="fp32", wandb="off")
+    settings.check()
+    cfg = run_config(settings, "smollm2", str(tmp_path / "data"), tmp_path / "moe", moe=moe, steps=88)
+    assert config_from_dict(config_to_dict(cfg)) == cfg
+    assert (cfg.moe is not None) == moe and cfg.optim.warmup_steps == 8 and cfg.eval.batches == 11
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("dtype", "fp8", "dtype must be one of auto, fp32, bf16, fp16"),
+    ("wandb", "maybe", "wandb must be one of"),
+    ("train", "router", "train must be one of all, moe"),
+    ("num_experts", 1, "num_experts must be >= 2"),
+    ("lr", float("nan"), "lr must be a number > 0"),
+    ("seed", -3, "seed must be an integer from 0"),
+])
+def test_the_main_jobs_settings_are_checked_in_one_place(field, value, message):
+    from flash_experts.contest.upcycling import UpcyclingSettings
+
+    with pytest.raises(UserError, match=message):
+        UpcyclingSettings(**{field: value}).check()

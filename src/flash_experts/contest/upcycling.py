@@ -76,8 +76,10 @@ class UpcyclingSettings:
         if self.num_experts_per_tok > self.num_experts:
             raise UserError(f"{word('num_experts_per_tok')} ({self.num_experts_per_tok}) cannot exceed "
                             f"{word('num_experts')} ({self.num_experts})")
-        if self.train not in ("all", "moe"):
-            raise UserError(f"{word('train')} must be 'all' or 'moe', got {self.train!r}")
+        for name, allowed in (("train", ("all", "moe")), ("dtype", ("auto", "fp32", "bf16", "fp16")),
+                              ("wandb", ("auto", "online", "offline", "off"))):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{word(name)} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "router_lr_scale"):
             if not (number(getattr(self, name)) and getattr(self, name) > 0):
                 raise UserError(f"{word(name)} must be a number > 0, got {getattr(self, name)!r}")
@@ -105,29 +107,31 @@ def prepare_mtg_names(tokenizer: Any, data_dir: Path) -> tuple[str, list[str], l
 
 def run_config(settings: UpcyclingSettings, base: str, data_dir: str, run_dir: Path, *, moe: bool, steps: int) -> Any:
     """One run's config: the same data, schedule and evaluation for both; the MoE section only for the MoE.
-    Evaluation covers the whole validation split, before the first step, half way and at the end."""
+    Evaluation covers the whole validation split, before the first step, half way and at the end. Built as the
+    trainer's typed sections from settings already checked (UpcyclingSettings.check), not through a dict."""
     from flash_experts.data.tokens import load_meta
-    from flash_experts.training.config import config_from_dict
+    from flash_experts.training import config as c
 
     s = settings
     val_tokens = load_meta(data_dir)["splits"]["val"]["tokens"]
     eval_batches = math.ceil(val_tokens / s.block_size / s.batch_size) + 1  # every window, not a sample
-    return config_from_dict({
-        "run": {"name": run_dir.name, "out_dir": str(run_dir), "seed": s.seed, "precision": s.dtype, "quiet": True},
-        "model": {"base": base, "attention": "auto", "train": s.train if moe else "all"},
-        # The sweep's recipe (docs/UPCYCLING.md): exact copies, top-1, routers that learn (their own rate, the
-        # Switch balancing loss strong enough to keep every expert in use, their input detached so that neither
-        # pulls on the pretrained model below).
-        "moe": {"num_experts": s.num_experts, "num_experts_per_tok": s.num_experts_per_tok,
-                "moe_layers": "every_other", "router_aux_loss_coef": s.router_aux_loss_coef,
-                "router_detach_input": True} if moe else None,
-        "data": {"dir": data_dir, "block_size": s.block_size, "batch_size": s.batch_size},
-        "optim": {"lr": s.lr, "min_lr": s.lr / 10, "warmup_steps": max(1, steps // 10), "max_steps": steps,
-                  "router_lr_scale": s.router_lr_scale if moe else 1.0},
-        "eval": {"interval": max(1, steps // 2), "batches": eval_batches, "keep_best": True},
-        "checkpoint": {"interval": 0, "keep_last": 1},
-        "tracking": {"wandb": s.wandb, "tensorboard": True, "log_interval": max(1, min(10, steps // 4))},
-    })
+    # The sweep's recipe (docs/UPCYCLING.md): exact copies, top-1, routers that learn (their own rate, the Switch
+    # balancing loss strong enough to keep every expert in use, their input detached so that neither pulls on
+    # the pretrained model below).
+    moe_section = c.MoEConfig(num_experts=s.num_experts, num_experts_per_tok=s.num_experts_per_tok,
+                              moe_layers="every_other", router_aux_loss_coef=s.router_aux_loss_coef,
+                              router_detach_input=True) if moe else None
+    return c.TrainConfig(
+        run=c.RunConfig(name=run_dir.name, out_dir=str(run_dir), seed=s.seed, precision=s.dtype, quiet=True),
+        model=c.ModelConfig(base=base, attention="auto", train=s.train if moe else "all"),
+        moe=moe_section,
+        data=c.DataConfig(dir=data_dir, block_size=s.block_size, batch_size=s.batch_size),
+        optim=c.OptimConfig(lr=s.lr, min_lr=s.lr / 10, warmup_steps=max(1, steps // 10), max_steps=steps,
+                            router_lr_scale=s.router_lr_scale if moe else 1.0),
+        eval=c.EvalConfig(interval=max(1, steps // 2), batches=eval_batches, keep_best=True),
+        checkpoint=c.CheckpointConfig(interval=0, keep_last=1),
+        tracking=c.TrackingConfig(wandb=s.wandb, tensorboard=True, log_interval=max(1, min(10, steps // 4))),
+    )
 
 
 def count_flops_per_token(settings: UpcyclingSettings, base: str, data_dir: str, out: Path) -> dict[str, float]:

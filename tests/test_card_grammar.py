@@ -110,6 +110,17 @@ def test_mana_costs(cost, types, ok):
     assert (check_cost(cost, types) is None) == ok
 
 
+def test_a_read_card_is_the_one_card_record_and_a_bad_name_fails_under_its_own_rule():
+    """Reference: the fields and colours read off by hand (CR 202.2: a card's colours are its mana cost's)."""
+    card = parse_card("Glory Seeker {1}{W/U}{G/P}\nCreature — Elf Druid\nFlying\n2/2")
+    assert isinstance(card, WholeCard)
+    assert (card.name, card.mana_cost, card.type_line, card.text, card.power, card.toughness, card.loyalty,
+            card.colors) == ("Glory Seeker", "{1}{W/U}{G/P}", "Creature — Elf Druid", ("Flying",), "2", "2", None,
+                             "WUG")
+    assert set(judge("Glory Seeker 1W\nCreature — Elf Druid\n2/2", VOCABULARY).failures) == {"name"}
+    assert set(judge("Glory Seeker {W}{1}\nCreature — Elf Druid\n2/2", VOCABULARY).failures) == {"cost"}
+
+
 def test_documents_without_a_card_layout_do_not_parse():
     for document in ("", "Just a name", "Name {1}\n\nCreature — Elf\n1/1", "Name {1}\nCreature — Elf\n2/2\nFlying",
                      "Name {1}{\nInstant\nDraw a card."):

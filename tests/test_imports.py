@@ -129,6 +129,28 @@ def test_the_checker_finds_a_planted_circle_and_an_upward_import(tmp_path):
     assert upward_imports(graph, ["data", "cli"]) == ["pkg.data.b -> pkg.cli.verb"]
 
 
+def private_imports(src: Path) -> list[str]:
+    """`module -> name` for every private name (a leading underscore, dunders aside) one file of the tree imports
+    from another: a private name is its file's own business."""
+    found = []
+    for module, file in module_files(src).items():
+        for node in ast.walk(ast.parse(file.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "flash_experts":
+                found += [f"{module} -> {node.module}.{alias.name}" for alias in node.names
+                          if alias.name.startswith("_") and not alias.name.startswith("__")]
+    return sorted(found)
+
+
+def test_no_file_imports_another_files_private_names(tmp_path):
+    """Reference: a planted tree with one private import (found) and one public (not)."""
+    assert private_imports(SRC) == []
+    root = tmp_path / "flash_experts"
+    root.mkdir()
+    (root / "a.py").write_text("_hidden = 1\nshown = 2\n")
+    (root / "b.py").write_text("from flash_experts.a import _hidden, shown\n")
+    assert private_imports(tmp_path) == ["flash_experts.b -> flash_experts.a._hidden"]
+
+
 def test_cli_verbs_do_not_import_each_other():
     """Shared options and helpers live in cli/common.py; cli/main.py registers the verbs (and its error path
     is imported by the example scripts), so those two are the only CLI modules a verb may import."""

@@ -2,7 +2,7 @@
 
 Two separate answers, as mtgencode's validator gives (good / bad per rule) and more strictly:
 - **parses**: the document has the layout of mtg/whole_cards.py (name and cost, type line, rules text,
-  P/T or loyalty) and every field reads: `parse_card` returns a ParsedCard, or a ParseError saying where not.
+  P/T or loyalty) and every field reads: `parse_card` returns a WholeCard, or a ParseError saying where not.
 - **passes every rule check**: `check_card` runs the checks below and reports each one:
   cost         the mana cost's grammar: {N} generic, {W}{U}{B}{R}{G} coloured, {C} colourless, {S} snow,
                {X}{Y}{Z}, hybrid {W/U} and {2/W}, Phyrexian {W/P} and {W/U/P}; X first, then one generic
@@ -23,7 +23,8 @@ Two separate answers, as mtgencode's validator gives (good / bad per rule) and m
                says where the card is, as "Return ~ from your graveyard" does, nor is delayed); X in the cost
                is used by the text; "kicked" needs Kicker; level lines need "Level up"
 The parse rate and the pass rate on the real cards, and the share of deliberately broken cards caught, are
-tested (tests/test_card_grammar.py) and written in docs/CARDS.md.
+tested (tests/test_card_grammar.py) and written in docs/CARDS.md. The module reads top-down: `judge` and
+`check_card` first, then the reading (`parse_card`), then each rule's check.
 """
 
 from __future__ import annotations
@@ -87,15 +88,26 @@ class ParseError(ValueError):
     """A document that does not have a card's layout; the message says where."""
 
 
-@dataclass(frozen=True)
-class ParsedCard:
-    name: str
-    mana_cost: str
-    type_line: str
-    text: tuple[str, ...]
-    power: str | None
-    toughness: str | None
-    loyalty: str | None
+# ---------------------------------------------------------------------------------- the entry points
+
+@dataclass
+class Verdict:
+    """What the grammar says of one document."""
+
+    parses: bool
+    passes: bool
+    failures: dict[str, str]
+    card: WholeCard | None = None
+
+
+def judge(document: str, vocabulary: CardVocabulary) -> Verdict:
+    """Parse, then check: the two answers and the reasons."""
+    try:
+        card = parse_card(document)
+    except ParseError as error:
+        return Verdict(False, False, {"parse": str(error)})
+    check = check_card(card, vocabulary)
+    return Verdict(True, check.passes, check.failures, card)
 
 
 @dataclass
@@ -112,7 +124,31 @@ class CardCheck:
         self.failures.setdefault(rule, reason)
 
 
-RULES = ("cost", "type_line", "pt", "loyalty", "text", "consistency")
+RULES = ("name", "cost", "type_line", "pt", "loyalty", "text", "consistency")
+
+
+def check_card(card: WholeCard, vocabulary: CardVocabulary) -> CardCheck:
+    """Every rule's verdict on a parsed card (module docstring)."""
+    result = CardCheck()
+    _, types, subtypes = split_type_line(card.type_line)
+    for rule, reason in (("name", check_name(card.name)),
+                         ("cost", check_cost(card.mana_cost, types)),
+                         ("type_line", check_type_line(card.type_line, vocabulary)),
+                         ("pt", check_pt(card, types, subtypes)),
+                         ("loyalty", check_loyalty(card, types)),
+                         ("consistency", check_consistency(card, types, subtypes))):
+        if reason:
+            result.fail(rule, reason)
+    for line in card.text:
+        reason = check_text_line(line, card.name)
+        if reason:
+            result.fail("text", reason)
+            break
+    return result
+
+
+# -------------------------------------------------------------------------------------- the reading
+
 
 
 def split_name_and_cost(line: str) -> tuple[str, str]:
@@ -126,7 +162,7 @@ def is_pt_line(line: str) -> bool:
     return bool(PT_LINE.match(line)) and not re.search(r"[a-z]", line)
 
 
-def parse_card(document: str) -> ParsedCard:
+def parse_card(document: str) -> WholeCard:
     """The fields of a whole-card document (mtg/whole_cards.py's layout); ParseError where it has none."""
     lines = [line.strip() for line in document.strip().split("\n")]
     if len(lines) < 2 or not all(lines):
@@ -145,7 +181,12 @@ def parse_card(document: str) -> ParsedCard:
     for index, line in enumerate(rest):  # a leveler's P/T stands under its LEVEL line, nowhere else
         if is_pt_line(line) and not (index and LEVEL.match(rest[index - 1])):
             raise ParseError("a power/toughness line stands before the end of the card")
-    return ParsedCard(name, cost, lines[1], tuple(rest), power, toughness, loyalty)
+    # the card's colours are its mana cost's (CR 202.2); a parsed card has no colour indicator or other layout
+    colors = "".join(c for c in "WUBRG" if any(c in symbol for symbol in COST_SYMBOL.findall(cost)))
+    return WholeCard(name, cost, lines[1], tuple(rest), power, toughness, loyalty, colors=colors, layout="normal")
+
+
+# ------------------------------------------------------------------------------------ the rule checks
 
 
 def split_type_line(type_line: str) -> tuple[list[str], list[str], list[str]]:
@@ -220,7 +261,7 @@ def check_type_line(type_line: str, vocabulary: CardVocabulary) -> str | None:
     return None
 
 
-def check_pt(card: ParsedCard, types: list[str], subtypes: list[str]) -> str | None:
+def check_pt(card: WholeCard, types: list[str], subtypes: list[str]) -> str | None:
     needs = "Creature" in types or "Vehicle" in subtypes
     has = card.power is not None
     if needs and not has:
@@ -232,7 +273,7 @@ def check_pt(card: ParsedCard, types: list[str], subtypes: list[str]) -> str | N
     return None
 
 
-def check_loyalty(card: ParsedCard, types: list[str]) -> str | None:
+def check_loyalty(card: WholeCard, types: list[str]) -> str | None:
     needs = "Planeswalker" in types
     if needs and card.loyalty is None:
         return "a planeswalker needs loyalty"
@@ -351,7 +392,7 @@ def check_text_line(line: str, card_name: str) -> str | None:
     return None
 
 
-def check_consistency(card: ParsedCard, types: list[str], subtypes: list[str]) -> str | None:
+def check_consistency(card: WholeCard, types: list[str], subtypes: list[str]) -> str | None:
     text = "\n".join(card.text)
     lower = text.lower()
     if "Aura" in subtypes and not re.search(r"(?m)^Enchant ", text):
@@ -404,42 +445,3 @@ def check_name(name: str) -> str | None:
             len(last) > 1 or last.isdigit()):
         return f"the name ends in {last!r}: a mana cost without its braces"
     return None
-
-
-def check_card(card: ParsedCard, vocabulary: CardVocabulary) -> CardCheck:
-    """Every rule's verdict on a parsed card (module docstring)."""
-    result = CardCheck()
-    _, types, subtypes = split_type_line(card.type_line)
-    for rule, reason in (("cost", check_cost(card.mana_cost, types) or check_name(card.name)),
-                         ("type_line", check_type_line(card.type_line, vocabulary)),
-                         ("pt", check_pt(card, types, subtypes)),
-                         ("loyalty", check_loyalty(card, types)),
-                         ("consistency", check_consistency(card, types, subtypes))):
-        if reason:
-            result.fail(rule, reason)
-    for line in card.text:
-        reason = check_text_line(line, card.name)
-        if reason:
-            result.fail("text", reason)
-            break
-    return result
-
-
-@dataclass
-class Verdict:
-    """What the grammar says of one document."""
-
-    parses: bool
-    passes: bool
-    failures: dict[str, str]
-    card: ParsedCard | None = None
-
-
-def judge(document: str, vocabulary: CardVocabulary) -> Verdict:
-    """Parse, then check: the two answers and the reasons."""
-    try:
-        card = parse_card(document)
-    except ParseError as error:
-        return Verdict(False, False, {"parse": str(error)})
-    check = check_card(card, vocabulary)
-    return Verdict(True, check.passes, check.failures, card)

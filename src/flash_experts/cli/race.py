@@ -102,9 +102,9 @@ def run(args: argparse.Namespace) -> int:
     import contextlib
     import os
 
-    from flash_experts.contest.race import Processes
     from flash_experts.errors import UserError
     from flash_experts.training import distributed as dist_utils
+    from flash_experts.training.processes import ProcessLayout
 
     settings = race_settings(args)
     out = Path(args.out)
@@ -116,8 +116,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--expert-parallel {args.expert_parallel} splits the experts over processes: run the race "
                         f"under torchrun with a multiple of {args.expert_parallel} processes")
     info = dist_utils.init_distributed("cpu")
-    processes = Processes(info.rank, info.world_size, args.expert_parallel)
-    processes.check(settings)  # every process refuses alike, before any collective
+    processes = ProcessLayout(info.rank, info.world_size, args.expert_parallel)
+    processes.check(settings.num_experts, settings.batch_size)  # every process refuses alike, before any collective
     try:
         with contextlib.ExitStack() as quiet:
             if not info.is_main:  # one process prints and writes

@@ -35,8 +35,10 @@ from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
 from flash_experts.model.config import validate_moe_fields
 from flash_experts.model.moe import MoESettings
 from flash_experts.training.config import OptimConfig
+from flash_experts.training.gradient_sync import GradientSync
 from flash_experts.training.model_setup import optimizer_groups
 from flash_experts.training.optimizer import build_adamw, set_scheduled_lr
+from flash_experts.training.processes import ProcessLayout
 from flash_experts.training.steps import training_step
 
 CONTENDERS = ("dense", "moe")
@@ -268,54 +270,17 @@ def evaluate_domains(model: torch.nn.Module, windows: dict[str, torch.Tensor], d
             for domain, ids in windows.items()}
 
 
-@dataclass(frozen=True)
-class Processes:
-    """The processes that run one race together (under torchrun): each takes its share of every batch, the dense
-    twin's gradients are averaged over all of them, and the MoE twin's experts are split over groups of
-    `expert_parallel` (training/expert_parallel.py). The default is one process."""
-
-    rank: int = 0
-    world: int = 1
-    expert_parallel: int = 1
-
-    def check(self, settings: RaceSettings) -> None:
-        if self.expert_parallel > 1:
-            from flash_experts.model.expert_parallel import check_expert_parallel_degree
-
-            check_expert_parallel_degree(settings.num_experts, self.expert_parallel, self.world)
-        if settings.batch_size % self.world:
-            raise ConfigError(f"the batch of {settings.batch_size} windows does not split over {self.world} "
-                              "processes")
-
-    def gradients(self, name: str, model: torch.nn.Module) -> Any:
-        """What averages the twin's gradients (training_step's `gradients`): None in one process."""
-        if self.world == 1:
-            return None
-        if name == "moe" and self.expert_parallel > 1:
-            from flash_experts.training.expert_parallel import ExpertParallelTraining
-
-            return ExpertParallelTraining(model, self.expert_parallel)
-        from flash_experts.training.distributed import AveragedGradients
-
-        return AveragedGradients(model)
-
-    def share(self, batch: torch.Tensor) -> torch.Tensor:
-        """This process's windows of a step's batch (consecutive rows, so the processes cover it exactly)."""
-        per = len(batch) // self.world
-        return batch[self.rank * per:(self.rank + 1) * per]
-
-
 class TwinContender:
     """One twin in the contest: its optimizer and the race's schedule, a training step on the race's batch of
     the step, timed alone."""
 
     def __init__(self, name: str, model: torch.nn.Module, settings: RaceSettings,
-                 batch: Callable[[int], torch.Tensor], gradients: Any = None):
+                 batch: Callable[[int], torch.Tensor], sync: GradientSync | None = None):
         self.name, self.model, self.settings, self.batch = name, model, settings, batch
         self.optim = settings.optim()
         model.train()
         self.optimizer = race_optimizer(model, settings)
-        self.train_step = training_step(model, self.optimizer, settings.torch_dtype, gradients)
+        self.train_step = training_step(model, self.optimizer, settings.torch_dtype, sync)
         self.steps_done = 0
         self.seconds = 0.0
 
@@ -339,7 +304,7 @@ class TwinContender:
 def run_race(settings: RaceSettings, corpus: DomainCorpus,
              on_evaluation: Callable[[Evaluation], None] | None = None,
              should_stop: Callable[[], bool] | None = None, contenders: tuple[str, ...] = CONTENDERS,
-             score_test: bool = True, processes: Processes = Processes()) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
+             score_test: bool = True, processes: ProcessLayout = ProcessLayout()) -> tuple[RaceResult, dict[str, GPT2MoEForCausalLM]]:
     """Train both twins `settings.steps` steps on the same batches, taking turns (engine.py: which one steps
     first alternates), each step timed; evaluate both per domain every `eval_every` steps and at the end; score
     the test split once. Returns the result and the trained models.
@@ -349,7 +314,7 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
     the recipe chosen on validation only). `processes`: several processes running this race together (each
     evaluates every window, so that the MoE's exchanges pair up); the figures are the one-process race's."""
     settings.check()
-    processes.check(settings)
+    processes.check(settings.num_experts, settings.batch_size)
     corpus.check(settings.context)
     if not contenders or set(contenders) - set(CONTENDERS):
         raise ConfigError(f"contenders must be some of {CONTENDERS}, got {contenders!r}")
@@ -364,7 +329,10 @@ def run_race(settings: RaceSettings, corpus: DomainCorpus,
         lambda step: processes.share(corpus.train_batch(step, settings.batch_size, settings.context,
                                                         settings.seed if settings.data_seed is None
                                                         else settings.data_seed)))
-    twins = {name: TwinContender(name, model, settings, batch, processes.gradients(name, model))
+    # what averages each twin's gradients over the processes (nothing in one; the MoE's experts split over
+    # groups of processes.expert_parallel, the rest averaged by hand)
+    twins = {name: TwinContender(name, model, settings, batch, processes.gradient_sync(
+                 model, experts=processes.split_experts(model) if name == "moe" else None))
              for name, model in models.items()}
     val_windows = corpus.split_windows("val", settings.context, settings.eval_windows)
 

@@ -12,12 +12,13 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-from flash_experts.contest.race import CONTENDERS, TARGET_RATIO, Processes, RaceResult, RaceSettings, run_race
+from flash_experts.contest.race import CONTENDERS, TARGET_RATIO, RaceResult, RaceSettings, run_race
 from flash_experts.data.domains import DomainCorpus
+from flash_experts.training.processes import ProcessLayout
 
 
 def race_seed(settings: RaceSettings, corpus: DomainCorpus, out: Path, say: Callable[[str], None],
-              processes: Processes = Processes()) -> RaceResult:
+              processes: ProcessLayout = ProcessLayout()) -> RaceResult:
     """One seed of the race: the twins trained (one line per evaluation), their atlas, race.json and race.png
     in `out` (by the first process only). The result carries the atlas (`result.atlas`)."""
     from flash_experts.contest.plots import plot_race

@@ -429,8 +429,9 @@ def save_routing(moe: Any, atlas: Any) -> None:
     from flash_experts.evaluation.expert_atlas import ATLAS_FILE
 
     run_dir = Path(moe.run_dir)
-    (run_dir / "routing.json").write_text(json.dumps({"initial": moe.initial_routing, "final": moe.final_routing},
-                                                     indent=1))
+    (run_dir / "routing.json").write_text(json.dumps({name: routing.as_dict() if routing else None for name, routing
+                                                      in (("initial", moe.initial_routing),
+                                                          ("final", moe.final_routing))}, indent=1))
     (run_dir / ATLAS_FILE).write_text(json.dumps(atlas.as_dict(), indent=1))
 
 
@@ -444,8 +445,8 @@ def routing_lines(moe: Any, atlas: Any) -> list[str]:
     """How the MoE's routers moved (validation split, means over the MoE layers, step 0 against the last
     evaluation), whether they met the target, and the expert atlas, one line per layer: what the demo and the
     example scripts print."""
-    start = (moe.initial_routing or {}).get("summary")
-    end = (moe.final_routing or {}).get("summary") or {}
+    start = moe.initial_routing.summary() if moe.initial_routing else None
+    end = moe.final_routing.summary() if moe.final_routing else {}
     lines = ["  the routers on the validation split, step 0 -> end (means over the MoE layers):"]
     for key, label in (("entropy_ratio", "routing entropy / ln E"), ("top1_prob", "top-1 probability"),
                        ("load_min", "least used expert's share (any layer)"),

@@ -8,14 +8,14 @@ from flash_experts.evaluation.perplexity import (
     load_eval_tokens,
     perplexity_with_routing,
 )
-from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult
+from flash_experts.model.routing import SplitRouting, SplitRoutingTally
 
 __all__ = [
     "ComparisonResult",
     "ModelEntry",
     "PerplexityResult",
-    "RouterStatsAccumulator",
-    "RouterStatsResult",
+    "SplitRoutingTally",
+    "SplitRouting",
     "collect_router_stats",
     "compare_models",
     "count_parameters",

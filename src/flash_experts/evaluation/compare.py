@@ -29,9 +29,10 @@ from flash_experts.evaluation.perplexity import (
     perplexity_with_routing,
     tokenize_text,
 )
-from flash_experts.evaluation.router_stats import RouterStatsResult, router_stats_markdown
+from flash_experts.evaluation.router_stats import router_stats_markdown
 from flash_experts.model.properties import model_device, model_max_positions, synchronize
 from flash_experts.model.quantize import quantization_of, quantized_parameter_counts
+from flash_experts.model.routing import SplitRouting
 
 # Our MoE layers keep expert weights under `mlp.experts.` (ARCHITECTURE.md); HF Mixtral uses
 # `block_sparse_moe.experts.`. Both contain ".experts." (a Qwen-MoE "shared_expert." always runs and does not).
@@ -72,7 +73,7 @@ class ModelReport:
     forward_tokens_per_second: float
     generation_tokens_per_second: float
     generations: list[Generation]
-    routing: RouterStatsResult | None
+    routing: SplitRouting | None
 
 
 @dataclass

@@ -34,8 +34,8 @@ from tqdm.auto import tqdm
 
 from flash_experts.data.text import read_text
 from flash_experts.errors import NonFiniteOutput, UserError
-from flash_experts.evaluation.router_stats import RouterStatsAccumulator, RouterStatsResult, expert_distances
 from flash_experts.model.properties import model_device, model_max_positions, model_vocab_size, synchronize
+from flash_experts.model.routing import SplitRouting, SplitRoutingTally, expert_distances
 
 
 @dataclass
@@ -151,7 +151,7 @@ def evaluate_perplexity(
     bf16: bool = False,
     max_tokens: int | None = None,
     quiet: bool = False,
-    router_stats: RouterStatsAccumulator | None = None,
+    router_stats: SplitRoutingTally | None = None,
 ) -> PerplexityResult:
     """Sliding-window perplexity of `model` on the token stream `tokens` (see the module docstring).
 
@@ -222,9 +222,9 @@ def collect_router_stats(
     bf16: bool = False,
     max_tokens: int | None = None,
     quiet: bool = False,
-) -> RouterStatsResult:
+) -> SplitRouting:
     """Route the stream through `model` in non-overlapping windows (each token once) and aggregate."""
-    accumulator = RouterStatsAccumulator()
+    accumulator = SplitRoutingTally()
     evaluate_perplexity(
         model, tokens, context=context, stride=None, batch_size=batch_size, bf16=bf16,
         max_tokens=max_tokens, quiet=quiet, router_stats=accumulator,
@@ -241,12 +241,12 @@ def perplexity_with_routing(
     batch_size: int = 4,
     bf16: bool = False,
     quiet: bool = False,
-) -> tuple[PerplexityResult, RouterStatsResult]:
+) -> tuple[PerplexityResult, SplitRouting]:
     """Perplexity and router statistics of one evaluation stream. Overlapping windows (stride < context)
     route most tokens several times, so routing then gets its own non-overlapping pass: every token of the
     evaluation set counts exactly once in the statistics."""
     overlapping = stride is not None and stride < resolve_context(model, context)
-    accumulator = None if overlapping else RouterStatsAccumulator()
+    accumulator = None if overlapping else SplitRoutingTally()
     result = evaluate_perplexity(model, tokens, context=context, stride=stride, batch_size=batch_size, bf16=bf16,
                                  quiet=quiet, router_stats=accumulator)
     routing = accumulator.result(expert_distances(model)) if accumulator is not None else collect_router_stats(

@@ -9,15 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from flash_experts.model.routing import (  # noqa: F401  (the names this module has always offered)
-    LayerRouting,
-    RouterStatsAccumulator,
-    RouterStatsResult,
-    expert_distances,
-)
+from flash_experts.model.routing import SplitRouting, SplitRoutingLayer
 
 
-def router_stats_table(result: RouterStatsResult, title: str = "Routing") -> Any:
+def router_stats_table(result: SplitRouting, title: str = "Routing") -> Any:
     """A rich Table with one row per MoE layer."""
     from rich.table import Table
 
@@ -30,7 +25,7 @@ def router_stats_table(result: RouterStatsResult, title: str = "Routing") -> Any
     return table
 
 
-def router_stats_markdown(result: RouterStatsResult) -> str:
+def router_stats_markdown(result: SplitRouting) -> str:
     """The same table in Markdown, plus each layer's full load vector."""
     if result.is_empty:
         return "Dense model: no routers.\n"
@@ -46,7 +41,7 @@ def router_stats_markdown(result: RouterStatsResult) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _cells(row: LayerRouting) -> list[str]:
+def _cells(row: SplitRoutingLayer) -> list[str]:
     distance = "n/a" if row.expert_distance != row.expert_distance else f"{row.expert_distance:.4f}"
     return [str(row.layer), str(row.num_experts), f"{row.tokens:,}", f"{min(row.load):.3f} / {max(row.load):.3f}",
             f"{row.imbalance:.2f}", f"{row.entropy_ratio:.3f} ({row.entropy:.3f} nats)", f"{row.top1_prob:.3f}",

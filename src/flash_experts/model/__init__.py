@@ -5,7 +5,7 @@ from flash_experts.model.config import GPT2MoEConfig, LlamaMoEConfig
 from flash_experts.model.gpt2_moe import GPT2MoEForCausalLM
 from flash_experts.model.kv_cache import KVCache
 from flash_experts.model.llama_moe import LlamaMoEForCausalLM
-from flash_experts.model.moe import MoELayer, MoESettings, RouterStats
+from flash_experts.model.moe import BatchRouting, MoELayer, MoESettings
 from flash_experts.model.upcycle import upcycle, upcycle_gpt2
 
 __all__ = [
@@ -16,7 +16,7 @@ __all__ = [
     "LlamaMoEForCausalLM",
     "MoELayer",
     "MoESettings",
-    "RouterStats",
+    "BatchRouting",
     "upcycle",
     "upcycle_gpt2",
 ]

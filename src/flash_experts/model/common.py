@@ -12,7 +12,7 @@ from transformers.utils import ModelOutput
 
 from flash_experts.errors import ConfigError
 from flash_experts.model.kv_cache import LayerCache
-from flash_experts.model.moe import RouterStats
+from flash_experts.model.moe import BatchRouting
 
 # Arguments transformers' own callers pass to a causal LM that change nothing here; any other unknown keyword
 # is a TypeError (a misspelled `attention_mask` must not be swallowed).
@@ -29,7 +29,7 @@ class MoECausalLMOutput(ModelOutput):
     cache: LayerCache | None = None  # the KV cache (transformers >= 5.24 names this field `cache`)
     lm_loss: Tensor | None = None  # mean next-token cross entropy (what perplexity is made of)
     aux_loss: Tensor | None = None  # weighted load-balancing + z-losses, summed over MoE layers
-    router_stats: list[RouterStats] | None = None
+    router_stats: list[BatchRouting] | None = None
     hidden_states: Tensor | None = None  # the final hidden states (after the last norm)
 
     @property
@@ -45,7 +45,7 @@ def causal_lm_loss(logits_BTV: Tensor, labels_BT: Tensor) -> Tensor:
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=-100)
 
 
-def weighted_router_loss(stats: list[RouterStats], aux_coef: float, z_coef: float, device: torch.device) -> Tensor:
+def weighted_router_loss(stats: list[BatchRouting], aux_coef: float, z_coef: float, device: torch.device) -> Tensor:
     """Sum over MoE layers of aux_coef * load-balancing loss + z_coef * z-loss (0 for a dense model)."""
     total = torch.zeros((), device=device)
     for layer_stats in stats:
@@ -125,7 +125,7 @@ class CausalLMForward:
 
     def hidden_states(self, input_ids: Tensor, attention_mask: Tensor | None = None,
                       position_ids: Tensor | None = None, cache: LayerCache | None = None
-                      ) -> tuple[Tensor, list[RouterStats]]:
+                      ) -> tuple[Tensor, list[BatchRouting]]:
         """The forward without the head: the final hidden states (B, T, D) and what each MoE layer's router did.
         The decode loop applies its own head to the last position (generation/decode_head.py)."""
         B, T = input_ids.shape
@@ -167,5 +167,5 @@ class CausalLMForward:
         raise NotImplementedError
 
     def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+                 cache: LayerCache | None) -> tuple[Tensor, list[BatchRouting]]:
         raise NotImplementedError

@@ -24,7 +24,7 @@ from flash_experts.errors import ConfigError
 from flash_experts.model.common import CausalLMForward
 from flash_experts.model.config import GPT2MoEConfig
 from flash_experts.model.kv_cache import KVCache, LayerCache
-from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
+from flash_experts.model.moe import BatchRouting, GroupedExperts, MoELayer, Router
 
 
 def activation_fn(name: str):
@@ -98,7 +98,7 @@ class GPT2Block(nn.Module):
             self.mlp = GPT2MLP(config)
 
     def forward(self, x: Tensor, key_padding_mask: Tensor | None, cache: LayerCache | None
-                ) -> tuple[Tensor, RouterStats | None]:
+                ) -> tuple[Tensor, BatchRouting | None]:
         x = x + self.attn(self.ln_1(x), key_padding_mask, cache)
         if not self.is_moe:
             return x + self.mlp(self.ln_2(x)), None
@@ -189,10 +189,10 @@ class GPT2MoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
             )
 
     def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+                 cache: LayerCache | None) -> tuple[Tensor, list[BatchRouting]]:
         t = self.transformer
         x = t.drop(t.wte(input_ids) + t.wpe(position_ids))
-        router_stats: list[RouterStats] = []
+        router_stats: list[BatchRouting] = []
         for block in t.h:
             x, stats = block(x, key_padding_mask, cache)
             if stats is not None:

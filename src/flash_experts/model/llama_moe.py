@@ -27,7 +27,7 @@ from flash_experts.errors import ConfigError
 from flash_experts.model.common import CausalLMForward
 from flash_experts.model.config import LlamaMoEConfig
 from flash_experts.model.kv_cache import KVCache, LayerCache
-from flash_experts.model.moe import GroupedExperts, MoELayer, Router, RouterStats
+from flash_experts.model.moe import BatchRouting, GroupedExperts, MoELayer, Router
 
 
 class LlamaAttention(nn.Module):
@@ -94,7 +94,7 @@ class LlamaDecoderLayer(nn.Module):
             self.mlp = LlamaMLP(config)
 
     def forward(self, x: Tensor, cos_sin: tuple[Tensor, Tensor], key_padding_mask: Tensor | None,
-                cache: LayerCache | None) -> tuple[Tensor, RouterStats | None]:
+                cache: LayerCache | None) -> tuple[Tensor, BatchRouting | None]:
         x = x + self.self_attn(self.input_layernorm(x), cos_sin, key_padding_mask, cache)
         if not self.is_moe:
             return x + self.mlp(self.post_attention_layernorm(x)), None
@@ -183,11 +183,11 @@ class LlamaMoEForCausalLM(CausalLMForward, PreTrainedModel, GenerationMixin):
             )
 
     def backbone(self, input_ids: Tensor, position_ids: Tensor, key_padding_mask: Tensor | None,
-                 cache: LayerCache | None) -> tuple[Tensor, list[RouterStats]]:
+                 cache: LayerCache | None) -> tuple[Tensor, list[BatchRouting]]:
         m = self.model
         x = m.embed_tokens(input_ids)
         cos_sin = m.rotary_emb(x, position_ids)  # each (B, T, Dh), computed once for all layers
-        router_stats: list[RouterStats] = []
+        router_stats: list[BatchRouting] = []
         for layer in m.layers:
             x, stats = layer(x, cos_sin, key_padding_mask, cache)
             if stats is not None:

@@ -73,7 +73,7 @@ class MoESettings:
 
 # -- the router ------------------------------------------------------------------------------------------------
 
-class Routing(NamedTuple):
+class RouterChoice(NamedTuple):
     """The router's decision for T tokens (a named tuple: `routing.experts_TK`, or unpacked in this order)."""
 
     weights_TK: Tensor  # fp32: how much each chosen expert's output counts
@@ -94,7 +94,7 @@ class Router(nn.Module):
         self.through_sum = settings.renormalize_through_sum
         self.detach_input = settings.router_detach_input
 
-    def forward(self, x_TD: Tensor) -> Routing:
+    def forward(self, x_TD: Tensor) -> RouterChoice:
         if self.detach_input:  # the router learns from its input; the input learns nothing from routing
             x_TD = x_TD.detach()
         # In fp32, autocast off: bf16 scores flip top-k choices between near-equal experts.
@@ -114,7 +114,7 @@ class Router(nn.Module):
             # `renormalize_through_sum` (top-k >= 2 only) divides by the live sum instead: Mixtral's gradient.
             total_TK = weights_TK.sum(dim=-1, keepdim=True)
             weights_TK = weights_TK / (total_TK if self.through_sum else total_TK.detach())
-        return Routing(weights_TK, experts_TK, logits_TE, probs_TE)
+        return RouterChoice(weights_TK, experts_TK, logits_TE, probs_TE)
 
 
 # -- the experts -----------------------------------------------------------------------------------------------
@@ -196,7 +196,7 @@ FIXED_SHAPE_MAX_ROWS = 64  # FixedShapeDispatch runs every expert on every row: 
 
 class MoELayer(nn.Module):
     """Router + experts (+ a shared expert, when the settings ask for one). Replaces a dense MLP: (B, T, D) ->
-    (B, T, D), plus what the router did (RouterStats). `ffn_size` is the model's MLP size: the experts' unless
+    (B, T, D), plus what the router did (BatchRouting). `ffn_size` is the model's MLP size: the experts' unless
     `settings.moe_intermediate_size` says otherwise."""
 
     def __init__(self, settings: MoESettings, *, hidden_size: int, ffn_size: int,
@@ -224,14 +224,14 @@ class MoELayer(nn.Module):
             return None
         return max(1, math.ceil(self.capacity_factor * num_tokens * self.top_k / self.num_experts))
 
-    def forward(self, x_BTD: Tensor) -> tuple[Tensor, RouterStats]:
+    def forward(self, x_BTD: Tensor) -> tuple[Tensor, BatchRouting]:
         B, T, D = x_BTD.shape
         x_TD = x_BTD.reshape(B * T, D)
         routing = self.router(x_TD)
         out_TD, counts_E, dropped = self.dispatch(self, x_TD, routing)
         if self.shared_expert is not None:  # every token, weight 1
             out_TD = out_TD + self.shared_expert(x_TD, torch.tensor([B * T], device=x_TD.device))
-        stats = routing_stats(self.layer_index, routing, counts_E, dropped)
+        stats = BatchRouting.of(self.layer_index, routing, counts_E, dropped)
         return out_TD.to(x_BTD.dtype).reshape(B, T, D), stats
 
 
@@ -240,7 +240,7 @@ class SortedDispatch:
     expert on its slice (grouped products), add the outputs back weighted. Returns (out_TD fp32, assignments per
     expert before drops, assignments dropped)."""
 
-    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: RouterChoice) -> tuple[Tensor, Tensor, Tensor]:
         experts_N = routing.experts_TK.reshape(-1)
         # stable: earlier tokens first, which is also the order in which a capacity limit keeps them
         order_N = torch.argsort(experts_N, stable=True)
@@ -275,7 +275,7 @@ class FixedShapeDispatch:
     Where its shapes cannot serve (more than FIXED_SHAPE_MAX_ROWS rows, a capacity limit that would drop
     assignments of several rows, experts on other processes) it is the sorted dispatch."""
 
-    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: Routing) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, layer: "MoELayer", x_TD: Tensor, routing: RouterChoice) -> tuple[Tensor, Tensor, Tensor]:
         rows = x_TD.shape[0]
         if (not layer.expert_dispatch.local or rows > FIXED_SHAPE_MAX_ROWS
                 or (rows > 1 and layer.capacity(rows) is not None)):
@@ -314,8 +314,9 @@ def router_z_loss(logits_TE: Tensor) -> Tensor:
 
 
 @dataclass
-class RouterStats:
-    """What one MoE layer's router did on one forward pass."""
+class BatchRouting:
+    """One MoE layer's routing of one batch (what `out.router_stats` lists, one per MoE layer). Over a whole
+    split these add up to a SplitRouting (model/routing.py)."""
 
     layer: int
     tokens_per_expert: Tensor  # (E,) long: assignments each expert received (before capacity drops)
@@ -325,17 +326,17 @@ class RouterStats:
     entropy: Tensor  # () mean entropy of the routing distribution, in nats
     top1_prob: Tensor  # () mean over tokens of the largest routing probability (1/E uniform, 1.0 certain)
 
-
-def routing_stats(layer: int, routing: Routing, counts_E: Tensor, dropped: Tensor) -> RouterStats:
-    """The one place RouterStats are computed. The two losses keep their graph (they are trained); the
-    descriptive numbers are detached."""
-    probs_TE = routing.probs_TE
-    return RouterStats(
-        layer=layer,
-        tokens_per_expert=counts_E.detach().long(),
-        dropped_tokens=dropped.detach(),
-        load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
-        z_loss=router_z_loss(routing.logits_TE),
-        entropy=-(probs_TE * torch.log_softmax(routing.logits_TE, dim=-1)).sum(-1).mean().detach(),
-        top1_prob=probs_TE.max(dim=-1).values.mean().detach(),
-    )
+    @staticmethod
+    def of(layer: int, choice: RouterChoice, counts_E: Tensor, dropped: Tensor) -> "BatchRouting":
+        """The one place a BatchRouting is computed. The two losses keep their graph (they are trained); the
+        descriptive numbers are detached."""
+        probs_TE = choice.probs_TE
+        return BatchRouting(
+            layer=layer,
+            tokens_per_expert=counts_E.detach().long(),
+            dropped_tokens=dropped.detach(),
+            load_balancing_loss=load_balancing_loss(probs_TE, counts_E),
+            z_loss=router_z_loss(choice.logits_TE),
+            entropy=-(probs_TE * torch.log_softmax(choice.logits_TE, dim=-1)).sum(-1).mean().detach(),
+            top1_prob=probs_TE.max(dim=-1).values.mean().detach(),
+        )

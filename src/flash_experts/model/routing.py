@@ -1,10 +1,10 @@
 """Routing statistics summed over many forwards: per-layer expert load, routing entropy, confidence, drops,
 and how far the experts have moved apart.
 
-Every forward of our MoE models returns `out.router_stats`, one `RouterStats` per MoE layer (model/moe.py):
+Every forward of our MoE models returns `out.router_stats`, one `BatchRouting` per MoE layer (its routing of that batch) (model/moe.py):
 `layer`, `tokens_per_expert` (E,) counts of token->expert assignments before capacity drops (they sum to
 tokens x top_k), `dropped_tokens`, `entropy` (mean per-token routing entropy, nats) and `top1_prob` (mean
-largest routing probability). `RouterStatsAccumulator` sums them:
+largest routing probability). `SplitRoutingTally` sums them:
 
 - load: each expert's share of all assignments in that layer (sums to 1; uniform = 1/E);
 - imbalance: max / mean of the per-expert counts (1.0 = perfectly balanced, E = one expert takes all);
@@ -34,7 +34,9 @@ from flash_experts.model.moe import MoELayer
 
 
 @dataclass
-class LayerRouting:
+class SplitRoutingLayer:
+    """One MoE layer's routing over a split: a row of SplitRouting."""
+
     layer: int
     num_experts: int
     tokens: int  # tokens that went through this layer's router
@@ -57,8 +59,10 @@ class LayerRouting:
 
 
 @dataclass
-class RouterStatsResult:
-    layers: list[LayerRouting] = field(default_factory=list)
+class SplitRouting:
+    """A split's routing: one row per MoE layer (SplitRoutingTally adds a split's BatchRoutings up)."""
+
+    layers: list[SplitRoutingLayer] = field(default_factory=list)
 
     @property
     def is_empty(self) -> bool:
@@ -87,7 +91,7 @@ class RouterStatsResult:
         }
 
 
-class RouterStatsAccumulator:
+class SplitRoutingTally:
     """Sums `out.router_stats` over forwards; `result()` turns the sums into per-layer statistics."""
 
     def __init__(self) -> None:
@@ -110,7 +114,7 @@ class RouterStatsAccumulator:
             self._tokens[layer] = self._tokens.get(layer, 0) + num_tokens
             self._top1_sum[layer] = self._top1_sum.get(layer, 0.0) + float(stats.top1_prob) * num_tokens
 
-    def result(self, distances: dict[int, float] | None = None) -> RouterStatsResult:
+    def result(self, distances: dict[int, float] | None = None) -> SplitRouting:
         """The per-layer statistics; `distances` (layer -> `expert_distances(model)`) adds how far apart the
         experts' weights are."""
         layers = []
@@ -121,7 +125,7 @@ class RouterStatsAccumulator:
             assignments = int(counts_E.sum())
             mean = assignments / num_experts
             layers.append(
-                LayerRouting(
+                SplitRoutingLayer(
                     layer=layer,
                     num_experts=num_experts,
                     tokens=tokens,
@@ -137,7 +141,7 @@ class RouterStatsAccumulator:
                     expert_distance=(distances or {}).get(layer, float("nan")),
                 )
             )
-        return RouterStatsResult(layers=layers)
+        return SplitRouting(layers=layers)
 
 
 @torch.no_grad()

@@ -76,24 +76,6 @@ def wrap_ddp(model: torch.nn.Module, info: DistInfo, ignore: list[str] | None = 
     return DistributedDataParallel(model, device_ids=device_ids)
 
 
-class AveragedGradients:
-    """Data parallelism by hand, for loops that step a model themselves (the race): the weights broadcast from
-    rank 0 once, then after each backward every gradient averaged over the processes in one flat bucket (what
-    DDP's reducer computes, without its hooks). `norm` is the gradient norm clipping uses (equal on every
-    process after the average)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        broadcast_from_first(model)
-
-    def reduce(self, params: list[torch.nn.Parameter]) -> None:
-        average_over(params, None)
-
-    def norm(self, params: list[torch.nn.Parameter]) -> torch.Tensor:
-        from flash_experts.training.optimizer import gradient_norm
-
-        return gradient_norm(params)
-
-
 def broadcast_from_first(model: torch.nn.Module) -> None:
     """Every process's weights and buffers made rank 0's. Each rank built its own model (random init, expert
     noise, Drop-Upcycling draw from per-rank seeds): rank 0's is the run's, as DDP's constructor makes it; a

@@ -44,15 +44,6 @@ from flash_experts.model.routing import moe_layers_of
 from flash_experts.training.distributed import average_over, broadcast_from_first
 
 
-def process_groups_of(world_size: int, degree: int) -> tuple[list[list[int]], list[list[int]]]:
-    """The ranks of each expert group (consecutive blocks of `degree`) and of each replica group (the ranks at
-    the same position of every block)."""
-    blocks = world_size // degree
-    expert_groups = [[block * degree + position for position in range(degree)] for block in range(blocks)]
-    replica_groups = [[block * degree + position for block in range(blocks)] for position in range(degree)]
-    return expert_groups, replica_groups
-
-
 def check_expert_parallel_run(model: nn.Module, degree: int, world_size: int, parallel: str) -> None:
     """Every refusal, from what each process knows alone (no collective): the same answer on every process."""
     if degree == 1:
@@ -75,9 +66,10 @@ class ExpertParallelTraining:
     """The experts of `model` split over expert groups of `degree` processes (module docstring). Build it on
     every process, after loading the weights and before building the optimizer and DDP."""
 
-    def __init__(self, model: nn.Module, degree: int) -> None:
-        self.degree, self.world_size, rank = degree, dist.get_world_size(), dist.get_rank()
-        expert_groups, replica_groups = process_groups_of(self.world_size, degree)
+    def __init__(self, model: nn.Module, layout: Any) -> None:
+        """`layout`: the run's processes (training/processes.py ProcessLayout)."""
+        self.degree, self.world_size, rank = layout.expert_parallel, layout.world, layout.rank
+        expert_groups, replica_groups = layout.expert_groups(), layout.replica_groups()
         # new_group is a collective over the world: every process creates every group, in the same order.
         for ranks in expert_groups:
             group = dist.new_group(ranks)
@@ -109,15 +101,6 @@ class ExpertParallelTraining:
         """Each expert's gradient summed over its replica group and divided by the world size: the average the
         data-parallel run takes (module docstring). Call after the last micro-batch's backward."""
         average_over([parameter for _, parameter, _ in self.experts], self.replica_group)
-
-    def reduce(self, params: list[nn.Parameter]) -> None:
-        """For a loop without DDP (the race): the replicated parameters' gradients averaged over every
-        process, the experts' over their replicas (training/distributed.py `AveragedGradients`' counterpart)."""
-        average_over([p for p in params if not self.is_expert(p)], None)
-        self.reduce_expert_gradients()
-
-    def norm(self, params: list[nn.Parameter]) -> Tensor:
-        return self.gradient_norm(params)
 
     def gradient_norm(self, params: list[nn.Parameter]) -> Tensor:
         """The whole model's gradient norm: the replicated parameters' squares here, plus the experts' summed

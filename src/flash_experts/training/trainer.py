@@ -27,7 +27,7 @@ import torch
 
 from flash_experts.data.tokens import load_split
 from flash_experts.errors import UserError
-from flash_experts.model.routing import RouterStatsAccumulator, RouterStatsResult, expert_distances
+from flash_experts.model.routing import SplitRouting, SplitRoutingTally, expert_distances
 from flash_experts.training import checkpoint as ckpt
 from flash_experts.training import distributed as dist_utils
 from flash_experts.training.compile import compile_fail_safe
@@ -36,8 +36,10 @@ from flash_experts.training.data import EvalBatches, TrainBatches
 from flash_experts.training.evaluation import next_token_loss_sums
 from flash_experts.training.expert_parallel import ExpertParallelTraining, check_expert_parallel_run
 from flash_experts.training.model_setup import build_model, prepare_for_training, read_meta, seed_everything
-from flash_experts.training.optimizer import clipped_step, gradient_norm, set_scheduled_lr
+from flash_experts.training.optimizer import set_scheduled_lr
+from flash_experts.training.processes import ProcessLayout
 from flash_experts.training.run_lock import RunFolderLock
+from flash_experts.training.steps import NonFiniteStep, optimizer_step
 from flash_experts.training.stop import StopRequest
 
 
@@ -84,16 +86,17 @@ class TrainResult:
     step_seconds: float = 0.0
     # the same over the whole run, resumed parts included: the realized compute that equal compute compares
     train_seconds: float = 0.0
-    # routing on the validation windows (model/routing.py RouterStatsResult.as_dict()): before the first step
-    # (when this run started at 0) and at the last evaluation; None for a dense model
-    initial_routing: dict[str, Any] | None = None
-    final_routing: dict[str, Any] | None = None
+    # routing on the validation windows (model/routing.py SplitRouting): before the first step (when this run
+    # started at 0) and at the last evaluation; None for a dense model
+    initial_routing: SplitRouting | None = None
+    final_routing: SplitRouting | None = None
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "losses"}
+        return {k: v.as_dict() if isinstance(v, SplitRouting) else v for k, v in self.__dict__.items()
+                if k != "losses"}
 
 
-def routing_metrics(routing: RouterStatsResult | None) -> dict[str, float]:
+def routing_metrics(routing: SplitRouting | None) -> dict[str, float]:
     """The tracked numbers of one evaluation's routing: per MoE layer, and their means over the layers."""
     if routing is None or routing.is_empty:
         return {}
@@ -199,15 +202,17 @@ class Trainer:
         if resume_folder is not None:  # before sharding: every rank loads the whole weights, then keeps its shard
             ckpt.load_model_weights(model, resume_folder)
         param_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.layout = ProcessLayout(info.rank, info.world_size, cfg.run.expert_parallel)
         self.expert_parallel: ExpertParallelTraining | None = None
 
-        def split_experts(m: torch.nn.Module) -> None:
-            self.expert_parallel = ExpertParallelTraining(m, cfg.run.expert_parallel)
+        def split(m: torch.nn.Module) -> None:  # FSDP2 shards, or expert parallelism splits the experts
+            if self.fsdp:
+                dist_utils.shard_fsdp(m, param_dtype)
+            else:
+                self.expert_parallel = self.layout.split_experts(m)
 
-        shard = (lambda m: dist_utils.shard_fsdp(m, param_dtype)) if self.fsdp else (
-            split_experts if cfg.run.expert_parallel > 1 else None)
-        self.params, self.optimizer = prepare_for_training(model, cfg, self.device, shard)
-        self.raw_model = model
+        self.params, self.optimizer = prepare_for_training(model, cfg, self.device, split)
+        self.raw_model = model  # the weights themselves: checkpoints, routing statistics, expert distances
         self._fresh_lr_scales = [group["lr_scale"] for group in self.optimizer.param_groups]
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.precision == "fp16")
         autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
@@ -226,8 +231,8 @@ class Trainer:
         self.evals_without_improvement = 0
         self.last_checkpoint: Path | None = None
         self.train_seconds = 0.0  # measured training-step time of the whole run (optim.time_budget spends it)
-        self.initial_routing: RouterStatsResult | None = None
-        self.last_routing: RouterStatsResult | None = None
+        self.initial_routing: SplitRouting | None = None
+        self.last_routing: SplitRouting | None = None
         self.stopped = "completed"
         if resume_folder is not None:
             self._resume(resume_folder)
@@ -243,8 +248,10 @@ class Trainer:
         if self.expert_parallel is not None:
             prefix = "_orig_mod." if compiled is not model else ""
             ignore = [prefix + name for name in self.expert_parallel.ignored_by_data_parallel()]
-        self.model = compiled if self.fsdp else dist_utils.wrap_ddp(compiled, info, ignore)
-        self.eval_model = compiled
+        self.model = compiled if self.fsdp else dist_utils.wrap_ddp(compiled, info, ignore)  # what trains: DDP's
+        self.eval_model = compiled  # what evaluates: compiled, never DDP-wrapped (its forward would sync buffers)
+        self.gradient_sync = self.layout.gradient_sync(model, wrapped=self.model if info.enabled else None,
+                                                       fsdp=self.fsdp, experts=self.expert_parallel)
 
         if info.is_main:
             from flash_experts.training.tracking import Tracker
@@ -355,57 +362,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------------- steps
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step over grad_accum micro-batches. Returns the step's rank-averaged numbers."""
+        """One optimizer step over grad_accum micro-batches (steps.py `optimizer_step`, the race's step too).
+        Returns the step's rank-averaged numbers."""
         cfg = self.cfg
         lr = set_scheduled_lr(self.optimizer, self.schedule_position(), cfg.optim)
-        accum = cfg.data.grad_accum
-        sums = torch.zeros(3, device=self.device)  # objective, lm loss, aux loss (means over micro-batches)
-        expert_counts: dict[int, torch.Tensor] = {}
-        for micro in range(accum):
-            x = self._to_device(self.train_batches.micro_batch(self.step, micro))
-            # DDP all-reduces gradients on every backward; skip that on all but the last micro-batch
-            last = micro == accum - 1
-            if self.fsdp:  # FSDP2's switch for the same thing: reduce-scatter only after the last micro-batch
-                self.model.set_requires_gradient_sync(last)
-            sync = contextlib.nullcontext() if last or not self.info.enabled or self.fsdp else self.model.no_sync()
-            with sync:
-                with self.autocast():
-                    out = self.model(input_ids=x, labels=x)
-                self.scaler.scale(out.loss / accum).backward()
-            lm_loss = getattr(out, "lm_loss", None)
-            aux_loss = getattr(out, "aux_loss", None)
-            sums += torch.stack([
-                out.loss.detach().float(),
-                (lm_loss if lm_loss is not None else out.loss).detach().float(),
-                aux_loss.detach().float() if aux_loss is not None else torch.zeros((), device=self.device),
-            ]) / accum
-            for stats in getattr(out, "router_stats", None) or []:
-                counts = stats.tokens_per_expert.detach()
-                expert_counts[stats.layer] = expert_counts.get(stats.layer, 0) + counts
-        if self.expert_parallel is not None:  # the experts' gradients, which DDP leaves alone
-            self.expert_parallel.reduce_expert_gradients()
-        dist_utils.all_reduce_mean(sums)
-        loss, lm, aux = sums.tolist()
-        if not math.isfinite(loss):
-            self._diverged(f"the loss is {loss}")
-        self.scaler.unscale_(self.optimizer)
-        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
-        norm = (gradient_norm(self.params) if self.expert_parallel is None
-                else self.expert_parallel.gradient_norm(self.params))
-        grad_norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
-        if not math.isfinite(grad_norm) and not self.scaler.is_enabled():  # fp16: the scaler skips such steps
-            self._diverged(f"the gradient norm is {grad_norm}")
-        if self.scaler.is_enabled():  # fp16: the scaler drives the step (and skips it on inf gradients)
-            torch.nn.utils.clip_grads_with_norm_(self.params, clip, norm)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            clipped_step(self.optimizer, self.params, norm, clip)
-        self.optimizer.zero_grad(set_to_none=True)
+        micro_batches = [self._to_device(self.train_batches.micro_batch(self.step, micro))
+                         for micro in range(cfg.data.grad_accum)]
+        try:
+            numbers = optimizer_step(self.model, micro_batches, self.optimizer, self.params, self.gradient_sync,
+                                     autocast=self.autocast, clip=cfg.optim.grad_clip if cfg.optim.grad_clip > 0
+                                     else float("inf"), scaler=self.scaler)
+        except NonFiniteStep as error:
+            self._diverged(str(error))
         self.step += 1
         self.tokens_seen += self.tokens_per_step
-        return {"loss": loss, "lm_loss": lm, "aux_loss": aux, "lr": lr, "grad_norm": grad_norm,
-                "expert_counts": expert_counts}
+        return {"loss": numbers.loss, "lm_loss": numbers.lm_loss, "aux_loss": numbers.aux_loss, "lr": lr,
+                "grad_norm": numbers.grad_norm, "expert_counts": numbers.expert_counts}
 
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if self.device_type == "cuda":  # pinned host memory lets the copy overlap with queued GPU work
@@ -423,7 +395,7 @@ class Trainer:
     def evaluate(self) -> float:
         """Mean LM cross entropy (no aux loss) over the fixed validation windows, summed across ranks
         (training/evaluation.py: the race's evaluation too)."""
-        routing = RouterStatsAccumulator()
+        routing = SplitRoutingTally()
         total, count = next_token_loss_sums(
             self.eval_model, (self._to_device(x) for x in self.eval_batches), self.autocast,
             on_output=lambda out, x: routing.add(getattr(out, "router_stats", None), x.numel()))
@@ -627,9 +599,8 @@ class Trainer:
             initial_val_loss=self.initial_val_loss, initial_val_ppl=perplexity(self.initial_val_loss),
             step_seconds=step_seconds, train_seconds=self.train_seconds,
             initial_routing=None if self.initial_routing is None or self.initial_routing.is_empty
-            else self.initial_routing.as_dict(),
-            final_routing=None if self.last_routing is None or self.last_routing.is_empty
-            else self.last_routing.as_dict(),
+            else self.initial_routing,
+            final_routing=None if self.last_routing is None or self.last_routing.is_empty else self.last_routing,
         )
         if self.tracker is not None:
             self.tracker.summary({f"final/{k}": v for k, v in result.as_dict().items() if k != "run_dir"})

@@ -99,8 +99,8 @@ def trace_twin(name: str, model: torch.nn.Module, settings: RaceSettings, corpus
                val_windows: dict, path: Path) -> dict:
     """Train one twin as the race does, recording as it goes; the record is written to `path` at every
     evaluation (a long trace can be read while it runs)."""
-    optim = settings.optim()
-    optimizer = race_optimizer(model, settings)
+    optim = settings.optim(name)
+    optimizer = race_optimizer(model, settings, name)
     params = [p for p in model.parameters() if p.requires_grad]
     names = {id(p): n for n, p in model.named_parameters()}
     dtype = settings.torch_dtype

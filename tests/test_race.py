@@ -244,6 +244,7 @@ def test_a_tiny_race_trains_both_on_the_same_batches_and_scores_every_domain():
     (["--steps", "0"], "steps must be a positive integer"),
     (["--width", "30"], "width 30 is not divisible by heads 4"),
     (["--lr", "-1"], "lr must be > 0"),
+    (["--moe-lr", "0"], "--moe-lr must be > 0"),
     (["--dtype", "fp16"], "needs a CUDA device"),
     (["--shared-experts", "-1"], "shared_experts must be a non-negative integer"),
     (["--top-k", "2", "--shared-experts", "1", "--width", "20", "--heads", "4"],
@@ -347,3 +348,14 @@ def test_the_seed_range_is_what_torch_and_numpy_take_with_room_for_derived_seeds
             RaceSettings(seed=bad).check()
     with pytest.raises(ConfigError, match="data_seed must be"):
         RaceSettings(data_seed=-5).check()
+
+
+def test_each_twin_takes_its_own_peak_rate():
+    """Reference: the settings as written — the MoE twin's schedule peaks at moe_lr, the dense twin's at lr, both
+    decaying to min_lr_ratio of their own peak; unset, the MoE takes lr."""
+    from flash_experts.contest.race import RaceSettings
+
+    both = RaceSettings(lr=1e-3, moe_lr=1.4e-3, min_lr_ratio=0.1)
+    assert (both.optim("dense").lr, both.optim("moe").lr) == (1e-3, 1.4e-3)
+    assert both.optim("moe").min_lr == pytest.approx(1.4e-4) and both.optim("dense").min_lr == pytest.approx(1e-4)
+    assert RaceSettings(lr=1e-3).optim("moe").lr == 1e-3

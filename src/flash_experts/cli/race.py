@@ -57,6 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "Mixtral's gradient; the default for top-k >= 2) or held constant (the Switch gradient; "
                              "the default for top-1)")
     parser.add_argument("--lr", type=float, default=None, help="peak learning rate of both (default 2e-3)")
+    parser.add_argument("--moe-lr", type=float, default=None, help="the MoE twin's own peak rate (default: --lr)")
     parser.add_argument("--eval-every", type=int, default=None, help="steps between evaluations (default 50)")
     parser.add_argument("--seed", type=int, default=1337)
     parser.add_argument("--seeds", type=int, default=1,
@@ -75,7 +76,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 OPTION_FIELDS = {"steps": "steps", "experts": "num_experts", "top_k": "num_experts_per_tok",
                  "shared_experts": "shared_experts", "moe_layers": "moe_layers", "width": "width", "layers": "layers",
                  "heads": "heads", "aux_loss": "router_aux_loss_coef", "z_loss": "router_z_loss_coef", "lr": "lr",
-                 "eval_every": "eval_every"}
+                 "moe_lr": "moe_lr", "eval_every": "eval_every"}
 
 
 def race_settings(args: argparse.Namespace):

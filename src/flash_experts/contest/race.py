@@ -74,6 +74,8 @@ class RaceSettings:
     renormalize_through_sum: bool | None = None
     steps: int = 800
     lr: float = 2e-3
+    # the MoE twin's own peak rate (a fair race tunes both contenders: issue 42); None: `lr`, as the dense twin's
+    moe_lr: float | None = None
     min_lr_ratio: float = 0.1
     warmup_steps: int = 40
     weight_decay: float = 0.1
@@ -118,6 +120,8 @@ class RaceSettings:
                               " equal experts")
         if not (math.isfinite(self.lr) and self.lr > 0) or not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"lr must be > 0 and min_lr_ratio in [0, 1], got {self.lr} and {self.min_lr_ratio}")
+        if self.moe_lr is not None and not (math.isfinite(self.moe_lr) and self.moe_lr > 0):
+            raise ConfigError(f"{word('moe_lr')} must be > 0, got {self.moe_lr}")
         if self.weight_decay < 0 or self.warmup_steps < 0:
             raise ConfigError("weight_decay and warmup_steps must not be negative")
         if self.dtype not in ("fp32", "bf16"):
@@ -145,10 +149,11 @@ class RaceSettings:
             renormalize_through_sum=self.through_sum, moe_intermediate_size=self.expert_hidden,
             shared_expert_intermediate_size=self.shared_experts * self.expert_hidden)
 
-    def optim(self) -> OptimConfig:
-        """The trainer's optimizer settings for the race: AdamW, betas (0.9, 0.95), warm-up then cosine to
-        min_lr_ratio x lr over the race's steps."""
-        return OptimConfig(lr=self.lr, min_lr=self.lr * self.min_lr_ratio, weight_decay=self.weight_decay,
+    def optim(self, twin: str = "dense") -> OptimConfig:
+        """The trainer's optimizer settings for one twin: AdamW, betas (0.9, 0.95), warm-up then cosine to
+        min_lr_ratio x its peak rate over the race's steps (the MoE's own `moe_lr` where set)."""
+        lr = self.moe_lr if twin == "moe" and self.moe_lr is not None else self.lr
+        return OptimConfig(lr=lr, min_lr=lr * self.min_lr_ratio, weight_decay=self.weight_decay,
                            betas=(0.9, 0.95), warmup_steps=self.warmup_steps, max_steps=self.steps)
 
     @property
@@ -179,10 +184,10 @@ def race_twins(settings: RaceSettings) -> dict[str, GPT2MoEForCausalLM]:
     return {"dense": dense, "moe": moe}
 
 
-def race_optimizer(model: torch.nn.Module, settings: RaceSettings) -> torch.optim.AdamW:
+def race_optimizer(model: torch.nn.Module, settings: RaceSettings, twin: str = "dense") -> torch.optim.AdamW:
     """A twin's optimizer: the trainer's AdamW (training/optimizer.py `build_adamw`) with its weight-decay
     groups (matrices only)."""
-    return build_adamw(optimizer_groups(model, settings.weight_decay), settings.optim())
+    return build_adamw(optimizer_groups(model, settings.weight_decay), settings.optim(twin))
 
 
 @dataclass
@@ -277,9 +282,9 @@ class TwinContender:
     def __init__(self, name: str, model: torch.nn.Module, settings: RaceSettings,
                  batch: Callable[[int], torch.Tensor], sync: GradientSync | None = None):
         self.name, self.model, self.settings, self.batch = name, model, settings, batch
-        self.optim = settings.optim()
+        self.optim = settings.optim(name)
         model.train()
-        self.optimizer = race_optimizer(model, settings)
+        self.optimizer = race_optimizer(model, settings, name)
         self.train_step = training_step(model, self.optimizer, settings.torch_dtype, sync)
         self.steps_done = 0
         self.seconds = 0.0

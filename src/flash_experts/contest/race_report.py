@@ -28,7 +28,8 @@ def race_seed(settings: RaceSettings, corpus: DomainCorpus, out: Path, say: Call
 
     s = settings
     say(f"[2/4] the twins: d={s.width}, {s.layers} layers, {s.heads} heads, context {s.context}, batch "
-        f"{s.batch_size}, {s.dtype}, seed {s.seed}; dense MLP {4 * s.width} against {s.recipe_words()}")
+        f"{s.batch_size}, {s.dtype}, seed {s.seed}; dense MLP {4 * s.width} against {s.recipe_words()}; peak "
+        f"learning rate dense {s.optim('dense').lr:g}, MoE {s.optim('moe').lr:g}, {s.warmup_steps} warm-up steps")
 
     def report(evaluation: Any) -> None:
         cells = " | ".join(f"{name} " + " ".join(f"{d} {v:.3f}" for d, v in evaluation.val[name].items())

@@ -61,7 +61,7 @@ def test_demo_trains_both_at_equal_flops_and_gives_the_same_figures_on_a_busy_ma
     # Exact copies: the upcycled model at step 0 is the dense model (each measured on its own model).
     dense0, moe0 = map(float, summary_row(out, "val perplexity, step 0"))
     assert moe0 == pytest.approx(dense0, rel=1e-4)
-    for cell in summary_row(out, "test bits per character"):
+    for cell in summary_row(out, "test bits per character") + summary_row(out, "test names from the start"):
         assert 0 < float(cell) < 20
     assert [cell.endswith("of 20") for cell in summary_row(out, "names valid/unique/novel")] == [True, True]
     # Each model's sampling: a temperature of the demo's grid chosen on selection samples, or the library's
@@ -93,12 +93,13 @@ def test_demo_trains_both_at_equal_flops_and_gives_the_same_figures_on_a_busy_ma
             process.wait()
     again = capsys.readouterr().out
     first, second = (json.loads((folder / "summary.json").read_text()) for folder in (out_dir, tmp_path / "again"))
-    for key in ("best_val_loss", "best_val_ppl", "test_bpc", "steps", "tokens", "budget", "flops_per_token"):
+    for key in ("best_val_loss", "best_val_ppl", "test_bpc", "name_bpc", "steps", "tokens", "budget",
+                "flops_per_token"):
         assert first[key] == second[key], key
     assert json.loads((tmp_path / "again" / "moe" / "routing.json").read_text()) == routing
     assert json.loads((tmp_path / "again" / "moe" / "expert_atlas.json").read_text()) == atlas
     for label in ("val perplexity, step 0", "val perplexity, best", "test bits per character",
-                  "names valid/unique/novel", "names' temperature, top-p", "steps, tokens", "training FLOPs"):
+                  "test names from the start", "names valid/unique/novel", "names' temperature, top-p", "steps, tokens", "training FLOPs"):
         assert summary_row(again, label) == summary_row(out, label), label
     names = [line for line in out.splitlines() if line.startswith("    new ") or line.startswith("    real")]
     assert names == [line for line in again.splitlines() if line.startswith("    new ") or line.startswith("    real")]

@@ -98,3 +98,65 @@ def test_select_name_sampling_applies_its_rule_to_the_pooled_selection_samples(m
     none, _ = names.select_name_sampling(SimpleNamespace(), None, REAL, temperatures=(0.5, 0.9, 1.0), count=20,
                                          seeds=(0, 1))
     assert none is None
+
+
+def _tiny_model_and_tokenizer():
+    import torch
+
+    from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
+    from tiny_tokenizer import make_tokenizer
+
+    tokenizer = make_tokenizer()
+    torch.manual_seed(0)
+    model = GPT2MoEForCausalLM(GPT2MoEConfig(vocab_size=len(tokenizer), n_positions=32, n_embd=16, n_layer=1,
+                                             n_head=2, num_experts=2, num_experts_per_tok=1,
+                                             eos_token_id=tokenizer.eos_token_id, bos_token_id=tokenizer.eos_token_id))
+    return model.eval(), tokenizer
+
+
+def test_held_out_name_bits_are_scored_from_the_document_start():
+    """Reference: a loop, one name at a time, in float64 from the model's own logits: -log2 p of each of the
+    name's tokens and its EOS after "\\n", EOS, summed over the names, over their characters plus one each."""
+    import math
+
+    import torch
+
+    from flash_experts.mtg.names import name_bits_per_character
+
+    model, tokenizer = _tiny_model_and_tokenizer()
+    names = ["Llanowar Elves", "Sword of Fire and Ice", "Elf", "Jace, the Mind Sculptor"]
+    def reference(start: list[int]) -> float:
+        bits = 0.0
+        for name in names:
+            ids = start + tokenizer.encode(name, add_special_tokens=False) + [tokenizer.eos_token_id]
+            with torch.no_grad():
+                logp = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+            bits -= sum(logp[t - 1, ids[t]].item() for t in range(len(start), len(ids))) / math.log(2)
+        return bits / sum(len(n) + 1 for n in names)
+
+    document_start = tokenizer.encode("\n", add_special_tokens=False) + [tokenizer.eos_token_id]
+    ours = name_bits_per_character(model, tokenizer, names)
+    assert ours == pytest.approx(reference(document_start), rel=1e-9)
+    # the reference can tell the start apart: from EOS alone the same names cost other bits
+    assert ours != pytest.approx(reference([tokenizer.eos_token_id]), rel=1e-4)
+
+
+def test_sampled_names_start_where_documents_start(monkeypatch):
+    """Reference: the prompt the sampler is handed, recorded — "\\n", EOS (then the conditioned prefix), never
+    the tokenizer's BOS alone."""
+    import flash_experts.mtg.names as names_module
+
+    model, tokenizer = _tiny_model_and_tokenizer()
+    seen = []
+
+    def recording_generate(model, tokenizer, prompts, *args, **kwargs):
+        seen.append(prompts.tolist())
+        return type("R", (), {"texts": ["Grove Warden"] * len(prompts)})()
+
+    monkeypatch.setattr(names_module, "generate", recording_generate)
+    start = tokenizer.encode("\n", add_special_tokens=False) + [tokenizer.eos_token_id]
+    names_module.generate_card_names(model, tokenizer, 1, max_rounds=1, batch_size=2)
+    assert seen[-1] == [start, start]
+    names_module.generate_card_names(model, tokenizer, 1, type_line="Creature — Elf", colors="G", max_rounds=1,
+                                     batch_size=1)
+    assert seen[-1] == [start + tokenizer.encode("Creature — Elf | G |", add_special_tokens=False)]

@@ -249,11 +249,13 @@ def score_run(result: Any, settings: UpcyclingSettings, data_dir: str, reference
     """Test bits per character (the test split, scored this once) and card names from the best checkpoint."""
     from flash_experts.evaluation.perplexity import split_bits_per_character
     from flash_experts.model.loading import load_model
-    from flash_experts.mtg.names import choose_name_sampling, generate_card_names
+    from flash_experts.mtg.names import choose_name_sampling, generate_card_names, name_bits_per_character
 
     model, tokenizer = load_model(best_weights(result))
     model.eval()
     bpc = split_bits_per_character(model, data_dir, "test", test_documents, settings.block_size)
+    # the same test names, each scored from the document start the sampled names begin at
+    name_bpc = name_bits_per_character(model, tokenizer, test_documents)
     # The temperature is chosen for this model on selection samples of another seed, then the reported names
     # are fresh ones (mtg/names.py choose_name_sampling says why).
     config, chosen, _ = choose_name_sampling(model, tokenizer, reference_names, count=settings.names,
@@ -261,7 +263,7 @@ def score_run(result: Any, settings: UpcyclingSettings, data_dir: str, reference
     # One round of exactly --names samples: every sample counts, duplicates and invalid ones included.
     metrics = generate_card_names(model, tokenizer, settings.names, config=config, reference_names=reference_names,
                                   seed=settings.seed, max_rounds=1, batch_size=settings.names)
-    return {"test_bpc": bpc, "metrics": metrics, "sampling": config, "chosen": chosen is not None}
+    return {"test_bpc": bpc, "name_bpc": name_bpc, "metrics": metrics, "sampling": config, "chosen": chosen is not None}
 
 
 def validation_curve_of(run_dir: str | Path) -> Curve:
@@ -337,6 +339,7 @@ class UpcyclingOutcome:
             "best_val_loss": {n: self.results[n].best_val_loss for n in RUNS},
             "best_val_ppl": {n: self.results[n].best_val_ppl for n in RUNS},
             "test_bpc": {n: self.scores[n]["test_bpc"] for n in RUNS} if self.scores else {},
+            "name_bpc": {n: self.scores[n]["name_bpc"] for n in RUNS} if self.scores else {},
             "steps": {n: self.results[n].steps for n in RUNS}, "tokens": {n: self.results[n].tokens for n in RUNS},
             "train_seconds": {n: self.results[n].train_seconds for n in RUNS},
             "step_cost": asdict(cost) if cost else None, "exchange_rate": self.exchange_rate(),

@@ -39,6 +39,8 @@ def summary_lines(outcome: UpcyclingOutcome, folder: Path) -> list[str]:
         ("val perplexity, best", f"{dense.best_val_ppl:.2f} (step {dense.best_step})",
          f"{moe.best_val_ppl:.2f} (step {moe.best_step})"),
         ("test bits per character", f"{scores['dense']['test_bpc']:.4f}", f"{scores['moe']['test_bpc']:.4f}"),
+        ("test names from the start, bits/char", f"{scores['dense']['name_bpc']:.4f}",
+         f"{scores['moe']['name_bpc']:.4f}"),
         ("names valid/unique/novel", names("dense"), names("moe")),
         ("names' temperature, top-p", sampling("dense"), sampling("moe")),
         ("steps, tokens", f"{dense.steps}, {dense.tokens:,}", f"{moe.steps}, {moe.tokens:,}"),

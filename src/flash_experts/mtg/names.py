@@ -10,10 +10,14 @@ FIRE AND ICE" and "Sword of Fire and Ice" are one name and "Seance" matches the 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
+import torch
+
+from flash_experts.data.tokens import document_start_ids
 from flash_experts.errors import ConfigError, UserError
 from flash_experts.generation.generate import generate
 from flash_experts.generation.sampling import SamplingConfig
@@ -154,27 +158,53 @@ def generate_card_names(
 ):
     """Sample MTG card names until `count` distinct valid ones exist (or `max_rounds` batches ran).
 
-    The prompt is the conditioned format's prefix ("Creature — Elf | G |") when a type line is given,
-    else empty (the model starts from EOS, as at every document start in training). Returns the
-    `NameMetrics` over every raw sample, with each valid name marked new or real when `reference_names`
-    is given."""
+    Every sample starts where a document starts in the token files (data/tokens.py `document_start_ids`:
+    "\n", EOS; never the tokenizer's BOS, which a pretrained model's first position does not read), then the
+    conditioned format's prefix ("Creature — Elf | G |") when a type line is given. Returns the `NameMetrics`
+    over every raw sample, with each valid name marked new or real when `reference_names` is given."""
     if not isinstance(count, int) or count < 1:
         raise ConfigError(f"count must be an integer >= 1, got {count!r}")
     if not isinstance(max_rounds, int) or max_rounds < 1:
         raise ConfigError(f"max_rounds must be an integer >= 1, got {max_rounds!r}")
-    prompt = conditioning_prefix(type_line, colors)
+    prefix = conditioning_prefix(type_line, colors)
+    prompt = document_start_ids(tokenizer) + (tokenizer.encode(prefix, add_special_tokens=False) if prefix else [])
     config = config or name_sampling_config()
     batch_size = batch_size or min(2 * count, 256)
     reference = list(reference_names) if reference_names is not None else None
     raw: list[str] = []
     for round_index in range(max_rounds):
-        result = generate(model, tokenizer, [prompt] * batch_size, config, max_new_tokens, stop_strings=["\n"],
+        result = generate(model, tokenizer, torch.tensor([prompt] * batch_size), config, max_new_tokens, stop_strings=["\n"],
                           seed=None if seed is None else seed + round_index)
         raw.extend(result.texts)
         metrics = evaluate_names(raw, reference)
         if metrics.distinct >= count:
             break
     return metrics
+
+
+def name_bits_per_character(model: torch.nn.Module, tokenizer: Any, names: Sequence[str]) -> float:
+    """Held-out names scored as the model writes them: each name's tokens and the EOS after it, predicted from
+    the document start ("\n", EOS: `document_start_ids`), in bits, over the names' characters plus one each
+    for the end (as test bits per character counts the newline an EOS stands for). Lower is better; it reads
+    the same start the sampled names come from."""
+    if not names:
+        raise ConfigError("name_bits_per_character needs at least one name")
+    start, eos = document_start_ids(tokenizer), tokenizer.eos_token_id
+    rows = sorted((start + tokenizer.encode(name, add_special_tokens=False) + [eos] for name in names), key=len)
+    nats, first = 0.0, len(start)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for begin in range(0, len(rows), 64):
+                group = rows[begin:begin + 64]
+                for length in sorted({len(r) for r in group}):  # equal lengths: one batch, no padding
+                    ids = torch.tensor([r for r in group if len(r) == length])
+                    logits = model(input_ids=ids).logits[:, first - 1:-1].double()
+                    nats -= logits.log_softmax(-1).gather(-1, ids[:, first:, None]).sum().item()
+    finally:
+        model.train(was_training)
+    return nats / math.log(2) / sum(len(name) + 1 for name in names)
 
 
 # ----------------------------------------------------------------------------- choosing the sampling

@@ -555,7 +555,7 @@ class Trainer:
         elif self.info.is_main:
             budget = self.cfg.optim.time_budget
             where = (f"{self._run_name()}step {self.step} ({self.train_seconds:.0f}/{budget:g} s)" if budget
-                     else f"step {self.step}/{self.cfg.optim.max_steps}")
+                     else f"{self._run_name()}step {self.step}/{self.cfg.optim.max_steps}")
             print(
                 f"{where}: loss {numbers['lm_loss']:.4f} "
                 f"aux {numbers['aux_loss']:.4f} "

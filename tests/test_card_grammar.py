@@ -88,6 +88,13 @@ ELVES = "Llanowar Elves {G}\nCreature — Elf Druid\n{T}: Add {G} to your mana p
     ("Pact {0}\nInstant\nDraw a card.\nAt the beginning of your next upkeep, pay {2}{U}. If you don't, you lose "
      "the game.", set()),
     ("Plating {3}{U}\nArtifact — Equipment\nWhenever ~ deals damage, you gain 1 life.\nEquip {2}", set()),
+    # CR 702's parameters (issue 43): a keyword that takes none, and one that cannot stand without its cost
+    ("Gnat {1}{G}\nCreature — Elf Druid\nFlying, first strike\nCycling {2}\n1/1", set()),
+    ("Gnat {1}{G}\nCreature — Elf Druid\nFlying 3\n1/1", {"text"}),
+    ("Gnat {1}{G}\nCreature — Elf Druid\nFirst strike 2, trample\n1/1", {"text"}),
+    ("Gnat {1}{G}\nCreature — Elf Druid\nCycling\n1/1", {"text"}),
+    ("Gnat {1}{G}\nCreature — Elf Druid\nFlying\nBushido\n1/1", {"text"}),
+    ("Gnat {1}{G}\nCreature — Elf Druid\nBushido 1\nKicker—Sacrifice a creature.\n1/1", set()),
 ])
 def test_hand_written_cards(document, failed):
     verdict = judge(document, VOCABULARY)

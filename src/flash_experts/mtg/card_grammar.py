@@ -13,7 +13,9 @@ Two separate answers, as mtgencode's validator gives (good / bad per rule) and m
   pt           power/toughness exactly when the card is a creature or a Vehicle, each a number, *, X or n+*
   loyalty      loyalty exactly when the card is a planeswalker
   text         every rules-text line has one of Magic's shapes: a line of keyword abilities ("Flying,
-               vigilance", "Equip {2}", "Protection from red"), an activated ability ("{2}{R}, {T}: ..." with
+               vigilance", "Equip {2}", "Protection from red"; a keyword CR 702 gives no parameter takes none,
+               "Flying 3" fails, and one that needs its cost or number has it, "Cycling" alone fails), an
+               activated ability ("{2}{R}, {T}: ..." with
                a cost that reads), a loyalty ability ("+1: ...", "−2: ..."), a triggered ability ("When",
                "Whenever", "At" ... ", " ...), a chapter or level line, a modal bullet, or a sentence that
                ends as Magic's sentences end, with its parentheses and quotes balanced; the card's own name
@@ -66,6 +68,20 @@ reconfigure, blitz, casualty, enlist, read ahead, ravenous, squad, prototype, to
 disguise, plot, saddle, spree, freerunning, gift, offspring, impending, exhaust
 """.replace("\n", " ").split(","))
 MULTI_WORD = sorted((k for k in KEYWORDS if " " in k), key=len, reverse=True)
+# Keyword abilities that take no parameter at all (CR 702: "Flying", never "Flying 3"), and those that cannot
+# stand without their cost or number (CR 702.29 "Cycling [cost]", 702.6 "Equip [cost]", 702.122 "Crew N", ...).
+NO_PARAMETER = frozenset("""
+deathtouch defender flash flying haste indestructible intimidate lifelink reach shroud trample vigilance menace
+prowess changeling convoke delve devoid exalted infect persist undying wither storm cascade fear shadow
+horsemanship flanking rebound cipher evolve extort fuse unleash soulbond epic gravestorm conspire retrace
+sunburst skulk melee undaunted improvise ascend riot mentor phasing
+""".split()) | {"double strike", "first strike", "split second", "battle cry", "living weapon"}
+NEEDS_PARAMETER = frozenset("""
+cycling equip kicker multikicker flashback madness morph megamorph ninjutsu unearth dash bestow embalm eternalize
+buyback echo entwine evoke prowl transmute scavenge overload encore blitz disturb spectacle surge emerge fortify
+crew afflict annihilator bushido rampage fading modular graft bloodthirst absorb frenzy poisonous devour tribute
+renown fabricate dredge soulshift ripple amplify reinforce afterlife toxic backup landcycling
+""".split()) | {"level up", "basic landcycling", "commander ninjutsu", "cumulative upkeep"}
 
 MANA_SYMBOL = re.compile(r"\{(?:\d+|[WUBRGCSXYZ]|[WUBRG2]/[WUBRG]|[WUBRG]/P|[WUBRG]/[WUBRG]/P|C/[WUBRG])\}")
 COST_SYMBOL = re.compile(r"\{[^{}]*\}")
@@ -311,8 +327,10 @@ def is_keyword_item(item: str) -> bool:
         if keyword not in KEYWORDS and not keyword.endswith(("walk", "cycling")):
             return False
     parameter = text[len(keyword):].strip()
+    if keyword in NO_PARAMETER:  # CR 702: these keywords are whole words, no cost, number or quality after them
+        return not parameter
     if not parameter:
-        return True
+        return keyword not in NEEDS_PARAMETER and not keyword.endswith("cycling")  # "Cycling" alone: no cost
     if parameter.startswith("—"):
         return parameter.endswith((".", ")"))
     if re.fullmatch(r"(?:\{[^{}]+\})+|\d+|X|N|(?:\d+|X)—(?:\{[^{}]+\})+", parameter.rstrip(".")):

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from flash_experts.contest.engine import run_contest
-from flash_experts.contest.report import Curve, Spread, at_equal_seconds, exchange_rate, step_cost
+from flash_experts.contest.report import Curve, Spread, at_equal_seconds, exchange_rate, pair_ratios, step_cost
 from flash_experts.data.domains import VOCAB_SIZE, DomainCorpus
 from flash_experts.errors import ConfigError
 from flash_experts.model import GPT2MoEConfig, GPT2MoEForCausalLM
@@ -226,7 +226,7 @@ class RaceResult:
         return self.final_mean_loss(contender)
 
     def step_pairs(self) -> list[float]:
-        return [moe / dense for dense, moe in zip(self.step_seconds["dense"], self.step_seconds["moe"])]
+        return pair_ratios(self.step_seconds["dense"], self.step_seconds["moe"])
 
     def exchange(self) -> float | None:
         found = self.token_exchange_rate()

@@ -38,6 +38,11 @@ class Spread:
         return f"{self.median:.3f}x (interquartile {self.q1:.3f}-{self.q3:.3f}, {self.count} pairs)"
 
 
+def pair_ratios(reference_seconds: list[float], other_seconds: list[float]) -> list[float]:
+    """The other contender's step seconds over the reference's, pair by pair (the two steps of one round)."""
+    return [other / reference for reference, other in zip(reference_seconds, other_seconds)]
+
+
 def step_cost(reference_seconds: list[float], other_seconds: list[float], warmup: int = WARMUP_STEPS) -> Spread:
     """The other contender's step seconds over the reference's, pair by pair (the two steps of one round),
     warm-up pairs left out while enough remain."""
@@ -45,9 +50,7 @@ def step_cost(reference_seconds: list[float], other_seconds: list[float], warmup
     if pairs == 0:
         raise ValueError("no step pairs to compare")
     skip = warmup if pairs > 2 * warmup else 0
-    reference = np.asarray(reference_seconds[skip:pairs], dtype=float)
-    other = np.asarray(other_seconds[skip:pairs], dtype=float)
-    return Spread.of(other / reference)
+    return Spread.of(pair_ratios(reference_seconds[skip:pairs], other_seconds[skip:pairs]))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 from flash_experts.contest.budget import ComputeBudget, equal_tokens, steps_for_budget
 from flash_experts.contest.defaults import DEFAULT_TOKENS, ROUTER_AUX_LOSS_COEF, ROUTER_LR_SCALE
 from flash_experts.contest.engine import ContestLog, run_contest
-from flash_experts.contest.report import Curve, Spread, exchange_rate, step_cost
+from flash_experts.contest.report import Curve, Spread, exchange_rate, pair_ratios, step_cost
 from flash_experts.contest.seeds import check_seeds
 from flash_experts.errors import UserError
 
@@ -314,8 +314,7 @@ class UpcyclingOutcome:
         return self.results[contender].best_val_loss
 
     def step_pairs(self) -> list[float]:
-        dense, moe = self.log.step_seconds.get("dense", []), self.log.step_seconds.get("moe", [])
-        return [b / a for a, b in zip(dense, moe)]
+        return pair_ratios(self.log.step_seconds.get("dense", []), self.log.step_seconds.get("moe", []))
 
     def exchange(self) -> float | None:
         return self.exchange_rate()

@@ -7,10 +7,10 @@ one process, DDP, FSDP2, expert parallelism and the race's hand-averaged data pa
   gradient reduction on every micro-batch but the last: one reduction per step, not per micro-batch);
 - `reduce(params)`: what is left to reduce after the last backward (the experts over their replicas; every
   gradient, for a loop without DDP's hooks);
-- `norm(params)`: the whole model's gradient norm clipping reads (a DTensor's full value under FSDP2; the experts'
-  squares summed over their expert group).
+- `norm(params)`: the whole model's gradient norm clipping reads (a DTensor under FSDP2, which clipping multiplies
+  the sharded gradients by; the experts' squares summed over their expert group).
 
-`ProcessLayout` (training/distributed.py) says which one a run needs (`gradient_sync`).
+`ProcessLayout` (training/processes.py) says which one a run needs (`gradient_sync`).
 """
 
 from __future__ import annotations

@@ -21,6 +21,7 @@ from typing import Any, Callable, ContextManager, Sequence
 import torch
 
 from flash_experts.training.config import TrainConfig, resolve_device, resolve_precision
+from flash_experts.training.distributed import all_reduce_mean
 from flash_experts.training.gradient_sync import GradientSync, LocalGradients
 from flash_experts.training.optimizer import clipped_step
 
@@ -75,8 +76,6 @@ def optimizer_step(model: torch.nn.Module, micro_batches: Sequence[torch.Tensor]
     the norm, clipping to `clip` (inf: none) and the update (driven by `scaler` under fp16), gradients cleared.
     Raises NonFiniteStep, before the update, on a non-finite loss or (without a scaler, which skips such steps
     itself) gradient norm. Works for any causal LM taking `labels` (ours and HF's)."""
-    from flash_experts.training.distributed import all_reduce_mean
-
     sync = sync or LocalGradients()
     scaling = scaler is not None and scaler.is_enabled()
     count = len(micro_batches)
